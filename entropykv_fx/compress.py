@@ -1,0 +1,107 @@
+"""Prefill-time compression: statistics of every layer -> budgets (policy) -> select + gather (ops).
+
+This is the one place that turns a filled cache into its compressed layout; the model integration calls
+it after the prefill forward, once every layer has been scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .cache import EntropyKVCache
+from .config import EntropyKVConfig
+from .policies import POLICIES, budget_bounds
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    layer: int
+    entropy: float  # mean head entropy over the observation window (nats); nan when not scored
+    budget: int  # tokens the policy granted
+    slots_before: int
+    slots_after: int
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """What the last prefill did to the cache, layer by layer."""
+
+    policy: str
+    prompt_tokens: int
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.layers)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.bytes_after / max(self.bytes_before, 1)
+
+    def __str__(self) -> str:
+        rows = [f"policy={self.policy} prompt_tokens={self.prompt_tokens} KV bytes {self.bytes_before:,} -> "
+                f"{self.bytes_after:,} ({100 * self.kept_fraction:.1f}% kept)",
+                f"{'layer':>5} {'entropy':>8} {'budget':>7} {'slots':>13} {'bytes after':>12}"]
+        rows += [f"{r.layer:>5} {r.entropy:>8.3f} {r.budget:>7} {r.slots_before:>6}->{r.slots_after:<6} "
+                 f"{r.bytes_after:>12,}" for r in self.layers]
+        return "\n".join(rows)
+
+
+def pool_scores(scores: Tensor, pooling: str, kernel: int) -> Tensor:
+    """Smooth scores [..., S] along the sequence so a kept token keeps its neighbours' context."""
+    if pooling == "none" or kernel == 1:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    pooled = pool(flat, kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(scores.shape)
+
+
+def layer_budgets(entropies: list[float], n_tokens: int, config: EntropyKVConfig) -> list[int]:
+    """Tokens each layer keeps: from the policy (dynamic) or from calibrated per-layer fractions."""
+    if config.budget_source == "calibrated":
+        floor, _, ceiling = budget_bounds(n_tokens, config)
+        return [min(ceiling, max(floor, round(f * n_tokens))) for f in config.layer_fractions(len(entropies))]
+    return POLICIES[config.policy].allocate(entropies, n_tokens, config)
+
+
+def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig) -> CompressionReport:
+    """Shrink every scored layer of `cache` to its budget; returns the per-layer report."""
+    layers = cache.layers
+    scored = [layer.stats is not None for layer in layers]
+    if not all(scored):
+        missing = [i for i, s in enumerate(scored) if not s]
+        raise RuntimeError(f"entropykv: layers {missing} were not scored during prefill; cannot allocate budgets")
+    n_tokens = int((layers[0].positions >= 0).sum(-1).max())
+    entropies = [float(layer.stats.entropy.mean()) for layer in layers]
+    budgets = layer_budgets(entropies, n_tokens, config)
+    reports = []
+    for i, (layer, budget, ent) in enumerate(zip(layers, budgets, entropies)):
+        slots, nbytes = layer.get_seq_length(), layer.nbytes
+        if budget < slots:
+            scores = pool_scores(layer.stats.layer_scores, config.pooling, config.pool_kernel)
+            idx = ops.select(scores, layer.positions, budget, config.sink_tokens, config.window)
+            keys, values = ops.gather(layer.keys, layer.values, idx)
+            layer.replace(keys, values, layer.positions.gather(1, idx))
+        layer.stats = None
+        reports.append(LayerReport(i, ent, budget, slots, layer.get_seq_length(), nbytes, layer.nbytes))
+    return CompressionReport(config.policy, n_tokens, reports)
+
+
+def uncompressed_report(cache: EntropyKVCache, config: EntropyKVConfig) -> CompressionReport:
+    """Report for a prefill that evicted nothing (policy 'full' or a prompt within the budget)."""
+    n_tokens = int((cache.layers[0].positions >= 0).sum(-1).max())
+    return CompressionReport(config.policy, n_tokens, [
+        LayerReport(i, float("nan"), n_tokens, layer.get_seq_length(), layer.get_seq_length(), layer.nbytes, layer.nbytes)
+        for i, layer in enumerate(cache.layers)])
+

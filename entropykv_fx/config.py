@@ -1,0 +1,112 @@
+"""The one configuration object of entropykv_fx, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Pooling = Literal["max", "avg", "none"]
+BudgetSource = Literal["dynamic", "calibrated"]
+_POOLINGS = ("max", "avg", "none")
+_SOURCES = ("dynamic", "calibrated")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value: the message names the field, the value and what is accepted."""
+
+
+def _fail(field: str, value: Any, accepted: str) -> None:
+    raise ConfigError(f"EntropyKVConfig.{field}={value!r} is invalid: expected {accepted}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class EntropyKVConfig:
+    """How the KV cache is compressed after prefill.
+
+    budget: a float in (0, 1] is the fraction of the prompt kept per layer on average; an int >= 1 is a token
+        count per layer on average (capped at the prompt length).
+    window: the last `window` prompt queries score the tokens (SnapKV-style observation window); those
+        `window` tokens are always kept.
+    sink_tokens: the first tokens of each sequence, always kept (attention sinks).
+    pooling / pool_kernel: smoothing of token scores along the sequence before top-k, so neighbours of an
+        important token survive with it.
+    min_layer_budget / max_layer_budget: clamp of each layer's budget, as multiples of the mean layer budget.
+    budget_source: "dynamic" computes layer budgets from each prompt's entropies; "calibrated" reads per-layer
+        fractions from `calibration_file` (written by `entropykv_fx.calibrate`), which gives static shapes.
+    """
+
+    policy: str = "entropy"
+    budget: float | int = 0.25
+    window: int = 32
+    sink_tokens: int = 4
+    pooling: Pooling = "max"
+    pool_kernel: int = 7
+    min_layer_budget: float = 0.25
+    max_layer_budget: float = 4.0
+    budget_source: BudgetSource = "dynamic"
+    calibration_file: str | None = None
+
+    def __post_init__(self) -> None:
+        from .policies import POLICIES  # late import: policies import the config module
+
+        if self.policy not in POLICIES:
+            _fail("policy", self.policy, f"one of {sorted(POLICIES)}")
+        b = self.budget
+        if _is_int(b):
+            if b < 1:
+                _fail("budget", b, "an int >= 1 (tokens) or a float in (0, 1] (fraction of the prompt)")
+        elif isinstance(b, float):
+            if not (0.0 < b <= 1.0) or math.isnan(b):
+                _fail("budget", b, "a float in (0, 1] (fraction of the prompt) or an int >= 1 (tokens)")
+        else:
+            _fail("budget", b, "a float in (0, 1] or an int >= 1")
+        if not _is_int(self.window) or self.window < 1:
+            _fail("window", self.window, "an int >= 1")
+        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
+            _fail("sink_tokens", self.sink_tokens, "an int >= 0")
+        if _is_int(b) and b < self.window + self.sink_tokens:
+            _fail("budget", b, f"at least window + sink_tokens = {self.window + self.sink_tokens} tokens, "
+                  "since those are always kept")
+        if self.pooling not in _POOLINGS:
+            _fail("pooling", self.pooling, f"one of {_POOLINGS}")
+        if not _is_int(self.pool_kernel) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            _fail("pool_kernel", self.pool_kernel, "an odd int >= 1")
+        if not isinstance(self.min_layer_budget, (int, float)) or not 0.0 <= self.min_layer_budget <= 1.0:
+            _fail("min_layer_budget", self.min_layer_budget, "a number in [0, 1] (multiple of the mean layer budget)")
+        if not isinstance(self.max_layer_budget, (int, float)) or self.max_layer_budget < 1.0:
+            _fail("max_layer_budget", self.max_layer_budget, "a number >= 1 (multiple of the mean layer budget)")
+        if self.budget_source not in _SOURCES:
+            _fail("budget_source", self.budget_source, f"one of {_SOURCES}")
+        if self.budget_source == "calibrated":
+            if self.calibration_file is None:
+                _fail("calibration_file", None, "a path to a calibration JSON when budget_source='calibrated'")
+            if not Path(self.calibration_file).is_file():
+                _fail("calibration_file", self.calibration_file, "an existing calibration JSON file")
+        elif self.calibration_file is not None:
+            _fail("calibration_file", self.calibration_file, "None unless budget_source='calibrated'")
+
+    def replace(self, **overrides: Any) -> EntropyKVConfig:
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown EntropyKVConfig field(s) {unknown}: accepted fields are {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def layer_fractions(self, num_layers: int) -> list[float]:
+        """Per-layer kept fractions from the calibration file (budget_source='calibrated')."""
+        data = json.loads(Path(self.calibration_file).read_text())
+        fractions = data.get("layer_fractions") if isinstance(data, dict) else None
+        if (not isinstance(fractions, list) or len(fractions) != num_layers
+                or not all(isinstance(f, (int, float)) and 0 < f <= 1 for f in fractions)):
+            raise ConfigError(
+                f"calibration file {self.calibration_file}: expected {{'layer_fractions': [...]}} with "
+                f"{num_layers} numbers in (0, 1], one per layer of this model")
+        return [float(f) for f in fractions]

@@ -1,0 +1,169 @@
+"""The entropykv custom ops: the contract between the model integration, the graph pass, kernels and exporters.
+
+Every op is declared here with `torch.library.custom_op`, with a plain-torch reference implementation that
+defines its meaning and a fake implementation for tracing. Positions, not slot indices, define visibility:
+`k_pos[b, j]` is the logical position of the token stored in slot j (-1 for an empty slot or a pad), and
+`q_pos[b, i]` that of query i (-1 for a pad query). Query i sees key j when
+`0 <= k_pos[j] <= q_pos[i]` and, with a sliding window w > 0, `q_pos[i] - k_pos[j] < w`.
+This lets a compressed cache keep its tokens in any slots while masks and RoPE stay right.
+
+Shapes: q [B, Hq, L, D]; k, v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA, not expanded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor | None, q_pos: Tensor, k_pos: Tensor) -> None:
+    _check(q.dim() == 4 and k.dim() == 4, f"{op}: q and k must be 4-D [B, H, L, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    _check(q.dtype in _FLOATS, f"{op}: q dtype {q.dtype} not supported; accepted: {_FLOATS}")
+    tensors = [k] + ([v] if v is not None else [])
+    for t in tensors:
+        _check(t.dtype == q.dtype, f"{op}: dtype mismatch, q is {q.dtype} but k/v is {t.dtype}")
+        _check(t.device == q.device, f"{op}: device mismatch, q on {q.device} but k/v on {t.device}")
+    _check(q.shape[0] == k.shape[0], f"{op}: batch mismatch q {q.shape[0]} vs k {k.shape[0]}")
+    _check(q.shape[-1] == k.shape[-1], f"{op}: head_dim mismatch q {q.shape[-1]} vs k {k.shape[-1]}")
+    _check(q.shape[1] % k.shape[1] == 0, f"{op}: query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
+    if v is not None:
+        _check(v.shape[:3] == k.shape[:3], f"{op}: v shape {tuple(v.shape)} does not match k {tuple(k.shape)}")
+    _check(q_pos.shape == (q.shape[0], q.shape[2]), f"{op}: q_pos must be [B, L]={q.shape[0], q.shape[2]}, got {tuple(q_pos.shape)}")
+    _check(k_pos.shape == (k.shape[0], k.shape[2]), f"{op}: k_pos must be [B, S]={k.shape[0], k.shape[2]}, got {tuple(k_pos.shape)}")
+    for name, p in (("q_pos", q_pos), ("k_pos", k_pos)):
+        _check(p.dtype == torch.int64, f"{op}: {name} must be int64, got {p.dtype}")
+        _check(p.device == q.device, f"{op}: {name} on {p.device} but q on {q.device}")
+
+
+def visibility(q_pos: Tensor, k_pos: Tensor, sliding_window: int) -> Tensor:
+    """[B, L, S] bool: which key slots each query may attend (see module docstring)."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    seen = (kp >= 0) & (kp <= qp) & (qp >= 0)
+    if sliding_window > 0:
+        seen &= qp - kp < sliding_window
+    return seen
+
+
+# --------------------------------------------------------------------------------------------- attention
+@torch.library.custom_op("entropykv::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
+              sliding_window: int) -> Tensor:
+    """Softmax attention of q over the cache slots visible by position. Returns [B, Hq, L, Dv].
+
+    A query that sees no key (a pad) returns zeros.
+    """
+    _check_qkv("entropykv.attention", q, k, v, q_pos, k_pos)
+    seen = visibility(q_pos, k_pos, sliding_window)
+    any_seen = seen.any(-1, keepdim=True)
+    # Rows that see nothing get a harmless all-true mask (avoids NaN), then are zeroed.
+    mask = (seen | ~any_seen)[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out * any_seen[:, None].to(out.dtype)
+
+
+@attention.register_fake
+def _(q, k, v, q_pos, k_pos, scale, sliding_window):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------- scoring
+@torch.library.custom_op("entropykv::score", mutates_args=())
+def score(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
+          sliding_window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Entropy and token importance from the observation window.
+
+    q holds the last W queries of the prompt. Returns float32 tensors:
+      entropy [B, Hq]: per head, mean over valid window queries of H = -sum_j p_j log p_j (nats);
+      kv_scores [B, Hkv, S]: attention mass each slot receives, summed over window queries and over the
+        query heads sharing each KV head (GQA-aware);
+      layer_scores [B, S]: the same summed over all heads of the layer.
+    Memory is O(W * S) per KV-head group: the full S x S attention is never formed.
+    """
+    _check_qkv("entropykv.score", q, k, None, q_pos, k_pos)
+    b, hq, w, _ = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    group = hq // hkv
+    seen = visibility(q_pos, k_pos, sliding_window)[:, None]  # [B, 1, W, S]
+    valid_q = seen.any(-1)  # [B, 1, W]
+    n_valid = valid_q.sum(-1).clamp(min=1).float()  # [B, 1]
+    entropy = q.new_zeros(b, hq, dtype=torch.float32)
+    kv_scores = q.new_zeros(b, hkv, s, dtype=torch.float32)
+    for h in range(hkv):  # one KV-head group at a time bounds memory at B * group * W * S floats
+        qg = q[:, h * group:(h + 1) * group].float()
+        logits = (qg @ k[:, h:h + 1].float().transpose(-1, -2)) * scale
+        logits = logits.masked_fill(~seen, float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1).masked_fill(~seen, 0.0)
+        p = logp.exp() * seen
+        ent = -(p * logp).sum(-1) * valid_q  # [B, G, W]
+        entropy[:, h * group:(h + 1) * group] = ent.sum(-1) / n_valid
+        kv_scores[:, h] = (p * valid_q[..., None]).sum(dim=(1, 2))
+    return entropy, kv_scores, kv_scores.sum(1)
+
+
+@score.register_fake
+def _(q, k, q_pos, k_pos, scale, sliding_window):
+    b, hq = q.shape[:2]
+    hkv, s = k.shape[1], k.shape[2]
+    f32 = torch.float32
+    return q.new_empty(b, hq, dtype=f32), q.new_empty(b, hkv, s, dtype=f32), q.new_empty(b, s, dtype=f32)
+
+
+# --------------------------------------------------------------------------------------------- selection
+@torch.library.custom_op("entropykv::select", mutates_args=())
+def select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window: int) -> Tensor:
+    """Indices of the `budget` slots to keep, in ascending (temporal) order.
+
+    scores [B, S] (one token set per layer) or [B, H, S] (one per head); k_pos [B, S].
+    The first `sink_tokens` positions and the last `window` positions of each sequence are always kept;
+    empty/pad slots (k_pos < 0) are taken only when a sequence has fewer valid tokens than `budget`.
+    Ties go to the earlier slot. Returns int64 [B, K] or [B, H, K] with K = min(budget, S).
+    """
+    _check(scores.dim() in (2, 3), f"entropykv.select: scores must be [B, S] or [B, H, S], got {tuple(scores.shape)}")
+    _check(k_pos.dim() == 2 and k_pos.shape[0] == scores.shape[0] and k_pos.shape[1] == scores.shape[-1],
+           f"entropykv.select: k_pos {tuple(k_pos.shape)} does not match scores {tuple(scores.shape)}")
+    _check(budget >= 1, f"entropykv.select: budget must be >= 1, got {budget}")
+    _check(sink_tokens >= 0 and window >= 0, "entropykv.select: sink_tokens and window must be >= 0")
+    _check(scores.device == k_pos.device, f"entropykv.select: scores on {scores.device}, k_pos on {k_pos.device}")
+    last = k_pos.max(-1, keepdim=True).values
+    forced = (k_pos >= 0) & ((k_pos < sink_tokens) | (k_pos > last - window))
+    ranked = scores.float().masked_fill(k_pos < 0 if scores.dim() == 2 else (k_pos < 0)[:, None], float("-inf"))
+    ranked = ranked.masked_fill(forced if scores.dim() == 2 else forced[:, None], float("inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    kept = order[..., : min(budget, scores.shape[-1])]
+    return kept.sort(dim=-1).values
+
+
+@select.register_fake
+def _(scores, k_pos, budget, sink_tokens, window):
+    return scores.new_empty(*scores.shape[:-1], min(budget, scores.shape[-1]), dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------------- gather
+@torch.library.custom_op("entropykv::gather", mutates_args=())
+def gather(k: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Copy the kept slots of k and v [B, H, S, D] into the compressed layout [B, H, K, D].
+
+    idx is [B, K] (one token set shared by all heads of the layer) or [B, H, K] (per head).
+    """
+    _check(k.dim() == 4 and v.shape[:3] == k.shape[:3], f"entropykv.gather: k {tuple(k.shape)} / v {tuple(v.shape)} must be [B, H, S, D]")
+    _check(k.device == v.device == idx.device, "entropykv.gather: k, v and idx must be on one device")
+    _check(idx.dtype == torch.int64, f"entropykv.gather: idx must be int64, got {idx.dtype}")
+    _check(idx.dim() in (2, 3) and idx.shape[0] == k.shape[0] and (idx.dim() == 2 or idx.shape[1] == k.shape[1]),
+           f"entropykv.gather: idx must be [B, K] or [B, H, K] for k {tuple(k.shape)}, got {tuple(idx.shape)}")
+    per_head = idx if idx.dim() == 3 else idx[:, None].expand(-1, k.shape[1], -1)
+    return (k.gather(2, per_head[..., None].expand(-1, -1, -1, k.shape[-1])),
+            v.gather(2, per_head[..., None].expand(-1, -1, -1, v.shape[-1])))
+
+
+@gather.register_fake
+def _(k, v, idx):
+    kk = idx.shape[-1]
+    return k.new_empty(*k.shape[:2], kk, k.shape[-1]), v.new_empty(*v.shape[:2], kk, v.shape[-1])

@@ -1,0 +1,94 @@
+"""Budget policies: small pure functions from prefill statistics to per-layer KV budgets.
+
+A policy maps the per-layer mean head entropies of a prompt (and the config) to how many tokens each
+layer keeps. Token choice is shared: the layer's pooled attention scores go through `entropykv::select`.
+Adding a policy is one new module exposing a `POLICY` and one line in `POLICIES` below.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import EntropyKVConfig
+
+Allocate = Callable[[Sequence[float], int, "EntropyKVConfig"], list[int]]
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    allocate: Allocate
+    needs_scores: bool  # False: prefill runs without scoring and nothing is evicted
+    summary: str
+
+
+def budget_bounds(n_tokens: int, config: EntropyKVConfig) -> tuple[int, int, int]:
+    """(floor, mean, ceiling) per-layer budgets in tokens for a prompt of `n_tokens`.
+
+    The floor is what is always kept (sinks + window); a requested mean below it is raised to it, with a
+    warning, so a short prompt is compressed less rather than losing its window.
+    """
+    floor = min(n_tokens, config.sink_tokens + config.window)
+    b = config.budget
+    mean = min(n_tokens, b if isinstance(b, int) else round(b * n_tokens))
+    if mean < floor:
+        warnings.warn(f"entropykv: budget {b!r} gives {mean} tokens for a {n_tokens}-token prompt, below the "
+                      f"{floor} always-kept sink+window tokens; keeping {floor} per layer", stacklevel=3)
+        mean = floor
+    return floor, mean, n_tokens
+
+
+def distribute(weights: Sequence[float], total: int, lo: int, hi: int) -> list[int]:
+    """Integers proportional to `weights`, each in [lo, hi], summing to `total` where that is feasible.
+
+    Water-filling: layers hitting a bound are pinned there and the rest is shared again in proportion;
+    then largest-remainder rounding keeps the sum exact.
+    """
+    n = len(weights)
+    if n == 0:
+        return []
+    total = max(n * lo, min(n * hi, total))
+    alloc: list[float | None] = [None] * n
+    remaining = float(total)
+    while True:
+        free = [i for i in range(n) if alloc[i] is None]
+        if not free:
+            break
+        wsum = sum(max(weights[i], 0.0) for i in free)
+        share = {i: remaining * (max(weights[i], 0.0) / wsum if wsum > 0 else 1.0 / len(free)) for i in free}
+        low = [i for i in free if share[i] < lo]
+        high = [i for i in free if share[i] > hi]
+        if not low and not high:
+            for i in free:
+                alloc[i] = share[i]
+            break
+        # Pin the side that overshoots more; pinning both at once can overshoot the total.
+        pin, value = (low, lo) if sum(lo - share[i] for i in low) >= sum(share[i] - hi for i in high) else (high, hi)
+        for i in pin:
+            alloc[i] = float(value)
+            remaining -= value
+    ints = [min(hi, max(lo, math.floor(a))) for a in alloc]
+    order = sorted(range(n), key=lambda i: (ints[i] - alloc[i], i))  # largest remainder first, then layer order
+    short = total - sum(ints)
+    for i in order:
+        if short <= 0:
+            break
+        if ints[i] < hi:
+            ints[i] += 1
+            short -= 1
+    return ints
+
+
+from . import entropy, full, uniform  # noqa: E402  (the modules use the helpers above)
+
+POLICIES: dict[str, Policy] = {p.name: p for p in (entropy.POLICY, uniform.POLICY, full.POLICY)}
+
+
+def policies() -> dict[str, str]:
+    """Name -> one-line summary of every available policy."""
+    return {name: p.summary for name, p in POLICIES.items()}

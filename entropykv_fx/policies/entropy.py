@@ -1,0 +1,24 @@
+"""Entropy-guided per-layer budgets (Kim & Jung 2025, `seeds/001`).
+
+Layers whose heads spread attention widely (high mean entropy) use more context and keep more tokens;
+low-entropy "sink" layers keep fewer. The total equals `layers x mean budget`, each layer clamped to
+[min_layer_budget, max_layer_budget] x mean (and at least sinks + window). Tokens are chosen once per layer
+from scores summed over all heads, so every head of a layer shares one token set.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import Policy, budget_bounds, distribute
+
+
+def allocate(layer_entropy, n_tokens, config) -> list[int]:
+    floor, mean, ceiling = budget_bounds(n_tokens, config)
+    lo = max(floor, math.ceil(config.min_layer_budget * mean))
+    hi = min(ceiling, math.floor(config.max_layer_budget * mean))
+    return distribute(list(layer_entropy), mean * len(layer_entropy), lo, max(lo, hi))
+
+
+POLICY = Policy("entropy", allocate, needs_scores=True,
+                summary="layer budgets proportional to mean head attention entropy; one token set per layer")
