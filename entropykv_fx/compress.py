@@ -14,7 +14,7 @@ from torch import Tensor
 from . import ops
 from .cache import EntropyKVCache
 from .config import EntropyKVConfig
-from .policies import POLICIES, budget_bounds
+from .policies import POLICIES
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ def pool_scores(scores: Tensor, pooling: str, kernel: int) -> Tensor:
 def layer_budgets(entropies: list[float], n_tokens: int, config: EntropyKVConfig) -> list[int]:
     """Tokens each layer keeps: from the policy (dynamic) or from calibrated per-layer fractions."""
     if config.budget_source == "calibrated":
-        floor, _, ceiling = budget_bounds(n_tokens, config)
-        return [min(ceiling, max(floor, round(f * n_tokens))) for f in config.layer_fractions(len(entropies))]
+        floor = min(n_tokens, config.sink_tokens + config.window)
+        return [min(n_tokens, max(floor, round(f * n_tokens))) for f in config.layer_fractions(len(entropies))]
     return POLICIES[config.policy].allocate(entropies, n_tokens, config)
 
 

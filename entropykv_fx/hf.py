@@ -65,7 +65,8 @@ def entropykv_attention(module: nn.Module, query: Tensor, key: Tensor, value: Te
     prefill = layer is not None and query.shape[2] > 1 and k_pos.shape[1] == query.shape[2]
     if prefill and POLICIES[runtime.config.policy].needs_scores:
         w = min(runtime.config.window, query.shape[2])
-        layer.stats = PrefillStats(*ops.score(query[:, :, -w:], key, q_pos[:, -w:], k_pos, scale, window))
+        with torch.no_grad():  # eviction is a decision, not part of any gradient
+            layer.stats = PrefillStats(*ops.score(query[:, :, -w:], key, q_pos[:, -w:], k_pos, scale, window))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -119,7 +120,8 @@ def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     runtime: Runtime = model._entropykv
     cache = runtime.cache
     if cache is not None and cache.layers[0].stats is not None:
-        runtime.last_report = compress_cache(cache, runtime.config)
+        with torch.no_grad():
+            runtime.last_report = compress_cache(cache, runtime.config)
     elif cache is not None and cache.seen_tokens == cache.step_positions.shape[1] > 0:
         runtime.last_report = uncompressed_report(cache, runtime.config)  # prefill that kept everything
     runtime.cache = runtime.step_positions = None
@@ -135,14 +137,17 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, **override
 
     `config` defaults to `EntropyKVConfig()`; keyword overrides replace single fields, e.g.
     `optimize(model, policy="entropy", budget=0.25)`. Calling it again on an optimized model only
-    changes its configuration.
+    changes its configuration: overrides then apply to the model's current config unless `config` is given.
     """
     name = type(model).__name__
     if name not in SUPPORTED_MODELS:
         raise UnsupportedModelError(f"entropykv_fx.optimize: {name} is not supported; supported models: "
                                     f"{', '.join(SUPPORTED_MODELS)}")
-    cfg = (config or EntropyKVConfig()).replace(**overrides) if overrides else (config or EntropyKVConfig())
     existing: Runtime | None = getattr(model, "_entropykv", None)
+    base = config or (existing.config if existing is not None else EntropyKVConfig())
+    cfg = base.replace(**overrides) if overrides else base
+    if cfg.budget_source == "calibrated":
+        cfg.layer_fractions(len(_decoder_layers(model)))  # a file made for another model fails here, not mid-generate
     if existing is not None:
         existing.config = cfg
         return model

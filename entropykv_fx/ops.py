@@ -62,11 +62,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, sca
     """
     _check_qkv("entropykv.attention", q, k, v, q_pos, k_pos)
     seen = visibility(q_pos, k_pos, sliding_window)
+    gqa = q.shape[1] != k.shape[1]
+    if bool(seen.all()):  # e.g. decode over a cache without pads: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if _is_plain_causal(seen, q_pos, k_pos):  # an unpadded prefill: let SDPA pick its causal fast path
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     any_seen = seen.any(-1, keepdim=True)
     # Rows that see nothing get a harmless all-true mask (avoids NaN), then are zeroed.
     mask = (seen | ~any_seen)[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out * any_seen[:, None].to(out.dtype)
+
+
+def _is_plain_causal(seen: Tensor, q_pos: Tensor, k_pos: Tensor) -> bool:
+    """True when the visibility is exactly the lower-triangular causal mask (slot i sees slots 0..i)."""
+    n = seen.shape[-1]
+    if seen.shape[-2] != n or not torch.equal(q_pos, k_pos):
+        return False
+    return torch.equal(seen, torch.ones(n, n, dtype=torch.bool, device=seen.device).tril().expand_as(seen))
 
 
 @attention.register_fake

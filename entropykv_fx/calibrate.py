@@ -1,0 +1,76 @@
+"""Calibration: static per-layer budgets measured on sample texts.
+
+Dynamic budgets depend on each prompt's entropies, so every prompt gives the cache a different shape.
+Averaging the per-layer kept fractions over sample prompts gives one fixed allocation: with
+`budget_source="calibrated"` the cache shape depends only on the prompt length, which exported programs need.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import EntropyKVConfig
+from .hf import optimize, report
+
+
+def calibrate(model: nn.Module, samples: Iterable[torch.Tensor], path: str | Path,
+              config: EntropyKVConfig | None = None, **overrides: Any) -> Path:
+    """Prefill each sample (input ids [1, n]) with dynamic budgets; write the mean kept fraction per layer.
+
+    The fractions are rescaled so their mean equals the mean measured over the samples (rounding aside),
+    and the JSON also records the policy, the budget, the number of samples and their lengths.
+    """
+    cfg = (config or EntropyKVConfig()).replace(budget_source="dynamic", calibration_file=None, **overrides)
+    optimize(model, cfg)
+    per_sample: list[list[float]] = []
+    lengths: list[int] = []
+    with torch.no_grad():
+        for ids in samples:
+            model(ids.to(model.device), use_cache=True)
+            rep = report(model)
+            per_sample.append([lr.slots_after / rep.prompt_tokens for lr in rep.layers])
+            lengths.append(rep.prompt_tokens)
+    if not per_sample:
+        raise ValueError("calibrate: no samples were given")
+    fractions = [min(1.0, sum(col) / len(col)) for col in zip(*per_sample)]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"layer_fractions": fractions, "policy": cfg.policy, "budget": cfg.budget,
+                               "window": cfg.window, "sink_tokens": cfg.sink_tokens, "samples": len(lengths),
+                               "prompt_tokens": lengths, "model": type(model).__name__}, indent=1))
+    return out
+
+
+def text_samples(tokenizer, texts: list[str], prompt_tokens: int, max_samples: int = 8) -> list[torch.Tensor]:
+    """Cut texts into consecutive `prompt_tokens`-token samples (at most `max_samples`)."""
+    samples = []
+    for body in texts:
+        ids = tokenizer(body)["input_ids"]
+        for start in range(0, len(ids) - prompt_tokens + 1, prompt_tokens):
+            samples.append(torch.tensor([ids[start:start + prompt_tokens]]))
+            if len(samples) == max_samples:
+                return samples
+    if not samples:
+        raise ValueError(f"calibrate: the texts hold no {prompt_tokens}-token sample; give longer texts or fewer tokens")
+    return samples
+
+
+def calibrate_default_model(text_files: list[str], path: str | Path, prompt_tokens: int = 2000,
+                            **overrides: Any) -> Path:
+    """`entropykv-fx calibrate`: calibrate SmolLM2-135M-Instruct on text files (default: the committed texts)."""
+    from .models import load_default_model, text
+
+    missing = [f for f in text_files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"calibrate: text files not found: {missing}")
+    bodies = [Path(f).read_text(encoding="utf-8") for f in text_files] or [text("emma"), text("persuasion")]
+    model, tokenizer = load_default_model()
+    samples = text_samples(tokenizer, bodies, prompt_tokens)
+    return calibrate(model, tqdm(samples, desc="calibrating", unit="prompt"), path, **overrides)

@@ -1,0 +1,129 @@
+"""`entropykv-fx demo`: a planted fact in a long public-domain prompt, answered with a full and compressed caches.
+
+For each setting it prints the answer, the prefill time, the decode time per token, the KV bytes held after
+prefill and the per-layer budgets, and writes a PNG of per-layer entropy and budget.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from . import __version__, optimize, report
+from .compress import CompressionReport
+from .models import DEFAULT_MODEL, load_default_model, text
+
+FACT = 'The secret passphrase for the vault is "silver heron".'
+QUESTION = "What is the secret passphrase for the vault?"
+ANSWER_KEY = "silver heron"
+
+
+def needle_prompt(tokenizer, n_tokens: int, depth: float, source: str = "emma", offset: int = 0,
+                  fact: str = FACT, question: str = QUESTION) -> dict[str, torch.Tensor]:
+    """Chat-formatted inputs: `n_tokens` of a committed text with `fact` planted at `depth` (0..1), then `question`."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    ids = tokenizer(text(source))["input_ids"]
+    if offset + n_tokens > len(ids):
+        raise ValueError(f"the {source!r} text has {len(ids)} tokens; asked for {n_tokens} from offset {offset}")
+    window = ids[offset:offset + n_tokens]
+    cut = int(n_tokens * depth)
+    context = f"{tokenizer.decode(window[:cut])} {fact} {tokenizer.decode(window[cut:])}"
+    messages = [{"role": "user", "content": f"{context}\n\n{question}"}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+class _StepClock(LogitsProcessor):
+    """Records when generate() asks for each next token: the first call comes right after prefill."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+@dataclass
+class Run:
+    label: str
+    answer: str
+    prefill_s: float
+    decode_ms_per_token: float
+    report: CompressionReport
+
+
+def timed_generate(model, tokenizer, inputs: dict, label: str, max_new_tokens: int) -> Run:
+    clock = _StepClock()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             logits_processor=LogitsProcessorList([clock]), pad_token_id=tokenizer.eos_token_id)
+    end = time.perf_counter()
+    new = out[0, inputs["input_ids"].shape[1]:]
+    decode_steps = max(len(clock.times) - 1, 1)
+    decode_ms = 1000 * (end - clock.times[0]) / decode_steps
+    return Run(label, tokenizer.decode(new, skip_special_tokens=True).strip(), clock.times[0] - start,
+               decode_ms, report(model))
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_e, ax_b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    scored = [r for r in runs if r.report.layers and r.report.layers[0].entropy == r.report.layers[0].entropy]
+    if scored:
+        layers = [lr.layer for lr in scored[0].report.layers]
+        ax_e.plot(layers, [lr.entropy for lr in scored[0].report.layers], marker="o")
+    ax_e.set_ylabel("mean head entropy (nats)")
+    ax_e.set_title("Attention entropy and KV budget per layer")
+    for r in runs:
+        ax_b.plot([lr.layer for lr in r.report.layers], [lr.slots_after for lr in r.report.layers], marker=".", label=r.label)
+    ax_b.set_xlabel("layer")
+    ax_b.set_ylabel("tokens kept")
+    ax_b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(prompt_tokens: int = 2000, budgets: tuple[float, ...] = (0.25, 0.1), policy: str = "entropy",
+             depth: float = 0.5, max_new_tokens: int = 16, out_dir: str | Path = ".") -> list[Run]:
+    model, tokenizer = load_default_model()
+    inputs = needle_prompt(tokenizer, prompt_tokens, depth)
+    n = inputs["input_ids"].shape[1]
+    print(f"entropykv_fx {__version__} | torch {torch.__version__} | transformers {transformers.__version__} | "
+          f"{platform.processor() or platform.machine()} CPU threads={torch.get_num_threads()}")
+    print(f"model {DEFAULT_MODEL} | prompt {n} tokens with a planted fact at depth {depth:.0%} | "
+          f"question: {QUESTION!r} | expected: {ANSWER_KEY!r}\n")
+    optimize(model, policy="full")
+    runs = [timed_generate(model, tokenizer, inputs, "full cache", max_new_tokens)]
+    for budget in budgets:
+        optimize(model, policy=policy, budget=budget)
+        runs.append(timed_generate(model, tokenizer, inputs, f"{policy} {budget:.0%}", max_new_tokens))
+    _print_table(runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(runs, out / "entropykv_demo.png")
+    print(f"\nplot of per-layer entropy and budgets: {out / 'entropykv_demo.png'}")
+    return runs
+
+
+def _print_table(runs: list[Run]) -> None:
+    print(f"{'setting':<14} {'found':<6} {'prefill':>8} {'decode/tok':>11} {'KV bytes':>12} {'kept':>6}  answer")
+    for r in runs:
+        found = "yes" if ANSWER_KEY in r.answer.lower() else "no"
+        print(f"{r.label:<14} {found:<6} {r.prefill_s:>7.2f}s {r.decode_ms_per_token:>9.1f}ms "
+              f"{r.report.bytes_after:>12,} {r.report.kept_fraction:>6.1%}  {r.answer!r}")
+    print("\nper-layer budgets (tokens kept):")
+    for r in runs:
+        print(f"  {r.label:<14} {[lr.slots_after for lr in r.report.layers]}")
