@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHS, random_prompt, tiny_model
+from tiny_models import ARCHS, DEVICE, random_prompt, tiny_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import entropykv_fx
@@ -64,7 +64,7 @@ def test_positions_continue_after_compression_without_position_ids(arch):
             out = model(ids, use_cache=True)
             cache, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
             for i in range(6):
-                kw = {"position_ids": torch.tensor([[96 + i]])} if explicit else {}
+                kw = {"position_ids": torch.tensor([[96 + i]], device=DEVICE)} if explicit else {}
                 out = model(token, past_key_values=cache, use_cache=True, **kw)
                 steps.append(out.logits[:, -1])
                 token = out.logits[:, -1:].argmax(-1)
@@ -78,7 +78,7 @@ def test_left_padded_batch_matches_single_sequences(arch):
     lengths = [40, 27, 33]
     prompts = [random_prompt(n, seed=10 + i)[0] for i, n in enumerate(lengths)]
     width = max(lengths)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=DEVICE)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = p, 1

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+# ENTROPYKV_TEST_DEVICE=cuda runs the model-level tests with CUDA tensors (on the GPU machine).
+DEVICE = torch.device(os.environ.get("ENTROPYKV_TEST_DEVICE", "cpu"))
 
 _COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, eos_token_id=None, bos_token_id=None)
@@ -20,11 +25,11 @@ ARCHS = {
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = ARCHS[arch]().to(dtype).eval()
+    model = ARCHS[arch]().to(DEVICE, dtype).eval()
     model.generation_config.pad_token_id = 0
     return model
 
 
 def random_prompt(length: int, batch: int = 1, seed: int = 1, vocab: int = 97) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(1, vocab, (batch, length), generator=generator)
+    return torch.randint(1, vocab, (batch, length), generator=generator).to(DEVICE)
