@@ -9,8 +9,8 @@ if ! $PY -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
         $PY -m pip install "torch>=2.11"
     else
-        $PY -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-            || $PY -m pip install torch==2.13.0
+        # Set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu where PyPI's torch would pull CUDA wheels.
+        $PY -m pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
     fi
 fi
 $PY -m pip install -e ".[demo,test]"
