@@ -6,13 +6,14 @@ it after the prefill forward, once every layer has been scored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .cache import EntropyKVCache
+from .cache import CompressedLayer, EntropyKVCache
 from .config import EntropyKVConfig
 from .policies import POLICIES
 
@@ -75,22 +76,27 @@ def layer_budgets(entropies: list[float], n_tokens: int, config: EntropyKVConfig
     return POLICIES[config.policy].allocate(entropies, n_tokens, config)
 
 
+def attention_scores(layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
+    """The default token ranking: window attention mass summed over the layer's heads, pooled."""
+    return pool_scores(layer.stats.layer_scores, config.pooling, config.pool_kernel)
+
+
 def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig) -> CompressionReport:
-    """Shrink every scored layer of `cache` to its budget; returns the per-layer report."""
+    """Shrink every layer of a just-prefilled `cache` to the policy's budget; returns the per-layer report."""
+    policy = POLICIES[config.policy]
     layers = cache.layers
-    scored = [layer.stats is not None for layer in layers]
-    if not all(scored):
-        missing = [i for i, s in enumerate(scored) if not s]
-        raise RuntimeError(f"entropykv: layers {missing} were not scored during prefill; cannot allocate budgets")
+    unscored = [i for i, layer in enumerate(layers) if layer.stats is None]
+    if policy.needs_scores and unscored:
+        raise RuntimeError(f"entropykv: layers {unscored} were not scored during prefill; cannot allocate budgets")
     n_tokens = int((layers[0].positions >= 0).sum(-1).max())
-    entropies = [float(layer.stats.entropy.mean()) for layer in layers]
+    entropies = [float(layer.stats.entropy.mean()) if layer.stats is not None else math.nan for layer in layers]
     budgets = layer_budgets(entropies, n_tokens, config)
+    rank = policy.token_scores or attention_scores
     reports = []
     for i, (layer, budget, ent) in enumerate(zip(layers, budgets, entropies)):
         slots, nbytes = layer.get_seq_length(), layer.nbytes
         if budget < slots:
-            scores = pool_scores(layer.stats.layer_scores, config.pooling, config.pool_kernel)
-            idx = ops.select(scores, layer.positions, budget, config.sink_tokens, config.window)
+            idx = ops.select(rank(layer, config), layer.positions, budget, config.sink_tokens, config.window)
             keys, values = ops.gather(layer.keys, layer.values, idx)
             layer.replace(keys, values, layer.positions.gather(1, idx))
         layer.stats = None

@@ -62,7 +62,7 @@ def entropykv_attention(module: nn.Module, query: Tensor, key: Tensor, value: Te
     layer = cache.layers[module.layer_idx] if cache is not None else None
     k_pos = layer.positions if layer is not None else q_pos
     out = ops.attention(query, key, value, q_pos, k_pos, scale, window)
-    prefill = layer is not None and query.shape[2] > 1 and k_pos.shape[1] == query.shape[2]
+    prefill = layer is not None and k_pos.shape[1] == query.shape[2]  # the layer was empty before this forward
     if prefill and POLICIES[runtime.config.policy].needs_scores:
         w = min(runtime.config.window, query.shape[2])
         with torch.no_grad():  # eviction is a decision, not part of any gradient
@@ -119,11 +119,12 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
 def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     runtime: Runtime = model._entropykv
     cache = runtime.cache
-    if cache is not None and cache.layers[0].stats is not None:
+    prefill = cache is not None and cache.seen_tokens == cache.step_positions.shape[1] > 0  # first forward
+    if prefill and POLICIES[runtime.config.policy].evicts:
         with torch.no_grad():
             runtime.last_report = compress_cache(cache, runtime.config)
-    elif cache is not None and cache.seen_tokens == cache.step_positions.shape[1] > 0:
-        runtime.last_report = uncompressed_report(cache, runtime.config)  # prefill that kept everything
+    elif prefill:
+        runtime.last_report = uncompressed_report(cache, runtime.config)
     runtime.cache = runtime.step_positions = None
     return output
 

@@ -173,3 +173,22 @@ def test_bad_overrides_are_reported():
         entropykv_fx.optimize(tiny_model("llama"), budget=1.5)
     with pytest.raises(entropykv_fx.ConfigError, match="unknown EntropyKVConfig field"):
         entropykv_fx.optimize(tiny_model("llama"), budgett=0.5)
+
+
+def test_streaming_keeps_sinks_and_the_most_recent_tokens():
+    model = entropykv_fx.optimize(tiny_model("llama"), policy="streaming", budget=20, window=8, sink_tokens=4)
+    with torch.no_grad():
+        out = model(random_prompt(60), use_cache=True)
+    expected = list(range(4)) + list(range(44, 60))
+    assert all(layer.positions[0].tolist() == expected for layer in out.past_key_values.layers)
+    assert all(r.entropy != r.entropy for r in entropykv_fx.report(model).layers)  # nothing scored: nan
+
+
+@pytest.mark.parametrize("policy", ["pyramidkv", "streaming", "uniform", "entropy"])
+def test_every_evicting_policy_generates_within_its_bytes(policy):
+    model = entropykv_fx.optimize(tiny_model("qwen3"), policy=policy, budget=0.25, window=8)
+    ids = random_prompt(128)
+    out = greedy(model, ids, n=6)
+    rep = entropykv_fx.report(model)
+    assert out.shape == (1, 6)
+    assert rep.bytes_after == pytest.approx(0.25 * rep.bytes_before, rel=0.01)

@@ -64,4 +64,21 @@ def test_uniform_full_and_listing():
     assert POLICIES["uniform"].allocate([5.0, 1.0, 3.0], 1000, cfg) == [250, 250, 250]
     assert POLICIES["full"].allocate([5.0, 1.0], 1000, cfg) == [1000, 1000]
     assert not POLICIES["full"].needs_scores and POLICIES["entropy"].needs_scores
-    assert set(policies()) == {"entropy", "uniform", "full"} and all(policies().values())
+    assert set(policies()) == {"entropy", "uniform", "pyramidkv", "streaming", "full"} and all(policies().values())
+
+
+def test_pyramidkv_ramp():
+    cfg = EntropyKVConfig(budget=0.25, window=8, sink_tokens=2)
+    budgets = POLICIES["pyramidkv"].allocate([0.0] * 5, 2000, cfg)  # entropies are ignored
+    assert sum(budgets) == 5 * 500
+    assert budgets == sorted(budgets, reverse=True)
+    assert budgets[-1] == 25 and budgets[0] == 975  # top: mean / 20, bottom: 2 * mean - mean / 20
+    steps = [a - b for a, b in zip(budgets, budgets[1:])]
+    assert max(steps) - min(steps) <= 1  # linear up to rounding
+    assert all(b >= 10 for b in POLICIES["pyramidkv"].allocate([0.0] * 5, 100, EntropyKVConfig(budget=0.25, window=8, sink_tokens=2)))
+
+
+def test_streaming_ranks_by_recency():
+    cfg = EntropyKVConfig(policy="streaming", budget=0.5)
+    assert POLICIES["streaming"].allocate([0.0] * 3, 400, cfg) == [200, 200, 200]
+    assert not POLICIES["streaming"].needs_scores and POLICIES["streaming"].evicts

@@ -14,17 +14,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..cache import CompressedLayer
     from ..config import EntropyKVConfig
 
 Allocate = Callable[[Sequence[float], int, "EntropyKVConfig"], list[int]]
+TokenScores = Callable[["CompressedLayer", "EntropyKVConfig"], "Tensor"]
 
 
 @dataclass(frozen=True)
 class Policy:
     name: str
     allocate: Allocate
-    needs_scores: bool  # False: prefill runs without scoring and nothing is evicted
+    needs_scores: bool  # False: prefill runs without the scoring op (entropies are then nan)
     summary: str
+    token_scores: TokenScores | None = None  # which tokens to keep; None: pooled window attention scores
+    evicts: bool = True  # False: the cache is left whole
 
 
 def budget_bounds(n_tokens: int, config: EntropyKVConfig) -> tuple[int, int, int]:
@@ -84,9 +90,10 @@ def distribute(weights: Sequence[float], total: int, lo: int, hi: int) -> list[i
     return ints
 
 
-from . import entropy, full, uniform  # noqa: E402  (the modules use the helpers above)
+from . import entropy, full, pyramidkv, streaming, uniform  # noqa: E402  (the modules use the helpers above)
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (entropy.POLICY, uniform.POLICY, full.POLICY)}
+POLICIES: dict[str, Policy] = {p.name: p for p in (entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY,
+                                                   full.POLICY)}
 
 
 def policies() -> dict[str, str]:

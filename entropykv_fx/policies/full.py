@@ -9,4 +9,5 @@ def allocate(layer_entropy, n_tokens, config) -> list[int]:
     return [n_tokens] * len(layer_entropy)
 
 
-POLICY = Policy("full", allocate, needs_scores=False, summary="keep everything (no scoring, no eviction)")
+POLICY = Policy("full", allocate, needs_scores=False, summary="keep everything (no scoring, no eviction)",
+                evicts=False)
