@@ -9,11 +9,12 @@ from .cache import EntropyKVCache
 from .compress import CompressionReport, LayerReport
 from .config import ConfigError, EntropyKVConfig
 from .hf import SUPPORTED_MODELS, UnsupportedModelError, optimize, report
+from .passes import explain
 from .policies import policies
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressionReport", "ConfigError", "EntropyKVCache", "EntropyKVConfig", "LayerReport", "SUPPORTED_MODELS",
-    "UnsupportedModelError", "optimize", "policies", "report",
+    "UnsupportedModelError", "explain", "optimize", "policies", "report",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,10 @@ def _fail(field: str, value: Any, accepted: str) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class EntropyKVConfig:
     def __post_init__(self) -> None:
         from .policies import POLICIES  # late import: policies import the config module
 
-        if self.policy not in POLICIES:
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
             _fail("policy", self.policy, f"one of {sorted(POLICIES)}")
         b = self.budget
         if _is_int(b):
@@ -79,15 +84,16 @@ class EntropyKVConfig:
             _fail("pooling", self.pooling, f"one of {_POOLINGS}")
         if not _is_int(self.pool_kernel) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             _fail("pool_kernel", self.pool_kernel, "an odd int >= 1")
-        if not isinstance(self.min_layer_budget, (int, float)) or not 0.0 <= self.min_layer_budget <= 1.0:
+        if not _is_number(self.min_layer_budget) or not 0.0 <= self.min_layer_budget <= 1.0:
             _fail("min_layer_budget", self.min_layer_budget, "a number in [0, 1] (multiple of the mean layer budget)")
-        if not isinstance(self.max_layer_budget, (int, float)) or self.max_layer_budget < 1.0:
-            _fail("max_layer_budget", self.max_layer_budget, "a number >= 1 (multiple of the mean layer budget)")
+        if not _is_number(self.max_layer_budget) or not 1.0 <= self.max_layer_budget < math.inf:
+            _fail("max_layer_budget", self.max_layer_budget, "a finite number >= 1 (multiple of the mean layer budget)")
         if self.budget_source not in _SOURCES:
             _fail("budget_source", self.budget_source, f"one of {_SOURCES}")
         if self.budget_source == "calibrated":
-            if self.calibration_file is None:
-                _fail("calibration_file", None, "a path to a calibration JSON when budget_source='calibrated'")
+            if not isinstance(self.calibration_file, (str, os.PathLike)):
+                _fail("calibration_file", self.calibration_file,
+                      "a path to a calibration JSON when budget_source='calibrated'")
             if not Path(self.calibration_file).is_file():
                 _fail("calibration_file", self.calibration_file, "an existing calibration JSON file")
         elif self.calibration_file is not None:
@@ -102,10 +108,14 @@ class EntropyKVConfig:
 
     def layer_fractions(self, num_layers: int) -> list[float]:
         """Per-layer kept fractions from the calibration file (budget_source='calibrated')."""
-        data = json.loads(Path(self.calibration_file).read_text())
+        try:
+            data = json.loads(Path(self.calibration_file).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"calibration file {self.calibration_file}: not valid JSON ({err}); expected "
+                              f"{{'layer_fractions': [...]}} with {num_layers} numbers in (0, 1]") from err
         fractions = data.get("layer_fractions") if isinstance(data, dict) else None
         if (not isinstance(fractions, list) or len(fractions) != num_layers
-                or not all(isinstance(f, (int, float)) and 0 < f <= 1 for f in fractions)):
+                or not all(_is_number(f) and 0 < f <= 1 for f in fractions)):
             raise ConfigError(
                 f"calibration file {self.calibration_file}: expected {{'layer_fractions': [...]}} with "
                 f"{num_layers} numbers in (0, 1], one per layer of this model")

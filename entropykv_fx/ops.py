@@ -84,6 +84,7 @@ def _is_plain_causal(seen: Tensor, q_pos: Tensor, k_pos: Tensor) -> bool:
 
 @attention.register_fake
 def _(q, k, v, q_pos, k_pos, scale, sliding_window):
+    _check_qkv("entropykv.attention", q, k, v, q_pos, k_pos)  # fake/meta inputs get the same errors
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
@@ -123,6 +124,7 @@ def score(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
 
 @score.register_fake
 def _(q, k, q_pos, k_pos, scale, sliding_window):
+    _check_qkv("entropykv.score", q, k, None, q_pos, k_pos)
     b, hq = q.shape[:2]
     hkv, s = k.shape[1], k.shape[2]
     f32 = torch.float32
@@ -130,6 +132,15 @@ def _(q, k, q_pos, k_pos, scale, sliding_window):
 
 
 # --------------------------------------------------------------------------------------------- selection
+def _check_select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window: int) -> None:
+    _check(scores.dim() in (2, 3), f"entropykv.select: scores must be [B, S] or [B, H, S], got {tuple(scores.shape)}")
+    _check(k_pos.dim() == 2 and k_pos.shape[0] == scores.shape[0] and k_pos.shape[1] == scores.shape[-1],
+           f"entropykv.select: k_pos {tuple(k_pos.shape)} does not match scores {tuple(scores.shape)}")
+    _check(budget >= 1, f"entropykv.select: budget must be >= 1, got {budget}")
+    _check(sink_tokens >= 0 and window >= 0, "entropykv.select: sink_tokens and window must be >= 0")
+    _check(scores.device == k_pos.device, f"entropykv.select: scores on {scores.device}, k_pos on {k_pos.device}")
+
+
 @torch.library.custom_op("entropykv::select", mutates_args=())
 def select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window: int) -> Tensor:
     """Indices of the `budget` slots to keep, in ascending (temporal) order.
@@ -139,12 +150,7 @@ def select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window:
     empty/pad slots (k_pos < 0) are taken only when a sequence has fewer valid tokens than `budget`.
     Ties go to the earlier slot. Returns int64 [B, K] or [B, H, K] with K = min(budget, S).
     """
-    _check(scores.dim() in (2, 3), f"entropykv.select: scores must be [B, S] or [B, H, S], got {tuple(scores.shape)}")
-    _check(k_pos.dim() == 2 and k_pos.shape[0] == scores.shape[0] and k_pos.shape[1] == scores.shape[-1],
-           f"entropykv.select: k_pos {tuple(k_pos.shape)} does not match scores {tuple(scores.shape)}")
-    _check(budget >= 1, f"entropykv.select: budget must be >= 1, got {budget}")
-    _check(sink_tokens >= 0 and window >= 0, "entropykv.select: sink_tokens and window must be >= 0")
-    _check(scores.device == k_pos.device, f"entropykv.select: scores on {scores.device}, k_pos on {k_pos.device}")
+    _check_select(scores, k_pos, budget, sink_tokens, window)
     last = k_pos.max(-1, keepdim=True).values
     forced = (k_pos >= 0) & ((k_pos < sink_tokens) | (k_pos > last - window))
     ranked = scores.float().masked_fill(k_pos < 0 if scores.dim() == 2 else (k_pos < 0)[:, None], float("-inf"))
@@ -156,21 +162,26 @@ def select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window:
 
 @select.register_fake
 def _(scores, k_pos, budget, sink_tokens, window):
+    _check_select(scores, k_pos, budget, sink_tokens, window)
     return scores.new_empty(*scores.shape[:-1], min(budget, scores.shape[-1]), dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------- gather
+def _check_gather(k: Tensor, v: Tensor, idx: Tensor) -> None:
+    _check(k.dim() == 4 and v.shape[:3] == k.shape[:3], f"entropykv.gather: k {tuple(k.shape)} / v {tuple(v.shape)} must be [B, H, S, D]")
+    _check(k.device == v.device == idx.device, "entropykv.gather: k, v and idx must be on one device")
+    _check(idx.dtype == torch.int64, f"entropykv.gather: idx must be int64, got {idx.dtype}")
+    _check(idx.dim() in (2, 3) and idx.shape[0] == k.shape[0] and (idx.dim() == 2 or idx.shape[1] == k.shape[1]),
+           f"entropykv.gather: idx must be [B, K] or [B, H, K] for k {tuple(k.shape)}, got {tuple(idx.shape)}")
+
+
 @torch.library.custom_op("entropykv::gather", mutates_args=())
 def gather(k: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """Copy the kept slots of k and v [B, H, S, D] into the compressed layout [B, H, K, D].
 
     idx is [B, K] (one token set shared by all heads of the layer) or [B, H, K] (per head).
     """
-    _check(k.dim() == 4 and v.shape[:3] == k.shape[:3], f"entropykv.gather: k {tuple(k.shape)} / v {tuple(v.shape)} must be [B, H, S, D]")
-    _check(k.device == v.device == idx.device, "entropykv.gather: k, v and idx must be on one device")
-    _check(idx.dtype == torch.int64, f"entropykv.gather: idx must be int64, got {idx.dtype}")
-    _check(idx.dim() in (2, 3) and idx.shape[0] == k.shape[0] and (idx.dim() == 2 or idx.shape[1] == k.shape[1]),
-           f"entropykv.gather: idx must be [B, K] or [B, H, K] for k {tuple(k.shape)}, got {tuple(idx.shape)}")
+    _check_gather(k, v, idx)
     per_head = idx if idx.dim() == 3 else idx[:, None].expand(-1, k.shape[1], -1)
     return (k.gather(2, per_head[..., None].expand(-1, -1, -1, k.shape[-1])),
             v.gather(2, per_head[..., None].expand(-1, -1, -1, v.shape[-1])))
@@ -178,5 +189,6 @@ def gather(k: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 @gather.register_fake
 def _(k, v, idx):
+    _check_gather(k, v, idx)
     kk = idx.shape[-1]
     return k.new_empty(*k.shape[:2], kk, k.shape[-1]), v.new_empty(*v.shape[:2], kk, v.shape[-1])

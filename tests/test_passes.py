@@ -1,0 +1,89 @@
+"""The attention-site finder on the three graph forms, on HF models, a gpt-fast-style model and plain math."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import ARCHS, random_prompt, tiny_model
+from torch import nn
+
+from entropykv_fx.passes import explain, find_attention_sites
+
+
+class StaticCacheAttention(nn.Module):
+    """gpt-fast style: static KV buffers written at input_pos, SDPA with a mask over the whole buffer."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2, max_len=64):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.register_buffer("k_cache", torch.zeros(1, kv_heads, max_len, self.head_dim))
+        self.register_buffer("v_cache", torch.zeros(1, kv_heads, max_len, self.head_dim))
+        self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril())
+
+    def forward(self, x, input_pos):
+        b, n, _ = x.shape
+        q = self.wq(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.wkv(x).view(b, n, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        keys = self.k_cache.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        values = self.v_cache.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        mask = self.causal[None, None, input_pos]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).transpose(1, 2).reshape(b, n, -1)
+
+
+class MathAttention(nn.Module):
+    def forward(self, q, k, v):
+        w = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]), dim=-1)
+        return w @ v
+
+
+class NotAttention(nn.Module):
+    def forward(self, x, y):
+        return torch.softmax(x @ y, dim=1) @ y  # softmax over dim 1 and no transposed key: not attention
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_every_site_of_tiny_hf_models_is_found_in_dynamo_and_export_graphs(arch, impl):
+    model = tiny_model(arch)
+    model.set_attn_implementation(impl)
+    ids = random_prompt(16)
+    dynamo = explain(model, ids, use_cache=False)
+    exported = explain(torch.export.export(model, (ids,), kwargs={"use_cache": False}, strict=False))
+    for reports, form in ((dynamo, "sdpa" if impl == "sdpa" else "eager"),
+                          (exported, "aten_sdpa" if impl == "sdpa" else "eager")):
+        sites = [s for r in reports for s in r.sites]
+        assert len(sites) == 3 and {s.form for s in sites} == {form}
+        assert all(s.kv_source is not None for s in sites), "GQA repetition (4 query / 2 kv heads) seen through"
+        assert all(s.scale == pytest.approx(model.model.layers[0].self_attn.scaling) for s in sites)
+
+
+def test_gpt_fast_style_static_cache_site():
+    module = StaticCacheAttention()
+    x, pos = torch.randn(1, 5, 32), torch.arange(5)
+    (report,) = explain(torch.export.export(module, (x, pos), strict=False))
+    (site,) = report.sites
+    assert site.form == "aten_sdpa" and site.mask is not None and not site.is_causal and site.kv_source is not None
+    assert "1 attention site(s) found" in str(report)
+
+
+def test_plain_math_attention_and_non_attention():
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    (site,) = explain(torch.export.export(MathAttention(), (q, k, v), strict=False))[0].sites
+    assert site.form == "eager" and site.scale == pytest.approx(8 ** -0.5) and site.mask is None and site.kv_source is None
+    assert [n.name for n in (site.query, site.key, site.value)] == ["q", "k", "v"]
+    ep = torch.export.export(NotAttention(), (torch.randn(4, 4), torch.randn(4, 4)), strict=False)
+    assert find_attention_sites(ep.graph_module.graph) == []
+
+
+def test_explain_rejects_what_it_cannot_capture():
+    with pytest.raises(ValueError, match="pass example inputs"):
+        explain(MathAttention())
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        explain("model")
