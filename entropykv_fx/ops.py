@@ -192,3 +192,71 @@ def _(k, v, idx):
     _check_gather(k, v, idx)
     kk = idx.shape[-1]
     return k.new_empty(*k.shape[:2], kk, k.shape[-1]), v.new_empty(*v.shape[:2], kk, v.shape[-1])
+
+
+# =============================================================================================================
+# int8 storage and the Triton kernels (owned by entropykv_fx/kernels; keep this section last)
+# =============================================================================================================
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token absmax int8: x [..., D] -> (q int8 [..., D], scale float32 [...]) with x ~= q * scale.
+
+    q = round-half-away-from-zero(x * 127 / absmax); a zero row gets q = 0, scale 0. The kernels use the same arithmetic.
+    """
+    amax = x.float().abs().amax(-1)
+    y = x.float() * (127.0 / amax.clamp(min=1e-30))[..., None]
+    return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).to(torch.int8), amax / 127.0
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale[..., None]
+
+
+@torch.library.custom_op("entropykv::gather_int8", mutates_args=())
+def gather_int8(k: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`gather` that stores int8: (k_q [B, H, K, D] int8, k_scale [B, H, K] float32, v_q, v_scale)."""
+    kk, vv = gather(k, v, idx)
+    return *quantize_int8(kk), *quantize_int8(vv)
+
+
+@gather_int8.register_fake
+def _(k, v, idx):
+    _check_gather(k, v, idx)
+    b, h, kk = *k.shape[:2], idx.shape[-1]
+    scale = k.new_empty(b, h, kk, dtype=torch.float32)
+    return (k.new_empty(b, h, kk, k.shape[-1], dtype=torch.int8), scale,
+            v.new_empty(b, h, kk, v.shape[-1], dtype=torch.int8), torch.empty_like(scale))
+
+
+def _check_int8_cache(op: str, q: Tensor, k_q: Tensor, k_scale: Tensor, v_q: Tensor, v_scale: Tensor,
+                      q_pos: Tensor, k_pos: Tensor) -> None:
+    for t, s in ((k_q, k_scale), (v_q, v_scale)):
+        _check(t.dim() == 4 and t.dtype == torch.int8, f"{op}: k_q/v_q must be 4-D int8, got {t.dtype} {tuple(t.shape)}")
+        _check(s.dtype == torch.float32 and s.shape == t.shape[:3],
+               f"{op}: scales must be float32 {tuple(t.shape[:3])}, got {s.dtype} {tuple(s.shape)}")
+        _check(t.device == s.device == q.device, f"{op}: q, k_q/v_q and scales must be on one device")
+    like_q = q.new_empty(()).expand  # q's dtype and device with the cache's shape, no memory
+    _check_qkv(op, q, like_q(k_q.shape), like_q(v_q.shape), q_pos, k_pos)
+
+
+@torch.library.custom_op("entropykv::attention_int8", mutates_args=())
+def attention_int8(q: Tensor, k_q: Tensor, k_scale: Tensor, v_q: Tensor, v_scale: Tensor, q_pos: Tensor,
+                   k_pos: Tensor, scale: float, sliding_window: int) -> Tensor:
+    """`attention` over an int8 cache from `gather_int8`: dequantized to float32, result in q's dtype."""
+    _check_int8_cache("entropykv.attention_int8", q, k_q, k_scale, v_q, v_scale, q_pos, k_pos)
+    out = attention(q.float(), dequantize_int8(k_q, k_scale), dequantize_int8(v_q, v_scale), q_pos, k_pos, scale,
+                    sliding_window)
+    return out.to(q.dtype)
+
+
+@attention_int8.register_fake
+def _(q, k_q, k_scale, v_q, v_scale, q_pos, k_pos, scale, sliding_window):
+    _check_int8_cache("entropykv.attention_int8", q, k_q, k_scale, v_q, v_scale, q_pos, k_pos)
+    return q.new_empty(*q.shape[:3], v_q.shape[-1])
+
+
+try:  # CUDA tensors run the Triton kernels; the package works without triton (CPU references only)
+    import triton  # noqa: F401
+except ImportError:
+    pass
+else:
+    from . import kernels  # noqa: E402,F401  (registers the CUDA implementations)

@@ -1,0 +1,57 @@
+"""Fused scoring kernel vs the `entropykv::score` reference."""
+
+import pytest
+import torch
+from kernel_testing import DEVICE, DTYPES, GPU, SCORE_TOL, prompt_positions, randn, rel_err, seed
+
+from entropykv_fx import kernels, ops
+
+SHAPES = [  # B, Hq, Hkv, W, S, D
+    (1, 1, 1, 1, 1, 16),  # one token
+    (2, 3, 1, 4, 70, 32),  # GQA 3, S not a multiple of the block
+    (2, 8, 2, 8, 130, 64),  # GQA 4, several chunks
+    (1, 2, 2, 3, 40, 128),  # MHA, head_dim 128
+    (1, 8, 1, 24, 50, 16),  # 192 rows per KV head: two row blocks
+]
+if GPU:
+    SHAPES += [(1, 32, 8, 32, 4099, 128), (2, 9, 3, 32, 5000, 64), (2, 32, 8, 64, 3000, 128)]
+
+
+@pytest.mark.parametrize("window", [0, 17])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_score_matches_reference(shape, dtype, window):
+    seed(shape, dtype, window)
+    b, hq, hkv, w, s, d = shape
+    q, k = randn(b, hq, s, d, dtype=dtype), randn(b, hkv, s, d, dtype=dtype)
+    q = q[:, :, -w:]  # the window of a prompt: a non-contiguous view, as hf.py passes it
+    k_pos = prompt_positions(b, s, [0, min(5, s - 1)][:b])
+    q_pos = k_pos[:, -w:]
+    scale = d ** -0.5
+    out = kernels.score(q, k, q_pos, k_pos, scale, window)
+    ref = ops.score(q.cpu(), k.cpu(), q_pos.cpu(), k_pos.cpu(), scale, window)
+    for name, o, r in zip(("entropy", "kv_scores", "layer_scores"), out, ref):
+        assert o.dtype == torch.float32 and o.shape == r.shape
+        assert rel_err(o, r) < SCORE_TOL, name
+
+
+def test_score_padded_window_queries():
+    """A left-padded row whose window holds pad queries: they count for nothing (entropy mean over valid)."""
+    seed("pads")
+    b, hq, hkv, w, s, d = 2, 4, 2, 6, 20, 32
+    q, k = randn(b, hq, w, d), randn(b, hkv, s, d)
+    k_pos = prompt_positions(b, s, [0, 17])  # row 1: 3 real tokens, so 3 of its 6 window queries are pads
+    q_pos = k_pos[:, -w:]
+    out = kernels.score(q, k, q_pos, k_pos, 0.2, 0)
+    ref = ops.score(q.cpu(), k.cpu(), q_pos.cpu(), k_pos.cpu(), 0.2, 0)
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < SCORE_TOL
+    assert torch.allclose(out[1][1, :, :17].cpu(), torch.zeros(())), "pad slots receive no attention"
+
+
+@pytest.mark.skipif(not GPU, reason="the op dispatches to Triton for CUDA tensors only")
+def test_score_op_dispatches_to_triton():
+    q, k = randn(1, 4, 8, 64), randn(1, 2, 100, 64)
+    pos = prompt_positions(1, 100, [0])
+    torch.testing.assert_close(ops.score(q, k, pos[:, -8:], pos, 0.125, 0),
+                               kernels.score(q, k, pos[:, -8:], pos, 0.125, 0), rtol=0, atol=0)
