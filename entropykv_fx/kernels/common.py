@@ -23,18 +23,18 @@ def block(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
-def splits_for(programs: int, length: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, chunk): split `length` into chunks of whole blocks so about 4 programs run per SM."""
+def splits_for(programs: int, length: int, block_n: int, device: torch.device, waves: int = 4) -> tuple[int, int]:
+    """(splits, chunk): split `length` into chunks of whole blocks so about `waves` programs run per SM."""
     length = max(length, 1)  # an empty cache still gets one (empty) chunk, so every output row is written
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    splits = max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(length, block_n)))
+    splits = max(1, min(triton.cdiv(waves * sms, programs), triton.cdiv(length, block_n)))
     chunk = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
     return triton.cdiv(length, chunk), chunk
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get an exact fp32 dot (tf32 would lose ~3e-4); fp16/bf16 use the tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 inputs get an exact fp32 dot (tf32 would lose ~3e-4); fp16/bf16 take the default (tensor cores)."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 @triton.jit

@@ -17,8 +17,11 @@ import triton.language as tl
 from .. import ops
 from .common import INTERPRET, LOG2E, block, dot_precision, load_rows, logits_block, splits_for
 
-BLOCK_N = 64
 MAX_ROWS = 64  # query rows (G * L) per program; more goes to the reference
+# Launch settings for a bf16/fp16/fp32 cache and for an int8 one: the fastest of `benchmarks/kernels.py --sweep`
+# on an H100 (benchmarks/results/kernels_h100.md); int8 needs twice the tokens per block for the same bytes.
+CONFIG = {False: dict(BLOCK_N=64, num_warps=4, num_stages=3, waves=2),
+          True: dict(BLOCK_N=128, num_warps=4, num_stages=2, waves=8)}
 
 
 @triton.jit
@@ -28,7 +31,7 @@ def _decode_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, qpos_ptr, kpos_ptr, acc_p
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   QUANT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HKV, bh % HKV
+    b, h = (bh // HKV).to(tl.int64), bh % HKV  # int64: b * stride can pass 2**31
     rows = tl.arange(0, BLOCK_M)
     q, qp = load_rows(q_ptr + b * sq_b + h * G * sq_h, qpos_ptr + b * sqp_b, rows, G, L, D, sq_h, sq_l, sq_d,
                       sqp_l, BLOCK_D, UPCAST)
@@ -67,7 +70,7 @@ def _decode_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, qpos_ptr, kpos_ptr, acc_p
 def _decode_merge(acc_ptr, ml_ptr, out_ptr, G, L, DV, HKV, SPLITS, so_b, so_h, so_l, so_d,
                   BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
     bh, r = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HKV, bh % HKV
+    b, h = (bh // HKV).to(tl.int64), bh % HKV  # int64: b * stride can pass 2**31
     sp = tl.arange(0, BLOCK_S)
     dv = tl.arange(0, BLOCK_DV)
     part = (bh * SPLITS + sp) * BLOCK_M + r
@@ -94,9 +97,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     assert g * length <= MAX_ROWS, f"{g * length} query rows per KV head; use ops.attention for prefill"
     block_m = block(g * length)
     quant = k_scale is not None
-    n, chunk = splits_for(b * hkv, s, BLOCK_N, q.device)
+    cfg = CONFIG[quant]
+    block_n = cfg["BLOCK_N"]
+    n, chunk = splits_for(b * hkv, s, block_n, q.device, cfg["waves"])
     if splits is not None:
-        chunk = triton.cdiv(triton.cdiv(max(s, 1), splits), BLOCK_N) * BLOCK_N
+        chunk = triton.cdiv(triton.cdiv(max(s, 1), splits), block_n) * block_n
         n = triton.cdiv(max(s, 1), chunk)
     acc = torch.empty(b * hkv, n, block_m, block(dv), device=q.device, dtype=torch.float32)
     ml = torch.empty(2, b * hkv, n, block_m, device=q.device, dtype=torch.float32)
@@ -105,8 +110,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     _decode_split[(b * hkv, n)](
         q, k, v, scales[0], scales[1], q_pos, k_pos, acc, ml, scale * LOG2E, sliding_window, g, length, s, d, dv,
         hkv, n, chunk, *q.stride(), *k.stride(), *v.stride(), *scales[2:], *q_pos.stride(),
-        *k_pos.stride(), BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block(d), BLOCK_DV=block(dv), QUANT=quant,
-        UPCAST=INTERPRET, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=3)
+        *k_pos.stride(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block(d), BLOCK_DV=block(dv), QUANT=quant,
+        UPCAST=INTERPRET, PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _decode_merge[(b * hkv, g * length)](acc, ml, out, g, length, dv, hkv, n, *out.stride(), BLOCK_M=block_m,
                                          BLOCK_S=block(n, 1), BLOCK_DV=block(dv), num_warps=4)
     return out

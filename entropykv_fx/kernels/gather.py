@@ -36,7 +36,7 @@ def _gather(k_ptr, v_ptr, idx_ptr, ko_ptr, vo_ptr, ks_ptr, vs_ptr, H, K, DK, DV,
             sko_b, sko_h, sko_k, sko_d, svo_b, svo_h, svo_k, svo_d, sc_b, sc_h, sc_k,
             BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, QUANT: tl.constexpr):
     bh, kb = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H  # int64: b * stride can pass 2**31
     kk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     slots = tl.load(idx_ptr + b * si_b + h * si_h + kk * si_k, mask=kk < K, other=0)  # si_h = 0: shared by heads
     scales = b * sc_b + h * sc_h

@@ -27,7 +27,7 @@ def _score_stats(q_ptr, k_ptr, qpos_ptr, kpos_ptr, stats_ptr, scale_log2, window
                  PRECISION: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
     bh, rb = pid // ROW_BLOCKS, pid % ROW_BLOCKS
-    b, h = bh // HKV, bh % HKV
+    b, h = (bh // HKV).to(tl.int64), bh % HKV  # int64: b * stride can pass 2**31
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     q, qp = load_rows(q_ptr + b * sq_b + h * G * sq_h, qpos_ptr + b * sqp_b, rows, G, W, D, sq_h, sq_l, sq_d,
                       sqp_l, BLOCK_D, UPCAST)
@@ -94,7 +94,7 @@ def _score_tokens(q_ptr, k_ptr, qpos_ptr, kpos_ptr, lse_ptr, out_ptr, scale_log2
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                   PRECISION: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HKV, bh % HKV
+    b, h = (bh // HKV).to(tl.int64), bh % HKV  # int64: b * stride can pass 2**31
     lo = split * chunk
     for rb in range(0, ROW_BLOCKS):  # usually one block: the group's G * W rows fit in BLOCK_M
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)

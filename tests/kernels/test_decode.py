@@ -49,7 +49,8 @@ def test_decode_matches_reference(shape, dtype, window):
 def test_decode_int8_matches_reference(shape, dtype):
     seed(shape, dtype, "int8")
     q, k, v, q_pos, k_pos = decode_inputs(shape, dtype)
-    k_q, k_scale, v_q, v_scale = ops.gather_int8(k, v, torch.arange(k.shape[2], device=DEVICE)[None].expand(k.shape[0], -1))
+    everything = torch.arange(k.shape[2], device=DEVICE)[None].expand(k.shape[0], -1)
+    k_q, k_scale, v_q, v_scale = ops.gather_int8(k, v, everything)
     scale = q.shape[-1] ** -0.5
     out = kernels.attention(q, k_q, v_q, q_pos, k_pos, scale, 0, k_scale, v_scale, splits=shape[-1])
     ref = ops.attention_int8(*cpu(q, k_q, k_scale, v_q, v_scale, q_pos, k_pos), scale, 0)
