@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import ops
+
 
 @dataclass
 class PrefillStats:
@@ -39,12 +41,11 @@ class CompressedLayer(DynamicLayer):
         self.values = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
         self.positions = torch.empty(key_states.shape[0], 0, dtype=torch.int64, device=key_states.device)
 
-    def update(self, key_states: Tensor, value_states: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, positions: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, positions], dim=-1)
+        self.keys, self.values, self.positions = ops.append(self.keys, self.values, self.positions, key_states,
+                                                            value_states, positions, layer)
         return self.keys, self.values
 
     def replace(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
@@ -110,7 +111,7 @@ class EntropyKVCache(Cache):
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if self.step_positions is None:
             raise RuntimeError("entropykv: EntropyKVCache.update called outside an optimized model's forward")
-        return self.layers[layer_idx].update(key_states, value_states, self.step_positions)
+        return self.layers[layer_idx].update(key_states, value_states, self.step_positions, layer_idx)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens

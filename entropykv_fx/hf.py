@@ -1,13 +1,17 @@
 """Hugging Face integration: `optimize(model)` for Llama, Qwen2, Qwen3 and Mistral causal LMs.
 
-The model's attention calls go to `entropykv_attention` (registered with transformers' AttentionInterface),
-which runs the entropykv ops over an `EntropyKVCache`. Two hooks on the top-level model frame each forward:
-before it, the cache is installed and the positions of the new tokens are recorded; after a prefill, every
-layer has been scored and `compress_cache` shrinks the cache to the policy's budgets.
+The model keeps transformers' own SDPA attention, and its cache becomes an `EntropyKVCache`, whose updates are
+`entropykv::append` ops. The forward is compiled through the entropykv Dynamo backend, whose graph pass
+(`passes.rewrite_attention`) turns each attention call into `entropykv::attention` over its layer's cache and,
+on prefill graphs, adds `entropykv::score`. Two hooks frame each forward: before it, the cache is installed and
+the positions of the new tokens are recorded; after a prefill, `compress_cache` shrinks the cache to the
+policy's budgets from the scores the graph returned.
 """
 
 from __future__ import annotations
 
+import functools
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,13 +19,17 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import ops
 from .cache import EntropyKVCache, PrefillStats
 from .compress import CompressionReport, compress_cache, uncompressed_report
 from .config import EntropyKVConfig
+from .passes.backend import EntropyKVBackend
+from .passes.rewrite_attention import RewriteSettings
 from .policies import POLICIES
 
+# transformers' SDPA attention under our name: registering no mask function for it makes transformers pass
+# attention_mask=None, since masks come from positions after the rewrite (layers hold different lengths).
 ATTN_NAME = "entropykv"
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -32,42 +40,50 @@ class UnsupportedModelError(TypeError):
 
 @dataclass
 class Runtime:
-    """Per-model state shared by the hooks and the attention function."""
+    """Per-model state shared by the hooks and the compiled forward."""
 
     config: EntropyKVConfig
     num_layers: int
+    eager_forward: Any  # the model's own forward, which the compiled one wraps
+    sliding_windows: tuple[int, ...]
     cache: EntropyKVCache | None = None
     step_positions: Tensor | None = None  # positions of the tokens of the running forward, -1 for pads
     last_report: CompressionReport | None = None
+    inductor: bool = False  # compile the rewritten graphs with Inductor (else run them eagerly)
+    mode: str | None = None  # Inductor mode, e.g. "reduce-overhead" (CUDA graphs)
+    sites_run: int = 0  # attention sites the rewritten graphs ran in the current forward
+    backend: EntropyKVBackend | None = None
     hooks: list[Any] = field(default_factory=list)
 
+    def receive_stats(self, layers: list[int], tensors: list[Tensor]) -> None:
+        for i, layer in enumerate(layers):
+            self.cache.layers[layer].stats = PrefillStats(*tensors[3 * i:3 * i + 3])
 
-def entropykv_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
-                        scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
-                        **kwargs: Any) -> tuple[Tensor, None]:
-    """transformers attention function: q [B,Hq,L,D], k/v [B,Hkv,S,D] -> ([B,L,Hq,D], None).
+    def count_sites(self, n: int) -> None:
+        self.sites_run += n
 
-    Masking comes from positions (the cache's and this step's), never from `attention_mask`, so layers
-    may hold different numbers of slots.
+    def compile(self, model: nn.Module) -> None:
+        """(Re)build the compiled forward for the current config."""
+        policy = POLICIES[self.config.policy]
+        settings = RewriteSettings(self.config.window if policy.needs_scores else None, self.sliding_windows)
+        self.backend = EntropyKVBackend(settings, self.inductor, self.mode, on_stats=self.receive_stats,
+                                        on_run=self.count_sites)
+        model.forward = torch.compile(_own_code(self.eager_forward), backend=self.backend, dynamic=True)
+
+
+def _own_code(forward: Any) -> Any:
+    """`forward` behind a function with a code object of its own.
+
+    Dynamo keeps compiled graphs (and its recompile limit of 8) per code object, and every transformers model
+    forward goes through one shared decorator: without this, a few optimized models in one process would
+    exhaust the limit and fall back to running unrewritten.
     """
-    runtime: Runtime | None = getattr(module, "_entropykv", None)
-    if runtime is None or runtime.step_positions is None:
-        raise RuntimeError("entropykv attention was called outside a model prepared by entropykv_fx.optimize()")
-    if dropout:
-        raise ValueError("entropykv attention does not implement dropout; call model.eval() before inference")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window = sliding_window or 0
-    q_pos = runtime.step_positions
-    cache = runtime.cache
-    layer = cache.layers[module.layer_idx] if cache is not None else None
-    k_pos = layer.positions if layer is not None else q_pos
-    out = ops.attention(query, key, value, q_pos, k_pos, scale, window)
-    prefill = layer is not None and k_pos.shape[1] == query.shape[2]  # the layer was empty before this forward
-    if prefill and POLICIES[runtime.config.policy].needs_scores:
-        w = min(runtime.config.window, query.shape[2])
-        with torch.no_grad():  # eviction is a decision, not part of any gradient
-            layer.stats = PrefillStats(*ops.score(query[:, :, -w:], key, q_pos[:, -w:], k_pos, scale, window))
-    return out.transpose(1, 2).contiguous(), None
+    def entropykv_forward(*args: Any, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+
+    code = entropykv_forward.__code__.replace()
+    return functools.wraps(forward)(types.FunctionType(code, entropykv_forward.__globals__, code.co_name, None,
+                                                       entropykv_forward.__closure__))
 
 
 def _step_positions(cache: EntropyKVCache | None, length: int, batch: int,
@@ -112,12 +128,17 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     kwargs["position_ids"] = model_pos
     if cache is not None:
         cache.begin_step(mask_pos)
-    runtime.cache, runtime.step_positions = cache, mask_pos
+    runtime.cache, runtime.step_positions, runtime.sites_run = cache, mask_pos, 0
     return args, kwargs
 
 
 def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     runtime: Runtime = model._entropykv
+    if runtime.sites_run != runtime.num_layers:
+        raise RuntimeError(f"entropykv: only {runtime.sites_run} of {runtime.num_layers} attention layers ran through "
+                           "the rewritten graph in this forward, so its results are not trustworthy; usually "
+                           "torch.compile fell back to eager (see its recompile warnings; torch._dynamo.reset() "
+                           "clears old graphs)")
     cache = runtime.cache
     prefill = cache is not None and cache.seen_tokens == cache.step_positions.shape[1] > 0  # first forward
     if prefill and POLICIES[runtime.config.policy].evicts:
@@ -133,13 +154,32 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
-def optimize(model: nn.Module, config: EntropyKVConfig | None = None, **overrides: Any) -> nn.Module:
+def _sliding_windows(model: nn.Module, layers: nn.ModuleList) -> tuple[int, ...]:
+    """Each layer's sliding window (0 = full attention), as transformers applies it."""
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None)
+    windows = []
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(cfg, "sliding_window", None)
+        if types is not None and types[i] != "sliding_attention":
+            window = None
+        windows.append(int(window or 0))
+    return tuple(windows)
+
+
+def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inductor: bool = False,
+             mode: str | None = None, **overrides: Any) -> nn.Module:
     """Make `model.generate()` (and plain forwards) compress the KV cache after prefill. Returns `model`.
 
-    `config` defaults to `EntropyKVConfig()`; keyword overrides replace single fields, e.g.
-    `optimize(model, policy="entropy", budget=0.25)`. Calling it again on an optimized model only
-    changes its configuration: overrides then apply to the model's current config unless `config` is given.
+    The forward is compiled with the entropykv Dynamo backend (see the module docstring); the rewritten
+    graphs run eagerly, or through Inductor with `inductor=True` (`mode` as in torch.compile, e.g.
+    "reduce-overhead"). `config` defaults to `EntropyKVConfig()`; keyword overrides replace single fields,
+    e.g. `optimize(model, policy="entropy", budget=0.25)`. Calling it again on an optimized model changes its
+    configuration (overrides apply to its current config unless `config` is given) and recompiles.
     """
+    if mode is not None and not inductor:
+        raise ValueError(f"entropykv_fx.optimize: mode={mode!r} is an Inductor mode; pass inductor=True with it")
     name = type(model).__name__
     if name not in SUPPORTED_MODELS:
         raise UnsupportedModelError(f"entropykv_fx.optimize: {name} is not supported; supported models: "
@@ -150,15 +190,15 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, **override
     if cfg.budget_source == "calibrated":
         cfg.layer_fractions(len(_decoder_layers(model)))  # a file made for another model fails here, not mid-generate
     if existing is not None:
-        existing.config = cfg
+        existing.config, existing.inductor, existing.mode = cfg, inductor, mode
+        existing.compile(model)
         return model
-    AttentionInterface.register(ATTN_NAME, entropykv_attention)
+    AttentionInterface.register(ATTN_NAME, sdpa_attention_forward)
     layers = _decoder_layers(model)
-    runtime = Runtime(cfg, num_layers=len(layers))
+    runtime = Runtime(cfg, len(layers), model.forward, _sliding_windows(model, layers), inductor=inductor, mode=mode)
     model.set_attn_implementation(ATTN_NAME)
-    for layer in layers:
-        layer.self_attn._entropykv = runtime
     model._entropykv = runtime
+    runtime.compile(model)
     runtime.hooks = [model.register_forward_pre_hook(_before_forward, with_kwargs=True),
                      model.register_forward_hook(_after_forward, with_kwargs=True)]
     return model

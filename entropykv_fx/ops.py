@@ -61,6 +61,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, sca
     A query that sees no key (a pad) returns zeros.
     """
     _check_qkv("entropykv.attention", q, k, v, q_pos, k_pos)
+    # contiguous: SDPA may return another memory layout, and compiled graphs rely on the fake's strides
+    return _sdpa_by_position(q, k, v, q_pos, k_pos, scale, sliding_window).contiguous()
+
+
+def _sdpa_by_position(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
+                      sliding_window: int) -> Tensor:
     seen = visibility(q_pos, k_pos, sliding_window)
     gqa = q.shape[1] != k.shape[1]
     if bool(seen.all()):  # e.g. decode over a cache without pads: no mask needed
@@ -192,6 +198,42 @@ def _(k, v, idx):
     _check_gather(k, v, idx)
     kk = idx.shape[-1]
     return k.new_empty(*k.shape[:2], kk, k.shape[-1]), v.new_empty(*v.shape[:2], kk, v.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------- cache append
+def _check_append(keys: Tensor, values: Tensor, positions: Tensor, k_new: Tensor, v_new: Tensor, new_pos: Tensor) -> None:
+    _check(keys.dim() == 4 and k_new.dim() == 4, f"entropykv.append: keys {tuple(keys.shape)} and k_new "
+           f"{tuple(k_new.shape)} must be 4-D [B, Hkv, S, D]")
+    _check(keys.shape[:2] == k_new.shape[:2] and keys.shape[-1] == k_new.shape[-1]
+           and values.shape[:2] == v_new.shape[:2] and values.shape[-1] == v_new.shape[-1],
+           f"entropykv.append: new entries k {tuple(k_new.shape)} / v {tuple(v_new.shape)} do not match the cache "
+           f"k {tuple(keys.shape)} / v {tuple(values.shape)} outside the slot dimension")
+    _check(k_new.shape[2] == v_new.shape[2] == new_pos.shape[-1] and keys.shape[2] == values.shape[2] == positions.shape[-1],
+           "entropykv.append: slot counts of keys, values and positions differ")
+    _check(keys.dtype == k_new.dtype and values.dtype == v_new.dtype,
+           f"entropykv.append: dtype mismatch, cache {keys.dtype} vs new {k_new.dtype}")
+    _check(positions.dtype == new_pos.dtype == torch.int64, "entropykv.append: positions must be int64")
+
+
+@torch.library.custom_op("entropykv::append", mutates_args=())
+def append(keys: Tensor, values: Tensor, positions: Tensor, k_new: Tensor, v_new: Tensor, new_pos: Tensor,
+           layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Append new entries to a layer of the growing cache layout: (keys, values, positions) with L more slots.
+
+    keys/values [B, Hkv, S, D], positions [B, S]; k_new/v_new [B, Hkv, L, D], new_pos [B, L] (-1 for pads).
+    `layer` does not change the result: it names the cache layer, so the graph pass can pair each attention
+    site with its cache (entropykv_fx.passes.rewrite_attention).
+    """
+    _check_append(keys, values, positions, k_new, v_new, new_pos)
+    return torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2), torch.cat([positions, new_pos], 1)
+
+
+@append.register_fake
+def _(keys, values, positions, k_new, v_new, new_pos, layer):
+    _check_append(keys, values, positions, k_new, v_new, new_pos)
+    n = keys.shape[2] + k_new.shape[2]
+    return (keys.new_empty(*keys.shape[:2], n, keys.shape[-1]), values.new_empty(*values.shape[:2], n, values.shape[-1]),
+            positions.new_empty(positions.shape[0], n))
 
 
 # =============================================================================================================

@@ -1,60 +1,82 @@
-"""FX graph passes: find the attention sites of a captured model (rewriting them is the next pass to land).
+"""FX graph passes: find attention sites, pair them with their cache, rewrite them into entropykv ops.
 
-`explain(obj, *example_args, **example_kwargs)` reports, per captured graph, the attention sites found, in any of
-the forms `find_attention_sites` knows. `obj` is an `fx.GraphModule`, a `torch.export.ExportedProgram`, or an
-`nn.Module` together with example inputs (captured through Dynamo, as `torch.compile` would).
+`explain(obj, *example_args, **example_kwargs)` reports, per captured graph, the attention sites found and what
+the rewrite did with each (rewritten, or left alone and why). `obj` is an `fx.GraphModule`, a
+`torch.export.ExportedProgram`, or an `nn.Module` with example inputs: a model prepared by `entropykv_fx.optimize`
+is run through a prefill and one decode step; any other module is captured through Dynamo, as torch.compile would.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .backend import EntropyKVBackend, UnrewrittenAttentionError
 from .find_attention import AttentionSite, find_attention_sites
+from .rewrite_attention import RewriteResult, RewriteSettings, SiteOutcome, rewrite_attention
 
-__all__ = ["AttentionSite", "GraphReport", "explain", "find_attention_sites"]
+__all__ = ["AttentionSite", "EntropyKVBackend", "GraphReport", "RewriteResult", "RewriteSettings", "SiteOutcome",
+           "UnrewrittenAttentionError", "explain", "find_attention_sites", "rewrite_attention"]
 
 
 @dataclass
 class GraphReport:
     name: str
-    sites: list[AttentionSite]
+    outcomes: list[SiteOutcome]
+
+    @property
+    def sites(self) -> list[AttentionSite]:
+        return [o.site for o in self.outcomes]
+
+    @property
+    def found(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(o.rewritten for o in self.outcomes)
 
     def __str__(self) -> str:
-        forms = sorted({s.form for s in self.sites})
-        lines = [f"{self.name}: {len(self.sites)} attention site(s) found" + (f" ({', '.join(forms)})" if forms else "")]
-        lines += [f"  {site}" for site in self.sites]
+        forms = sorted({o.site.form for o in self.outcomes})
+        lines = [f"{self.name}: {self.found} attention site(s) found" + (f" ({', '.join(forms)})" if forms else "") +
+                 f", {self.rewritten} rewritten, {self.found - self.rewritten} left alone"]
+        lines += [f"  {o}" for o in self.outcomes]
         return "\n".join(lines)
 
 
-def _dynamo_graphs(model: nn.Module, args: tuple, kwargs: dict) -> list[fx.GraphModule]:
-    graphs: list[fx.GraphModule] = []
+def _graph_report(name: str, gm: fx.GraphModule) -> GraphReport:
+    _, result = rewrite_attention(copy.deepcopy(gm), RewriteSettings())
+    return GraphReport(name, result.outcomes)
 
-    def capture(gm: fx.GraphModule, example_inputs: Any):
-        graphs.append(gm)
-        return gm.forward
 
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture, dynamic=False)(*args, **kwargs)
-    torch._dynamo.reset()
-    return graphs
+def _name(result: RewriteResult, i: int) -> str:
+    return f"graph {i} ({'prefill' if result.prefill else 'decode' if result.outcomes else 'no attention'})"
 
 
 def explain(obj: Any, *example_args: Any, **example_kwargs: Any) -> list[GraphReport]:
-    """Attention sites per graph of `obj` (see the module docstring). `print()` the reports to read them."""
+    """Attention sites and rewrite outcomes per graph of `obj` (see the module docstring). `print()` the reports."""
     if isinstance(obj, torch.export.ExportedProgram):
-        return [GraphReport("exported program", find_attention_sites(obj.graph_module.graph))]
+        return [_graph_report("exported program", obj.graph_module)]
     if isinstance(obj, fx.GraphModule):
-        return [GraphReport("graph module", find_attention_sites(obj.graph))]
-    if isinstance(obj, nn.Module):
-        if not example_args and not example_kwargs:
-            raise ValueError("explain(module): pass example inputs, e.g. explain(model, input_ids), so the module "
-                             "can be captured; or pass an fx.GraphModule / torch.export.ExportedProgram")
-        graphs = _dynamo_graphs(obj, example_args, example_kwargs)
-        return [GraphReport(f"dynamo graph {i}", find_attention_sites(gm.graph)) for i, gm in enumerate(graphs)]
-    raise TypeError(f"explain: expected an nn.Module with example inputs, an fx.GraphModule or an ExportedProgram, "
-                    f"got {type(obj).__name__}")
+        return [_graph_report("graph module", obj)]
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"explain: expected an nn.Module with example inputs, an fx.GraphModule or an "
+                        f"ExportedProgram, got {type(obj).__name__}")
+    if not example_args and not example_kwargs:
+        raise ValueError("explain(module): pass example inputs, e.g. explain(model, input_ids), so the module "
+                         "can be captured; or pass an fx.GraphModule / torch.export.ExportedProgram")
+    runtime = getattr(obj, "_entropykv", None)
+    with torch.no_grad():
+        if runtime is not None:  # a fresh backend records the prefill and decode graphs of this model
+            runtime.compile(obj)
+            obj.generate(*example_args, **example_kwargs, max_new_tokens=2, do_sample=False)
+            results = runtime.backend.results
+        else:
+            backend = EntropyKVBackend(strict=False)
+            torch.compile(obj, backend=backend, dynamic=False)(*example_args, **example_kwargs)
+            results = backend.results
+    return [GraphReport(_name(r, i), r.outcomes) for i, r in enumerate(results)]

@@ -1,7 +1,7 @@
 """Kernel tests run on CUDA when there is a GPU, else on CPU through Triton's interpreter (small shapes).
 
-TRITON_INTERPRET must be set before the kernels are built (at `import entropykv_fx`): this file is loaded
-before the test modules of this folder, and before the rest of tests/ when pytest collects `tests` in order.
+TRITON_INTERPRET must be set before the kernels are built (at `import entropykv_fx`): this top-level conftest
+is loaded before any test module, whatever order or subset of tests pytest is given.
 """
 
 import importlib.util

@@ -1,0 +1,82 @@
+"""The Dynamo backend: rewrite attention (rewrite_attention), then run the graph eagerly or through Inductor.
+
+`torch.compile(model, backend="entropykv")` uses the default settings (no scoring); `entropykv_fx.optimize()`
+builds its own backend with the model's settings and a callback that receives each prefill's scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from .rewrite_attention import RewriteResult, RewriteSettings, rewrite_attention
+
+StatsCallback = Callable[[list[int], Sequence[Tensor]], None]
+
+
+class UnrewrittenAttentionError(RuntimeError):
+    """A graph holds attention that the pass could not rewrite, and running it unrewritten would be wrong."""
+
+
+@dataclass
+class EntropyKVBackend:
+    """A torch.compile backend. `results` records what the pass did to every graph it compiled.
+
+    inductor: compile the rewritten graph with Inductor (`mode` as in torch.compile, e.g. "reduce-overhead"
+        for CUDA graphs) instead of running it eagerly.
+    strict: refuse (UnrewrittenAttentionError) a graph with an attention site left alone.
+    on_stats: receives (scored layers, [entropy, kv_scores, layer_scores] * layers) after each prefill graph;
+        without it scores are not computed.
+    on_run: called with the number of rewritten sites after every run of a compiled graph.
+    """
+
+    settings: RewriteSettings = field(default_factory=RewriteSettings)
+    inductor: bool = False
+    mode: str | None = None
+    strict: bool = True
+    on_stats: StatsCallback | None = None
+    on_run: Callable[[int], None] | None = None
+    results: list[RewriteResult] = field(default_factory=list)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        settings = self.settings if self.on_stats is not None else RewriteSettings(None, self.settings.sliding_windows)
+        gm, result = rewrite_attention(gm, settings)
+        self.results.append(result)
+        if self.strict and result.left_alone:
+            raise UnrewrittenAttentionError("entropykv: cannot rewrite this graph's attention:\n  " +
+                                            "\n  ".join(str(o) for o in result.left_alone))
+        run = self._compile(gm, example_inputs)
+        n_stats, sites = 3 * len(result.scored_layers), result.rewritten
+        if not n_stats and self.on_run is None:
+            return run
+
+        def run_and_report(*args: Any) -> Any:
+            outs = run(*args)
+            if self.on_run is not None:
+                self.on_run(sites)
+            if not n_stats:
+                return outs
+            self.on_stats(result.scored_layers, outs[-n_stats:])
+            return outs[:-n_stats]
+
+        return run_and_report
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        if not self.inductor:
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = torch._inductor.list_mode_options(self.mode) if self.mode else None
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _registered(gm: fx.GraphModule, example_inputs: list[Any], **options: Any) -> Callable[..., Any]:
+    """`backend="entropykv"`; torch.compile's `options` may set `inductor`, `mode` and `strict`."""
+    return EntropyKVBackend(**options)(gm, example_inputs)
+
+
+torch._dynamo.register_backend(_registered, name="entropykv")

@@ -1,0 +1,161 @@
+"""Rewrite attention sites into entropykv ops, pairing each site with the cache layer it reads.
+
+A site is rewritable when its keys and values are outputs 0 and 1 of one `entropykv::append` node (the cache
+layout's update op, whose `layer` argument names the layer): the site then becomes
+`entropykv::attention(q, keys, values, new_pos, positions, scale, sliding_window)`, which masks by positions
+(causal, padding, sliding window, evicted slots) — so a site must not carry any other mask. On a prefill graph
+(the layer's cache is empty before the append) the pass also adds `entropykv::score` over the last
+`score_window` queries and returns its results as extra graph outputs, in `RewriteResult.scored_layers` order.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .. import ops  # noqa: F401  (registers the entropykv ops)
+from .find_attention import AttentionSite, find_attention_sites
+
+aten = torch.ops.aten
+_APPEND = torch.ops.entropykv.append.default
+_END = 2**63 - 1  # slice end meaning "to the end"
+_CARRY = {"to", "contiguous", aten._to_copy.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
+
+
+@dataclass(frozen=True)
+class RewriteSettings:
+    """What the rewrite needs to know beyond the graph.
+
+    score_window: queries scoring the tokens on prefill graphs (None: never score).
+    sliding_windows: per-layer sliding window (0 = full attention); layers not listed use 0.
+    """
+
+    score_window: int | None = None
+    sliding_windows: tuple[int, ...] = ()
+
+    def sliding_window(self, layer: int) -> int:
+        return self.sliding_windows[layer] if layer < len(self.sliding_windows) else 0
+
+
+@dataclass
+class SiteOutcome:
+    site: AttentionSite
+    layer: int | None = None  # the cache layer, when the site was paired with one
+    rewritten: bool = False
+    reason: str = ""  # why it was left alone
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer}" if self.layer is not None else "no cache layer"
+        what = "rewritten" if self.rewritten else f"left alone: {self.reason}"
+        return f"{self.site.output.name} [{self.site.form}, {where}]: {what}"
+
+
+@dataclass
+class RewriteResult:
+    outcomes: list[SiteOutcome] = field(default_factory=list)
+    scored_layers: list[int] = field(default_factory=list)  # extra outputs: (entropy, kv_scores, layer_scores) each
+    prefill: bool = False
+
+    @property
+    def rewritten(self) -> int:
+        return sum(o.rewritten for o in self.outcomes)
+
+    @property
+    def left_alone(self) -> list[SiteOutcome]:
+        return [o for o in self.outcomes if not o.rewritten]
+
+
+def _source(node: fx.Node) -> fx.Node:
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in _CARRY:
+        node = node.args[0]
+    return node
+
+
+def _cache_output(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(append node, output index) when `node` is one of an entropykv::append's outputs."""
+    node = _source(node)
+    if (isinstance(node, fx.Node) and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+            and node.args[0].target is _APPEND):
+        return node.args[0], node.args[1]
+    return None
+
+
+def _pair(site: AttentionSite) -> tuple[fx.Node | None, str]:
+    """The append node feeding the site's keys and values, or why there is none."""
+    k, v = site.kv_source or (site.key, site.value)
+    k_src, v_src = _cache_output(k), _cache_output(v)
+    if k_src is None or v_src is None:
+        return None, "keys/values do not come from an entropykv cache (entropykv::append)"
+    if k_src[0] is not v_src[0] or (k_src[1], v_src[1]) != (0, 1):
+        return None, "keys and values come from different cache updates"
+    if site.mask is not None:
+        return k_src[0], ("it has an explicit attention mask; entropykv masks by positions (causal, padding, "
+                          "sliding window) and cannot keep another mask")
+    return k_src[0], ""
+
+
+def _output(graph: fx.Graph, append: fx.Node, index: int) -> fx.Node:
+    for user in append.users:
+        if user.target is operator.getitem and user.args[1] == index:
+            return user
+    with graph.inserting_after(append):
+        return graph.call_function(operator.getitem, (append, index))
+
+
+def _val(node: fx.Node):
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def _rewrite_site(graph: fx.Graph, site: AttentionSite, append: fx.Node, settings: RewriteSettings,
+                  score: bool) -> fx.Node | None:
+    """Replace the site by entropykv::attention; returns the score node when scoring was added."""
+    keys, values, positions = (_output(graph, append, i) for i in range(3))
+    q_pos, layer = append.args[5], append.args[6]
+    q_val = _val(site.query)
+    scale = site.scale if site.scale is not None else float(q_val.shape[-1]) ** -0.5
+    window = settings.sliding_window(layer)
+    with graph.inserting_before(site.output):
+        out = graph.call_function(torch.ops.entropykv.attention.default,
+                                  (site.query, keys, values, q_pos, positions, scale, window))
+        out.meta.update(site.output.meta)
+        stats = None
+        if score:
+            w = settings.score_window
+            q_win = graph.call_function(aten.slice.Tensor, (site.query, 2, -w, _END))
+            pos_win = graph.call_function(aten.slice.Tensor, (q_pos, 1, -w, _END))
+            stats = graph.call_function(torch.ops.entropykv.score.default,
+                                        (q_win, keys, pos_win, positions, scale, window))
+    site.output.replace_all_uses_with(out)
+    return stats
+
+
+def rewrite_attention(gm: fx.GraphModule, settings: RewriteSettings) -> tuple[fx.GraphModule, RewriteResult]:
+    """Rewrite every pairable attention site of `gm` in place (see the module docstring)."""
+    graph = gm.graph
+    result = RewriteResult()
+    stats_outputs: list[fx.Node] = []
+    for site in find_attention_sites(graph):
+        append, reason = _pair(site)
+        layer = append.args[6] if append is not None else None
+        if reason:
+            result.outcomes.append(SiteOutcome(site, layer, reason=reason))
+            continue
+        empty_cache = _val(append.args[0]).shape[2] == 0
+        result.prefill |= empty_cache
+        stats = _rewrite_site(graph, site, append, settings, score=empty_cache and settings.score_window is not None)
+        if stats is not None:
+            result.scored_layers.append(layer)
+            with graph.inserting_after(stats):
+                stats_outputs += [graph.call_function(operator.getitem, (stats, i)) for i in (2, 1, 0)][::-1]
+        result.outcomes.append(SiteOutcome(site, layer, rewritten=True))
+    if stats_outputs:
+        output = graph.output_node()
+        outs = output.args[0]
+        output.args = ((*outs, *stats_outputs) if isinstance(outs, (tuple, list)) else (outs, *stats_outputs),)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm, result
