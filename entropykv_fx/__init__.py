@@ -3,18 +3,30 @@
     model = entropykv_fx.optimize(model, policy="entropy", budget=0.25)
     out = model.generate(**inputs, max_new_tokens=64)
     print(entropykv_fx.report(model))
+
+Names are imported on first use, so `entropykv_fx.ops` and `entropykv_fx.exported` (running exported programs)
+load without transformers.
 """
 
-from .cache import EntropyKVCache
-from .compress import CompressionReport, LayerReport
-from .config import ConfigError, EntropyKVConfig
-from .hf import SUPPORTED_MODELS, UnsupportedModelError, optimize, report
-from .passes import explain
-from .policies import policies
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CompressionReport", "ConfigError", "EntropyKVCache", "EntropyKVConfig", "LayerReport", "SUPPORTED_MODELS",
-    "UnsupportedModelError", "explain", "optimize", "policies", "report",
-]
+_EXPORTS = {
+    "EntropyKVCache": "cache", "CompressionReport": "compress", "LayerReport": "compress",
+    "ConfigError": "config", "EntropyKVConfig": "config", "SUPPORTED_MODELS": "hf", "UnsupportedModelError": "hf",
+    "optimize": "hf", "report": "hf", "explain": "passes", "policies": "policies", "export": "aot",
+    "ExportError": "aot", "ExportedGenerator": "exported",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'entropykv_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

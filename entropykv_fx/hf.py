@@ -10,8 +10,6 @@ policy's budgets from the scores the graph returned.
 
 from __future__ import annotations
 
-import functools
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .cache import EntropyKVCache, PrefillStats
 from .compress import CompressionReport, compress_cache, uncompressed_report
 from .config import EntropyKVConfig
-from .passes.backend import EntropyKVBackend
+from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteSettings
 from .policies import POLICIES
 
@@ -68,22 +66,8 @@ class Runtime:
         settings = RewriteSettings(self.config.window if policy.needs_scores else None, self.sliding_windows)
         self.backend = EntropyKVBackend(settings, self.inductor, self.mode, on_stats=self.receive_stats,
                                         on_run=self.count_sites)
-        model.forward = torch.compile(_own_code(self.eager_forward), backend=self.backend, dynamic=True)
+        model.forward = torch.compile(own_code(self.eager_forward), backend=self.backend, dynamic=True)
 
-
-def _own_code(forward: Any) -> Any:
-    """`forward` behind a function with a code object of its own.
-
-    Dynamo keeps compiled graphs (and its recompile limit of 8) per code object, and every transformers model
-    forward goes through one shared decorator: without this, a few optimized models in one process would
-    exhaust the limit and fall back to running unrewritten.
-    """
-    def entropykv_forward(*args: Any, **kwargs: Any) -> Any:
-        return forward(*args, **kwargs)
-
-    code = entropykv_forward.__code__.replace()
-    return functools.wraps(forward)(types.FunctionType(code, entropykv_forward.__globals__, code.co_name, None,
-                                                       entropykv_forward.__closure__))
 
 
 def _step_positions(cache: EntropyKVCache | None, length: int, batch: int,

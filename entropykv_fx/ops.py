@@ -48,7 +48,7 @@ def visibility(q_pos: Tensor, k_pos: Tensor, sliding_window: int) -> Tensor:
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     seen = (kp >= 0) & (kp <= qp) & (qp >= 0)
     if sliding_window > 0:
-        seen &= qp - kp < sliding_window
+        seen = seen & (qp - kp < sliding_window)  # out of place: decompositions must stay functional
     return seen
 
 
@@ -234,6 +234,29 @@ def _(keys, values, positions, k_new, v_new, new_pos, layer):
     n = keys.shape[2] + k_new.shape[2]
     return (keys.new_empty(*keys.shape[:2], n, keys.shape[-1]), values.new_empty(*values.shape[:2], n, values.shape[-1]),
             positions.new_empty(positions.shape[0], n))
+
+
+@torch.library.custom_op("entropykv::write", mutates_args=())
+def write(keys: Tensor, values: Tensor, positions: Tensor, k_new: Tensor, v_new: Tensor, new_pos: Tensor,
+          slot: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The static-capacity twin of `append`: new entries go into slots slot..slot+L-1 of the same shapes.
+
+    slot is an int64 scalar tensor (a tensor, so one compiled decode step serves every step); the result has
+    the input's shapes, which is what static buffers, CUDA graphs and exported engines need.
+    """
+    _check_append(keys, values, positions, k_new, v_new, new_pos)
+    start = int(slot)
+    _check(0 <= start and start + k_new.shape[2] <= keys.shape[2],
+           f"entropykv.write: slots {start}..{start + k_new.shape[2] - 1} are outside the cache's "
+           f"{keys.shape[2]} slots; export with a larger max_new_tokens")
+    idx = torch.arange(start, start + k_new.shape[2], device=keys.device)
+    return keys.index_copy(2, idx, k_new), values.index_copy(2, idx, v_new), positions.index_copy(1, idx, new_pos)
+
+
+@write.register_fake
+def _(keys, values, positions, k_new, v_new, new_pos, slot, layer):
+    _check_append(keys, values, positions, k_new, v_new, new_pos)
+    return torch.empty_like(keys), torch.empty_like(values), torch.empty_like(positions)
 
 
 # =============================================================================================================

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .backend import EntropyKVBackend, UnrewrittenAttentionError
+from .backend import EntropyKVBackend, UnrewrittenAttentionError, own_code
 from .find_attention import AttentionSite, find_attention_sites
 from .rewrite_attention import RewriteResult, RewriteSettings, SiteOutcome, rewrite_attention
 
@@ -77,6 +77,6 @@ def explain(obj: Any, *example_args: Any, **example_kwargs: Any) -> list[GraphRe
             results = runtime.backend.results
         else:
             backend = EntropyKVBackend(strict=False)
-            torch.compile(obj, backend=backend, dynamic=False)(*example_args, **example_kwargs)
+            torch.compile(own_code(obj.__call__), backend=backend, dynamic=False)(*example_args, **example_kwargs)
             results = backend.results
     return [GraphReport(_name(r, i), r.outcomes) for i, r in enumerate(results)]

@@ -6,6 +6,9 @@ builds its own backend with the model's settings and a callback that receives ea
 
 from __future__ import annotations
 
+import functools
+import types
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +75,21 @@ class EntropyKVBackend:
 
         patches = torch._inductor.list_mode_options(self.mode) if self.mode else None
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def own_code(forward: Any) -> Any:
+    """`forward` behind a function with a code object of its own, to compile it apart from anything else.
+
+    Dynamo keeps compiled graphs (and its recompile limit of 8) per code object, and every transformers model
+    forward goes through one shared decorator: without this, a few compiled models in one process would
+    exhaust the limit and fall back to running uncompiled (for optimize(): unrewritten).
+    """
+    def entropykv_forward(*args: Any, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+
+    code = entropykv_forward.__code__.replace()
+    return functools.wraps(forward)(types.FunctionType(code, entropykv_forward.__globals__, code.co_name, None,
+                                                       entropykv_forward.__closure__))
 
 
 def _registered(gm: fx.GraphModule, example_inputs: list[Any], **options: Any) -> Callable[..., Any]:

@@ -1,7 +1,7 @@
 """Rewrite attention sites into entropykv ops, pairing each site with the cache layer it reads.
 
-A site is rewritable when its keys and values are outputs 0 and 1 of one `entropykv::append` node (the cache
-layout's update op, whose `layer` argument names the layer): the site then becomes
+A site is rewritable when its keys and values are outputs 0 and 1 of one cache update node, `entropykv::append`
+(growing layout) or `entropykv::write` (static capacity), whose `layer` argument names the layer: the site becomes
 `entropykv::attention(q, keys, values, new_pos, positions, scale, sliding_window)`, which masks by positions
 (causal, padding, sliding window, evicted slots) — so a site must not carry any other mask. On a prefill graph
 (the layer's cache is empty before the append) the pass also adds `entropykv::score` over the last
@@ -11,6 +11,7 @@ layout's update op, whose `layer` argument names the layer): the site then becom
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from .find_attention import AttentionSite, find_attention_sites
 
 aten = torch.ops.aten
 _APPEND = torch.ops.entropykv.append.default
+_CACHE_OPS = (_APPEND, torch.ops.entropykv.write.default)
 _END = 2**63 - 1  # slice end meaning "to the end"
 _CARRY = {"to", "contiguous", aten._to_copy.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
 
@@ -56,7 +58,7 @@ class SiteOutcome:
 @dataclass
 class RewriteResult:
     outcomes: list[SiteOutcome] = field(default_factory=list)
-    scored_layers: list[int] = field(default_factory=list)  # extra outputs: (entropy, kv_scores, layer_scores) each
+    scored_layers: list[int] = field(default_factory=list)  # in the order of the scores handed to `use_scores`
     prefill: bool = False
 
     @property
@@ -75,10 +77,10 @@ def _source(node: fx.Node) -> fx.Node:
 
 
 def _cache_output(node: fx.Node) -> tuple[fx.Node, int] | None:
-    """(append node, output index) when `node` is one of an entropykv::append's outputs."""
+    """(cache update node, output index) when `node` is one of an entropykv cache update's outputs."""
     node = _source(node)
     if (isinstance(node, fx.Node) and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
-            and node.args[0].target is _APPEND):
+            and node.args[0].target in _CACHE_OPS):
         return node.args[0], node.args[1]
     return None
 
@@ -88,7 +90,7 @@ def _pair(site: AttentionSite) -> tuple[fx.Node | None, str]:
     k, v = site.kv_source or (site.key, site.value)
     k_src, v_src = _cache_output(k), _cache_output(v)
     if k_src is None or v_src is None:
-        return None, "keys/values do not come from an entropykv cache (entropykv::append)"
+        return None, "keys/values do not come from an entropykv cache (entropykv::append or entropykv::write)"
     if k_src[0] is not v_src[0] or (k_src[1], v_src[1]) != (0, 1):
         return None, "keys and values come from different cache updates"
     if site.mask is not None:
@@ -113,7 +115,7 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, append: fx.Node, setting
                   score: bool) -> fx.Node | None:
     """Replace the site by entropykv::attention; returns the score node when scoring was added."""
     keys, values, positions = (_output(graph, append, i) for i in range(3))
-    q_pos, layer = append.args[5], append.args[6]
+    q_pos, layer = append.args[5], append.args[-1]
     q_val = _val(site.query)
     scale = site.scale if site.scale is not None else float(q_val.shape[-1]) ** -0.5
     window = settings.sliding_window(layer)
@@ -129,32 +131,51 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, append: fx.Node, setting
             stats = graph.call_function(torch.ops.entropykv.score.default,
                                         (q_win, keys, pos_win, positions, scale, window))
     site.output.replace_all_uses_with(out)
+    # Erased by hand: SDPA is tagged random (dropout), so dead-code elimination would keep it.
+    for node in reversed(site.nodes or [site.output]):
+        if not node.users:
+            graph.erase_node(node)
     return stats
 
 
-def rewrite_attention(gm: fx.GraphModule, settings: RewriteSettings) -> tuple[fx.GraphModule, RewriteResult]:
-    """Rewrite every pairable attention site of `gm` in place (see the module docstring)."""
+# (graph, {layer: (entropy, kv_scores, layer_scores, keys, values, positions) nodes}) -> None
+UseScores = Callable[[fx.Graph, dict[int, tuple[fx.Node, ...]]], None]
+
+
+def return_scores(graph: fx.Graph, scores: dict[int, tuple[fx.Node, ...]]) -> None:
+    """Append each scored layer's (entropy, kv_scores, layer_scores) to the graph's outputs, in layer order."""
+    output = graph.output_node()
+    outs = output.args[0]
+    extra = [n for layer in scores for n in scores[layer][:3]]
+    output.args = ((*outs, *extra) if isinstance(outs, (tuple, list)) else (outs, *extra),)
+
+
+def rewrite_attention(gm: fx.GraphModule, settings: RewriteSettings,
+                      use_scores: UseScores = return_scores) -> tuple[fx.GraphModule, RewriteResult]:
+    """Rewrite every pairable attention site of `gm` in place (see the module docstring).
+
+    On a prefill graph, `use_scores` decides what consumes the scores (by default: extra graph outputs).
+    """
     graph = gm.graph
     result = RewriteResult()
-    stats_outputs: list[fx.Node] = []
+    scores: dict[int, tuple[fx.Node, ...]] = {}
     for site in find_attention_sites(graph):
         append, reason = _pair(site)
-        layer = append.args[6] if append is not None else None
+        layer = append.args[-1] if append is not None else None
         if reason:
             result.outcomes.append(SiteOutcome(site, layer, reason=reason))
             continue
-        empty_cache = _val(append.args[0]).shape[2] == 0
+        empty_cache = append.target is _APPEND and _val(append.args[0]).shape[2] == 0
         result.prefill |= empty_cache
         stats = _rewrite_site(graph, site, append, settings, score=empty_cache and settings.score_window is not None)
         if stats is not None:
             result.scored_layers.append(layer)
             with graph.inserting_after(stats):
-                stats_outputs += [graph.call_function(operator.getitem, (stats, i)) for i in (2, 1, 0)][::-1]
+                parts = [graph.call_function(operator.getitem, (stats, i)) for i in (2, 1, 0)][::-1]
+            scores[layer] = (*parts, *(_output(graph, append, i) for i in range(3)))
         result.outcomes.append(SiteOutcome(site, layer, rewritten=True))
-    if stats_outputs:
-        output = graph.output_node()
-        outs = output.args[0]
-        output.args = ((*outs, *stats_outputs) if isinstance(outs, (tuple, list)) else (outs, *stats_outputs),)
+    if scores:
+        use_scores(graph, scores)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

@@ -1,0 +1,176 @@
+"""Ahead-of-time export: rewritten prefill and decode programs with flat tensor inputs and outputs.
+
+    entropykv_fx.export(model, "out/", prompt_length=512, max_new_tokens=64)   # model optimized with calibrated budgets
+
+writes `prefill.pt2` and `decode.pt2` (torch.export programs holding entropykv ops), `prefill.aoti.pt2` and
+`decode.aoti.pt2` (AOTInductor packages of the same programs lowered to plain torch: they run without this
+package or transformers) and `layout.json` (the cache layout: per-layer capacities, heads, dtype).
+`entropykv_fx.exported.ExportedGenerator` runs either pair.
+
+Programs (L = prompt_length, C_i = budget_i + max_new_tokens, per layer i the triple k_i, v_i, kpos_i):
+  prefill(input_ids [B, L], positions [B, L]) -> (logits [B, V], k_0 [B, Hkv, C_0, D], v_0, kpos_0 [B, C_0], ...)
+  decode(token [B, 1], position [B, 1], step [], k_0, v_0, kpos_0, ...) -> (logits [B, V], k_0, v_0, kpos_0, ...)
+positions are logical token positions, -1 for left padding and for empty slots; decode step t writes slot
+budget_i + t. Budgets must be static, so they come from a calibration file (`entropykv_fx.calibrate`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from . import ops
+from .cache import CompressedLayer, EntropyKVCache
+from .compress import attention_scores, layer_budgets
+from .config import EntropyKVConfig
+from .passes.decompose import decompositions
+from .passes.rewrite_attention import RewriteSettings, rewrite_attention
+from .policies import POLICIES
+
+
+class ExportError(ValueError):
+    pass
+
+
+class _Prefill(nn.Module):
+    def __init__(self, model: nn.Module, forward: Any, num_layers: int) -> None:
+        super().__init__()
+        self.model, self.forward_fn, self.num_layers = model, forward, num_layers
+
+    def forward(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, ...]:
+        cache = EntropyKVCache(self.num_layers)
+        cache.step_positions = positions
+        out = self.forward_fn(input_ids=input_ids, position_ids=positions.clamp(min=0), past_key_values=cache,
+                              use_cache=True, logits_to_keep=1)
+        return (out.logits[:, -1], *(t for layer in cache.layers for t in (layer.keys, layer.values, layer.positions)))
+
+
+class _SlotLayer(CompressedLayer):
+    """A layer of fixed capacity whose update writes the new entries at `slot` (entropykv::write)."""
+
+    def __init__(self, keys: Tensor, values: Tensor, positions: Tensor, slot: Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.positions, self.slot = keys, values, positions, slot
+        self.is_initialized, self.dtype, self.device = True, keys.dtype, keys.device
+
+    def update(self, key_states: Tensor, value_states: Tensor, positions: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        self.keys, self.values, self.positions = ops.write(self.keys, self.values, self.positions, key_states,
+                                                           value_states, positions, self.slot, layer)
+        return self.keys, self.values
+
+
+class _Decode(nn.Module):
+    def __init__(self, model: nn.Module, forward: Any, budgets: list[int]) -> None:
+        super().__init__()
+        self.model, self.forward_fn, self.budgets = model, forward, budgets
+
+    def forward(self, token: Tensor, position: Tensor, step: Tensor, *flat_cache: Tensor) -> tuple[Tensor, ...]:
+        cache = EntropyKVCache(len(self.budgets))
+        cache.layers = [_SlotLayer(*flat_cache[3 * i:3 * i + 3], step + budget) for i, budget in enumerate(self.budgets)]
+        cache.step_positions = position
+        out = self.forward_fn(input_ids=token, position_ids=position.clamp(min=0), past_key_values=cache,
+                              use_cache=True)
+        return (out.logits[:, -1], *(t for layer in cache.layers for t in (layer.keys, layer.values, layer.positions)))
+
+
+def _compress_layer(entropy: Tensor, kv_scores: Tensor, layer_scores: Tensor, keys: Tensor, values: Tensor,
+                    positions: Tensor, budget: int, capacity: int, config: EntropyKVConfig) -> tuple[Tensor, ...]:
+    """Select + gather one layer's kept slots, then pad to `capacity` with empty slots (position -1)."""
+    from .cache import PrefillStats
+
+    layer = CompressedLayer()
+    layer.keys, layer.values, layer.positions = keys, values, positions
+    layer.stats = PrefillStats(entropy, kv_scores, layer_scores)
+    rank = POLICIES[config.policy].token_scores or attention_scores
+    idx = ops.select(rank(layer, config), positions, budget, config.sink_tokens, config.window)
+    k, v = ops.gather(keys, values, idx)
+    pos = positions.gather(1, idx)
+    free = capacity - pos.shape[1]
+    return (torch.cat([k, k.new_zeros(*k.shape[:2], free, k.shape[-1])], 2),
+            torch.cat([v, v.new_zeros(*v.shape[:2], free, v.shape[-1])], 2),
+            torch.cat([pos, pos.new_full((pos.shape[0], free), -1)], 1))
+
+
+def _compress_outputs(budgets: list[int], capacities: list[int], config: EntropyKVConfig):
+    """`use_scores` for the prefill graph: each layer's cache outputs become its compressed, padded slots."""
+    def use_scores(graph: fx.Graph, scores: dict[int, tuple[fx.Node, ...]]) -> None:
+        output = graph.output_node()
+        for layer, (*stats, keys, values, positions) in scores.items():
+            with graph.inserting_before(output):
+                packed = graph.call_function(_compress_layer, (*stats, keys, values, positions, budgets[layer],
+                                                               capacities[layer], config))
+                replaced = {old: graph.call_function(operator.getitem, (packed, i))
+                            for i, old in enumerate((keys, values, positions))}
+            output.args = (tuple(replaced.get(a, a) for a in output.args[0]),)
+    return use_scores
+
+
+def _rewritten(module: nn.Module, args: tuple, settings: RewriteSettings, use_scores=None) -> torch.export.ExportedProgram:
+    """Export, rewrite attention into entropykv ops, export again (the final program holds the rewrite)."""
+    with torch.no_grad():
+        gm = torch.export.export(module, args, strict=False).module()
+        kwargs = {"use_scores": use_scores} if use_scores else {}
+        gm, result = rewrite_attention(gm, settings, **kwargs)
+        if not result.outcomes:
+            raise ExportError("export: the model's graph holds no attention site to rewrite")
+        if result.left_alone:
+            raise ExportError("export: attention sites could not be rewritten:\n  " +
+                              "\n  ".join(str(o) for o in result.left_alone))
+        return torch.export.export(gm, args, strict=False)
+
+
+def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new_tokens: int, batch: int = 1,
+           aoti: bool = True) -> Path:
+    """Export an optimized model (calibrated budgets) to `out_dir`; returns the path of `layout.json`."""
+    runtime = getattr(model, "_entropykv", None)
+    if runtime is None:
+        raise ExportError("export: optimize the model first, e.g. entropykv_fx.optimize(model, "
+                          "budget_source='calibrated', calibration_file='budgets.json')")
+    config: EntropyKVConfig = runtime.config
+    if config.budget_source != "calibrated":
+        raise ExportError("export: exported programs need static budgets, but this model's budgets are dynamic "
+                          "(computed per prompt); calibrate with entropykv_fx.calibrate(...) or `entropykv-fx "
+                          "calibrate` and optimize(model, budget_source='calibrated', calibration_file=...)")
+    if prompt_length < 1 or max_new_tokens < 1 or batch < 1:
+        raise ExportError(f"export: prompt_length, max_new_tokens and batch must be >= 1, got {prompt_length}, "
+                          f"{max_new_tokens}, {batch}")
+    n = runtime.num_layers
+    budgets = layer_budgets([math.nan] * n, prompt_length, config)
+    capacities = [b + max_new_tokens for b in budgets]
+    settings = RewriteSettings(config.window, runtime.sliding_windows)
+    device = next(model.parameters()).device
+    ids = torch.zeros(batch, prompt_length, dtype=torch.long, device=device)
+    positions = torch.arange(prompt_length, device=device).expand(batch, -1).contiguous()
+    prefill = _rewritten(_Prefill(model, runtime.eager_forward, n), (ids, positions), settings,
+                         _compress_outputs(budgets, capacities, config))
+    with torch.no_grad():
+        cache = prefill.module()(ids, positions)[1:]
+    step = torch.tensor(0, device=device)
+    decode = _rewritten(_Decode(model, runtime.eager_forward, budgets), (ids[:, :1], positions[:, -1:] + 1, step, *cache),
+                        RewriteSettings(None, runtime.sliding_windows))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.export.save(prefill, out / "prefill.pt2")
+    torch.export.save(decode, out / "decode.pt2")
+    if aoti:
+        for name, ep in (("prefill", prefill), ("decode", decode)):
+            torch._inductor.aoti_compile_and_package(ep.run_decompositions(decompositions()),
+                                                     package_path=str(out / f"{name}.aoti.pt2"))
+    k = cache[0]
+    layout = {"format": "entropykv-export/1", "model": type(model).__name__, "num_layers": n, "batch": batch,
+              "prompt_length": prompt_length, "max_new_tokens": max_new_tokens, "budgets": budgets,
+              "capacities": capacities, "kv_heads": k.shape[1], "head_dim": k.shape[-1],
+              "dtype": str(k.dtype).removeprefix("torch."), "device": device.type,
+              "vocab_size": model.config.vocab_size, "policy": config.policy, "window": config.window,
+              "sink_tokens": config.sink_tokens, "calibration_file": str(config.calibration_file),
+              "programs": {"pt2": ["prefill.pt2", "decode.pt2"],
+                           "aoti": ["prefill.aoti.pt2", "decode.aoti.pt2"] if aoti else []}}
+    path = out / "layout.json"
+    path.write_text(json.dumps(layout, indent=1))
+    return path

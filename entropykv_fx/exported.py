@@ -1,0 +1,65 @@
+"""Run programs written by `entropykv_fx.export` (needs torch only: no transformers, no model code).
+
+    gen = ExportedGenerator("out/", kind="aoti")          # or kind="pt2" (needs `import entropykv_fx.ops`)
+    tokens = gen.generate(input_ids, max_new_tokens=32)  # greedy
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class ExportedGenerator:
+    """Greedy generation with an exported prefill/decode pair and its compressed cache layout."""
+
+    def __init__(self, directory: str | Path, kind: str = "aoti", pad_token_id: int = 0) -> None:
+        self.dir = Path(directory)
+        layout_path = self.dir / "layout.json"
+        if not layout_path.is_file():
+            raise FileNotFoundError(f"{layout_path} not found: not a directory written by entropykv_fx.export")
+        self.layout = json.loads(layout_path.read_text())
+        files = self.layout["programs"].get(kind)
+        if not files:
+            raise ValueError(f"ExportedGenerator: kind={kind!r} was not exported here; available: "
+                             f"{[k for k, v in self.layout['programs'].items() if v]}")
+        if kind == "aoti":
+            self.prefill, self.decode = (torch._inductor.aoti_load_package(str(self.dir / f)) for f in files)
+        elif kind == "pt2":
+            from . import ops  # noqa: F401  (the programs call the entropykv ops)
+
+            self.prefill, self.decode = (torch.export.load(self.dir / f).module() for f in files)
+        else:
+            raise ValueError(f"ExportedGenerator: kind must be 'aoti' or 'pt2', got {kind!r}")
+        self.pad_token_id = pad_token_id
+
+    def _left_pad(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        length, batch = self.layout["prompt_length"], self.layout["batch"]
+        if input_ids.dim() != 2 or input_ids.shape[0] != batch or input_ids.shape[1] > length:
+            raise ValueError(f"ExportedGenerator: input_ids must be [{batch}, <= {length}] (the exported batch and "
+                             f"prompt length), got {tuple(input_ids.shape)}")
+        pad = length - input_ids.shape[1]
+        ids = torch.nn.functional.pad(input_ids, (pad, 0), value=self.pad_token_id)
+        positions = torch.arange(length) - pad
+        return ids, positions.masked_fill(positions < 0, -1).expand(batch, -1).contiguous()
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy continuation of an unpadded prompt batch [B, n]; returns the new tokens [B, max_new_tokens]."""
+        if not 1 <= max_new_tokens <= self.layout["max_new_tokens"]:
+            raise ValueError(f"ExportedGenerator: max_new_tokens must be in 1..{self.layout['max_new_tokens']} "
+                             f"(the exported cache capacity), got {max_new_tokens}")
+        device = torch.device(self.layout["device"])
+        ids, positions = (t.to(device) for t in self._left_pad(input_ids.cpu()))
+        with torch.no_grad():
+            logits, *cache = self.prefill(ids, positions)
+            token = logits.argmax(-1, keepdim=True)
+            new, position = [token], positions[:, -1:] + 1
+            for step in range(max_new_tokens - 1):
+                logits, *cache = self.decode(token, position, torch.tensor(step, device=device), *cache)
+                token = logits.argmax(-1, keepdim=True)
+                new.append(token)
+                position = position + 1
+        return torch.cat(new, 1)
