@@ -13,15 +13,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Imported now (it needs no transformers) so that the function, not the `policies` subpackage, owns the name.
+from .policies import policies
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "EntropyKVCache": "cache", "CompressionReport": "compress", "LayerReport": "compress",
     "ConfigError": "config", "EntropyKVConfig": "config", "SUPPORTED_MODELS": "hf", "UnsupportedModelError": "hf",
-    "optimize": "hf", "report": "hf", "explain": "passes", "policies": "policies", "export": "aot",
+    "optimize": "hf", "report": "hf", "explain": "passes", "export": "aot",
     "ExportError": "aot", "ExportedGenerator": "exported",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "policies"])
 
 
 def __getattr__(name: str) -> Any:

@@ -41,7 +41,7 @@ def test_exported_programs_generate_the_optimized_models_tokens_with_compressed_
     assert torch.ops.entropykv.attention.default in targets and torch.ops.entropykv.write.default in targets
     assert torch.ops.aten.scaled_dot_product_attention.default not in targets, "every site was rewritten"
     got = ExportedGenerator(tmp_path / "out", kind="pt2").generate(ids, NEW)
-    assert torch.equal(got, want.cpu())
+    assert torch.equal(got.cpu(), want.cpu())
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the AOTInductor check runs on the CPU build")
