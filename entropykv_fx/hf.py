@@ -20,6 +20,7 @@ from . import ops
 from .cache import EntropyKVCache, PrefillStats
 from .compress import CompressionReport, compress_cache, uncompressed_report
 from .config import EntropyKVConfig
+from .headwise import HeadwiseLayer
 from .policies import POLICIES
 
 ATTN_NAME = "entropykv"
@@ -60,13 +61,18 @@ def entropykv_attention(module: nn.Module, query: Tensor, key: Tensor, value: Te
     q_pos = runtime.step_positions
     cache = runtime.cache
     layer = cache.layers[module.layer_idx] if cache is not None else None
+    if isinstance(layer, HeadwiseLayer):  # each head holds its own slots: the layer attends over them itself
+        return layer.attention(query, q_pos, scale, window).transpose(1, 2).contiguous(), None
     k_pos = layer.positions if layer is not None else q_pos
     out = ops.attention(query, key, value, q_pos, k_pos, scale, window)
     prefill = layer is not None and k_pos.shape[1] == query.shape[2]  # the layer was empty before this forward
-    if prefill and POLICIES[runtime.config.policy].needs_scores:
+    policy = POLICIES[runtime.config.policy]
+    if prefill and policy.needs_scores:
         w = min(runtime.config.window, query.shape[2])
         with torch.no_grad():  # eviction is a decision, not part of any gradient
             layer.stats = PrefillStats(*ops.score(query[:, :, -w:], key, q_pos[:, -w:], k_pos, scale, window))
+            if policy.prefill_statistic is not None:
+                layer.stats.head_statistic = policy.prefill_statistic(query, key, q_pos, runtime.config)
     return out.transpose(1, 2).contiguous(), None
 
 

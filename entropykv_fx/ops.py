@@ -141,6 +141,17 @@ def _check_select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, 
     _check(scores.device == k_pos.device, f"entropykv.select: scores on {scores.device}, k_pos on {k_pos.device}")
 
 
+def selection_ranks(scores: Tensor, k_pos: Tensor, sink_tokens: int, window: int) -> Tensor:
+    """float32 scores [B, S] or [B, H, S] as `select` ranks them: sinks and the last `window` positions of
+    each row +inf (always kept), empty/pad slots (k_pos < 0) -inf (taken last)."""
+    last = k_pos.max(-1, keepdim=True).values
+    forced = (k_pos >= 0) & ((k_pos < sink_tokens) | (k_pos > last - window))
+    pads = k_pos < 0
+    if scores.dim() == 3:
+        forced, pads = forced[:, None], pads[:, None]
+    return scores.float().masked_fill(pads, float("-inf")).masked_fill(forced, float("inf"))
+
+
 @torch.library.custom_op("entropykv::select", mutates_args=())
 def select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window: int) -> Tensor:
     """Indices of the `budget` slots to keep, in ascending (temporal) order.
@@ -151,11 +162,7 @@ def select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window:
     Ties go to the earlier slot. Returns int64 [B, K] or [B, H, K] with K = min(budget, S).
     """
     _check_select(scores, k_pos, budget, sink_tokens, window)
-    last = k_pos.max(-1, keepdim=True).values
-    forced = (k_pos >= 0) & ((k_pos < sink_tokens) | (k_pos > last - window))
-    ranked = scores.float().masked_fill(k_pos < 0 if scores.dim() == 2 else (k_pos < 0)[:, None], float("-inf"))
-    ranked = ranked.masked_fill(forced if scores.dim() == 2 else forced[:, None], float("inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    order = torch.sort(selection_ranks(scores, k_pos, sink_tokens, window), dim=-1, descending=True, stable=True).indices
     kept = order[..., : min(budget, scores.shape[-1])]
     return kept.sort(dim=-1).values
 
