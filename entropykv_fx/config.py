@@ -12,8 +12,12 @@ from typing import Any, Literal
 
 Pooling = Literal["max", "avg", "none"]
 BudgetSource = Literal["dynamic", "calibrated"]
+TierBy = Literal["quantile", "entropy"]
+MatrixStates = Literal["query", "key"]
 _POOLINGS = ("max", "avg", "none")
 _SOURCES = ("dynamic", "calibrated")
+_TIER_BY = ("quantile", "entropy")
+_MATRIX_STATES = ("query", "key")
 
 
 class ConfigError(ValueError):
@@ -46,6 +50,15 @@ class EntropyKVConfig:
     min_layer_budget / max_layer_budget: clamp of each layer's budget, as multiples of the mean layer budget.
     budget_source: "dynamic" computes layer budgets from each prompt's entropies; "calibrated" reads per-layer
         fractions from `calibration_file` (written by `entropykv_fx.calibrate`), which gives static shapes.
+
+    Head-wise policies (docs/policies.md):
+    tier_by / tier_thresholds (entropy_head): the (low, high) boundaries between the low, middle and high entropy
+        tiers of heads, as quantiles of the heads' entropies ("quantile") or as entropies normalised by
+        log(prompt length) ("entropy"); both in [0, 1].
+    crop_history (entropy_head): None, or keep only the sinks and the last `crop_history` prompt tokens.
+    matrix_states / matrix_rank (matrix_entropy): which states ("query" or "key") and how many top eigenvalues
+        the truncated matrix entropy uses.
+    head_groups / layer_groups (matrix_entropy): how many budget tiers the heads of a layer, and the layers, form.
     """
 
     policy: str = "entropy"
@@ -58,6 +71,13 @@ class EntropyKVConfig:
     max_layer_budget: float = 4.0
     budget_source: BudgetSource = "dynamic"
     calibration_file: str | None = None
+    tier_by: TierBy = "quantile"
+    tier_thresholds: tuple[float, float] = (1 / 3, 2 / 3)
+    crop_history: int | None = None
+    matrix_states: MatrixStates = "query"
+    matrix_rank: int = 32
+    head_groups: int = 2
+    layer_groups: int = 2
 
     def __post_init__(self) -> None:
         from .policies import POLICIES  # late import: policies import the config module
@@ -98,6 +118,27 @@ class EntropyKVConfig:
                 _fail("calibration_file", self.calibration_file, "an existing calibration JSON file")
         elif self.calibration_file is not None:
             _fail("calibration_file", self.calibration_file, "None unless budget_source='calibrated'")
+        if self.budget_source == "calibrated" and POLICIES[self.policy].headwise:
+            _fail("budget_source", self.budget_source, f"'dynamic' for the head-wise policy {self.policy!r} "
+                  "(calibrated budgets are per layer)")
+        self._check_headwise_fields()
+
+    def _check_headwise_fields(self) -> None:
+        if self.tier_by not in _TIER_BY:
+            _fail("tier_by", self.tier_by, f"one of {_TIER_BY}")
+        t = self.tier_thresholds
+        if (not isinstance(t, (tuple, list)) or len(t) != 2 or not all(_is_number(x) for x in t)
+                or not 0.0 <= t[0] <= t[1] <= 1.0):
+            _fail("tier_thresholds", t, "two numbers (low, high) with 0 <= low <= high <= 1")
+        object.__setattr__(self, "tier_thresholds", (float(t[0]), float(t[1])))
+        c = self.crop_history
+        if c is not None and (not _is_int(c) or c < self.window):
+            _fail("crop_history", c, f"None or an int >= window = {self.window} (the window is always kept)")
+        if self.matrix_states not in _MATRIX_STATES:
+            _fail("matrix_states", self.matrix_states, f"one of {_MATRIX_STATES}")
+        for name in ("matrix_rank", "head_groups", "layer_groups"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "an int >= 1")
 
     def replace(self, **overrides: Any) -> EntropyKVConfig:
         names = {f.name for f in dataclasses.fields(self)}

@@ -103,10 +103,12 @@ def distribute(weights: Sequence[float], total: int, lo: int, hi: int) -> list[i
     return ints
 
 
-from . import entropy, full, pyramidkv, streaming, uniform  # noqa: E402  (the modules use the helpers above)
+from . import (adakv, entropy, entropy_head, full, matrix_entropy, pyramidkv, snapkv,  # noqa: E402
+               streaming, uniform)  # (the modules use the helpers above)
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY,
-                                                   full.POLICY)}
+POLICIES: dict[str, Policy] = {p.name: p for p in (
+    entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY, full.POLICY,
+    snapkv.POLICY, adakv.POLICY, entropy_head.POLICY, matrix_entropy.POLICY)}
 
 
 def policies() -> dict[str, str]:
