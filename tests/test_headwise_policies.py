@@ -180,3 +180,10 @@ def test_matrix_entropy_plan_tiers_layers_and_heads():
     assert totals[1] == 3 * totals[0]  # weights 1.5 : 0.5
     for b, e in zip(budgets, per_head):
         assert (b[0] > b[1]) == (e[0] > e[1]), "the higher-entropy head of each layer keeps more"
+
+
+def test_truncated_matrix_entropy_is_the_same_in_chunks(monkeypatch):
+    states, valid = torch.randn(2, 3, 100, 16), torch.rand(2, 100) > 0.3
+    whole = matrix_entropy.truncated_matrix_entropy(states, valid, 8)
+    monkeypatch.setattr(matrix_entropy, "CHUNK", 16)
+    torch.testing.assert_close(matrix_entropy.truncated_matrix_entropy(states, valid, 8), whole, atol=1e-6, rtol=0)

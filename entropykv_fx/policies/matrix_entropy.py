@@ -23,13 +23,18 @@ from ..headwise import HeadPlan, pooled_head_scores
 from . import Policy, budget_bounds, distribute
 
 SPREAD = 0.5
+CHUNK = 4096  # prompt rows per step: Z^T Z is accumulated so no float32 copy of all the states is ever held
 
 
 def truncated_matrix_entropy(states: Tensor, valid: Tensor, rank: int) -> Tensor:
     """states [B, H, L, D], valid [B, L] bool -> float32 [B, H] entropy of the top-`rank` normalised spectrum / log D."""
     d = states.shape[-1]
-    z = torch.nn.functional.normalize(states.float(), dim=-1) * valid[:, None, :, None]
-    sigma = z.transpose(-1, -2) @ z / valid.sum(-1).clamp(min=1)[:, None, None, None]
+    sigma = states.new_zeros(*states.shape[:2], d, d, dtype=torch.float32)
+    for start in range(0, states.shape[2], CHUNK):
+        rows = slice(start, start + CHUNK)
+        z = torch.nn.functional.normalize(states[:, :, rows].float(), dim=-1) * valid[:, None, rows, None]
+        sigma += z.transpose(-1, -2) @ z
+    sigma /= valid.sum(-1).clamp(min=1)[:, None, None, None]
     eig = torch.linalg.eigvalsh(sigma).flip(-1).clamp(min=0)  # descending; clamp round-off negatives
     p = eig / eig.sum(-1, keepdim=True).clamp(min=1e-30)
     top = p[..., :min(rank, d)]
