@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
 from .cache import CompressedLayer, EntropyKVCache
 from .config import EntropyKVConfig
-from .headwise import HeadPlan, HeadwiseLayer
+from .headwise import HeadPlan, HeadwiseLayer, calibrated_plan
 from .policies import POLICIES
 
 
@@ -110,7 +111,10 @@ def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig) -> Compressio
     n_tokens = int((layers[0].positions >= 0).sum(-1).max())
     entropies = [float(layer.stats.entropy.mean()) if layer.stats is not None else math.nan for layer in layers]
     if policy.headwise:
-        return compress_heads(cache, policy.plan_heads(layers, n_tokens, config), config, n_tokens, entropies)
+        plan = policy.plan_heads(layers, n_tokens, config)
+        if config.budget_source == "calibrated":
+            plan = calibrated_plan(plan, n_tokens, config)
+        return compress_heads(cache, plan, config, n_tokens, entropies)
     budgets = layer_budgets(entropies, n_tokens, config)
     rank = policy.token_scores or attention_scores
     reports = []
@@ -132,8 +136,10 @@ def compress_heads(cache: EntropyKVCache, plan: HeadPlan, config: EntropyKVConfi
     for i, layer in enumerate(cache.layers):
         slots, nbytes = layer.get_seq_length(), layer.nbytes
         ranked = ops.selection_ranks(plan.scores[i], layer.positions, config.sink_tokens, config.window)
-        budgets = plan.budgets[i].amax(0).tolist()
-        compressed = HeadwiseLayer.from_plan(layer, plan.budgets[i], plan.int8_heads[i], ranked)
+        # never more than a row's candidates: pads and what the policy ruled out (-inf) are left empty instead
+        row_budgets = torch.minimum(plan.budgets[i], (ranked > float("-inf")).sum(-1))
+        budgets = row_budgets.amax(0).tolist()
+        compressed = HeadwiseLayer.from_plan(layer, row_budgets, plan.int8_heads[i], ranked)
         cache.layers[i] = compressed
         heads = tuple(HeadReport(h, b, head.positions.shape[-1], str(head.keys.dtype).removeprefix("torch."),
                                  head.nbytes, head.index_nbytes)

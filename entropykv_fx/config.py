@@ -49,7 +49,8 @@ class EntropyKVConfig:
         important token survive with it.
     min_layer_budget / max_layer_budget: clamp of each layer's budget, as multiples of the mean layer budget.
     budget_source: "dynamic" computes layer budgets from each prompt's entropies; "calibrated" reads per-layer
-        fractions from `calibration_file` (written by `entropykv_fx.calibrate`), which gives static shapes.
+        fractions from `calibration_file` (written by `entropykv_fx.calibrate`), which gives static shapes;
+        head-wise policies read per-head fractions and int8 storage from it (`head_calibration`).
 
     Head-wise policies (docs/policies.md):
     tier_by / tier_thresholds (entropy_head): the (low, high) boundaries between the low, middle and high entropy
@@ -119,8 +120,7 @@ class EntropyKVConfig:
         elif self.calibration_file is not None:
             _fail("calibration_file", self.calibration_file, "None unless budget_source='calibrated'")
         if self.budget_source == "calibrated" and POLICIES[self.policy].headwise:
-            _fail("budget_source", self.budget_source, f"'dynamic' for the head-wise policy {self.policy!r} "
-                  "(calibrated budgets are per layer)")
+            self.head_calibration()  # a per-layer calibration file fails here, not after a prefill
         self._check_headwise_fields()
 
     def _check_headwise_fields(self) -> None:
@@ -147,13 +147,15 @@ class EntropyKVConfig:
             raise ConfigError(f"unknown EntropyKVConfig field(s) {unknown}: accepted fields are {sorted(names)}")
         return dataclasses.replace(self, **overrides)
 
+    def _calibration(self, expected: str) -> Any:
+        try:
+            return json.loads(Path(self.calibration_file).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"calibration file {self.calibration_file}: not valid JSON ({err}); expected {expected}") from err
+
     def layer_fractions(self, num_layers: int) -> list[float]:
         """Per-layer kept fractions from the calibration file (budget_source='calibrated')."""
-        try:
-            data = json.loads(Path(self.calibration_file).read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"calibration file {self.calibration_file}: not valid JSON ({err}); expected "
-                              f"{{'layer_fractions': [...]}} with {num_layers} numbers in (0, 1]") from err
+        data = self._calibration(f"{{'layer_fractions': [...]}} with {num_layers} numbers in (0, 1]")
         fractions = data.get("layer_fractions") if isinstance(data, dict) else None
         if (not isinstance(fractions, list) or len(fractions) != num_layers
                 or not all(_is_number(f) and 0 < f <= 1 for f in fractions)):
@@ -161,3 +163,26 @@ class EntropyKVConfig:
                 f"calibration file {self.calibration_file}: expected {{'layer_fractions': [...]}} with "
                 f"{num_layers} numbers in (0, 1], one per layer of this model")
         return [float(f) for f in fractions]
+
+    def head_calibration(self, num_layers: int | None = None,
+                         num_kv_heads: int | None = None) -> tuple[list[list[float]], list[list[bool]]]:
+        """(kept fraction, int8 storage) per layer and KV head from a head-wise calibration file.
+
+        Shapes are checked against the model when `num_layers` / `num_kv_heads` are given.
+        """
+        shape = f"[{num_layers or 'layers'}][{num_kv_heads or 'kv heads'}]"
+        expected = (f"{{'head_fractions': {shape} numbers in (0, 1], 'int8_heads': {shape} booleans}}, as "
+                    "entropykv_fx.calibrate writes for a head-wise policy")
+        data = self._calibration(expected)
+        fractions = data.get("head_fractions") if isinstance(data, dict) else None
+        int8 = data.get("int8_heads") if isinstance(data, dict) else None
+
+        def table(rows, ok) -> bool:
+            return (isinstance(rows, list) and len(rows) > 0 and len(rows) == (num_layers or len(rows))
+                    and all(isinstance(r, list) and len(r) == (num_kv_heads or len(rows[0])) and all(map(ok, r))
+                            for r in rows))
+
+        if not (table(fractions, lambda f: _is_number(f) and 0 < f <= 1) and table(int8, lambda x: isinstance(x, bool))
+                and [len(r) for r in fractions] == [len(r) for r in int8]):
+            raise ConfigError(f"calibration file {self.calibration_file}: expected {expected}")
+        return [[float(f) for f in row] for row in fractions], int8

@@ -173,6 +173,15 @@ class HeadwiseLayer(CompressedLayer):
             head.map(lambda t: t[indices, ...])
 
 
+def calibrated_plan(plan: HeadPlan, n_tokens: int, config) -> HeadPlan:
+    """`plan` with the budgets and int8 heads of the calibration file: static shapes, set by the prompt length only."""
+    fractions, int8_heads = config.head_calibration(len(plan.budgets), plan.budgets[0].shape[1])
+    floor = min(n_tokens, config.sink_tokens + config.window)
+    budgets = [torch.tensor([min(n_tokens, max(floor, round(f * n_tokens))) for f in row], device=b.device).expand_as(b)
+               for row, b in zip(fractions, plan.budgets)]
+    return HeadPlan(budgets, int8_heads, plan.scores)
+
+
 def pooled_head_scores(layer: CompressedLayer, config) -> Tensor:
     """The default ranking of a head's tokens: its window attention mass (GQA group summed), pooled."""
     from .compress import pool_scores  # late import: compress imports this module

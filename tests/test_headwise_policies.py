@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
 import pytest
 import torch
 from test_headwise import HKV, W, prefilled
+from tiny_models import random_prompt, tiny_model
 
+import entropykv_fx
 from entropykv_fx import ConfigError, EntropyKVConfig, ops
+from entropykv_fx.calibrate import calibrate
 from entropykv_fx.cache import PrefillStats
 from entropykv_fx.policies import POLICIES, adakv, entropy_head, matrix_entropy
 
@@ -135,11 +139,33 @@ def test_headwise_config_errors_name_the_field_and_what_is_accepted(field, value
         EntropyKVConfig(policy="entropy_head", **{field: value})
 
 
-def test_calibrated_budgets_are_refused_for_headwise_policies(tmp_path):
+def test_headwise_calibration_needs_a_head_wise_file(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text('{"layer_fractions": [0.5]}')
-    with pytest.raises(ConfigError, match="budget_source='calibrated' is invalid.*head-wise policy 'snapkv'"):
+    path.write_text('{"layer_fractions": [0.5]}')  # what a layer-wise policy's calibration writes
+    with pytest.raises(ConfigError, match="expected {'head_fractions': .*as entropykv_fx.calibrate writes"):
         EntropyKVConfig(policy="snapkv", budget_source="calibrated", calibration_file=str(path))
+    path.write_text('{"head_fractions": [[0.5, 0.2]], "int8_heads": [[false]]}')  # ragged against each other
+    with pytest.raises(ConfigError, match="head_fractions"):
+        EntropyKVConfig(policy="snapkv", budget_source="calibrated", calibration_file=str(path))
+
+
+@pytest.mark.parametrize("policy", ["matrix_entropy", "entropy_head"])
+def test_calibration_stores_the_head_grouping_and_gives_static_head_budgets(tmp_path, policy):
+    model = tiny_model("llama")
+    samples = [random_prompt(80, seed=s) for s in range(3)]
+    path = calibrate(model, samples, tmp_path / "cal.json", policy=policy, budget=0.5, window=8, sink_tokens=2)
+    data = json.loads(path.read_text())
+    fractions, int8 = data["head_fractions"], data["int8_heads"]
+    assert len(fractions) == len(int8) == 3 and all(len(r) == len(i) == 2 for r, i in zip(fractions, int8))
+    assert any(any(row) for row in int8) == (policy == "entropy_head"), "entropy_head's middle tier is int8"
+    entropykv_fx.optimize(model, budget_source="calibrated", calibration_file=str(path))
+    for length in (80, 120):
+        with torch.no_grad():
+            model(random_prompt(length, seed=9), use_cache=True)
+        layers = entropykv_fx.report(model).layers
+        assert [[h.slots for h in r.heads] for r in layers] == [[max(10, round(f * length)) for f in row]
+                                                                 for row in fractions]
+        assert [[h.storage == "int8" for h in r.heads] for r in layers] == int8
 
 
 # --------------------------------------------------------------------------------------------- matrix_entropy
