@@ -137,6 +137,9 @@ def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new
         raise ExportError("export: exported programs need static budgets, but this model's budgets are dynamic "
                           "(computed per prompt); calibrate with entropykv_fx.calibrate(...) or `entropykv-fx "
                           "calibrate` and optimize(model, budget_source='calibrated', calibration_file=...)")
+    if POLICIES[config.policy].headwise:
+        raise ExportError(f"export: policy {config.policy!r} uses the head-wise layout, which export does not "
+                          "support yet; export a layer-wise policy (entropy, uniform, pyramidkv, streaming, full)")
     if prompt_length < 1 or max_new_tokens < 1 or batch < 1:
         raise ExportError(f"export: prompt_length, max_new_tokens and batch must be >= 1, got {prompt_length}, "
                           f"{max_new_tokens}, {batch}")

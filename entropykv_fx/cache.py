@@ -25,6 +25,7 @@ class PrefillStats:
     entropy: Tensor  # [B, Hq] mean attention entropy of each head over the observation window
     kv_scores: Tensor  # [B, Hkv, S] token scores per KV head
     layer_scores: Tensor  # [B, S] token scores summed over all heads
+    head_statistic: Tensor | None = None  # [B, H] a policy's own per-head measure (`Policy.prefill_statistic`)
 
 
 class CompressedLayer(DynamicLayer):

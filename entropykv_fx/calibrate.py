@@ -26,25 +26,36 @@ def calibrate(model: nn.Module, samples: Iterable[torch.Tensor], path: str | Pat
 
     The fractions are rescaled so their mean equals the mean measured over the samples (rounding aside),
     and the JSON also records the policy, the budget, the number of samples and their lengths.
+    For a head-wise policy it also stores the grouping: each KV head's mean kept fraction (`head_fractions`) and
+    whether it was stored int8 in most samples (`int8_heads`).
     """
     cfg = (config or EntropyKVConfig()).replace(budget_source="dynamic", calibration_file=None, **overrides)
     optimize(model, cfg)
     per_sample: list[list[float]] = []
+    per_head: list[list[list[float]]] = []
+    int8_votes: list[list[list[bool]]] = []
     lengths: list[int] = []
     with torch.no_grad():
         for ids in samples:
             model(ids.to(model.device), use_cache=True)
             rep = report(model)
             per_sample.append([lr.slots_after / rep.prompt_tokens for lr in rep.layers])
+            if rep.layers[0].heads:
+                per_head.append([[h.slots / rep.prompt_tokens for h in lr.heads] for lr in rep.layers])
+                int8_votes.append([[h.storage == "int8" for h in lr.heads] for lr in rep.layers])
             lengths.append(rep.prompt_tokens)
     if not per_sample:
         raise ValueError("calibrate: no samples were given")
     fractions = [min(1.0, sum(col) / len(col)) for col in zip(*per_sample)]
+    record = {"layer_fractions": fractions, "policy": cfg.policy, "budget": cfg.budget, "window": cfg.window,
+              "sink_tokens": cfg.sink_tokens, "samples": len(lengths), "prompt_tokens": lengths,
+              "model": type(model).__name__}
+    if per_head:
+        record["head_fractions"] = [[min(1.0, sum(col) / len(col)) for col in zip(*layer)] for layer in zip(*per_head)]
+        record["int8_heads"] = [[2 * sum(col) > len(col) for col in zip(*layer)] for layer in zip(*int8_votes)]
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"layer_fractions": fractions, "policy": cfg.policy, "budget": cfg.budget,
-                               "window": cfg.window, "sink_tokens": cfg.sink_tokens, "samples": len(lengths),
-                               "prompt_tokens": lengths, "model": type(model).__name__}, indent=1))
+    out.write_text(json.dumps(record, indent=1))
     return out
 
 

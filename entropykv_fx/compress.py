@@ -9,17 +9,34 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
 from .cache import CompressedLayer, EntropyKVCache
 from .config import EntropyKVConfig
+from .headwise import HeadPlan, HeadwiseLayer, calibrated_plan
 from .policies import POLICIES
 
 
 @dataclass(frozen=True)
+class HeadReport:
+    """One KV head of a head-wise layer: what it was granted and what it holds."""
+
+    head: int
+    budget: int  # tokens granted (the largest over the batch rows)
+    slots: int  # slots held: budget, or more where rows of a batch differ
+    storage: str  # dtype of the stored keys/values, e.g. "bfloat16" or "int8"
+    bytes: int  # keys + values (+ int8 scales)
+    index_bytes: int  # its positions
+
+
+@dataclass(frozen=True)
 class LayerReport:
+    """One layer. For a head-wise layer, budget and slots are the mean over its KV heads (rounded); `heads` has
+    each head's exact numbers and bytes_after is their sum."""
+
     layer: int
     entropy: float  # mean head entropy over the observation window (nats); nan when not scored
     budget: int  # tokens the policy granted
@@ -27,6 +44,7 @@ class LayerReport:
     slots_after: int
     bytes_before: int
     bytes_after: int
+    heads: tuple[HeadReport, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,8 +71,10 @@ class CompressionReport:
         rows = [f"policy={self.policy} prompt_tokens={self.prompt_tokens} KV bytes {self.bytes_before:,} -> "
                 f"{self.bytes_after:,} ({100 * self.kept_fraction:.1f}% kept)",
                 f"{'layer':>5} {'entropy':>8} {'budget':>7} {'slots':>13} {'bytes after':>12}"]
-        rows += [f"{r.layer:>5} {r.entropy:>8.3f} {r.budget:>7} {r.slots_before:>6}->{r.slots_after:<6} "
-                 f"{r.bytes_after:>12,}" for r in self.layers]
+        for r in self.layers:
+            rows.append(f"{r.layer:>5} {r.entropy:>8.3f} {r.budget:>7} {r.slots_before:>6}->{r.slots_after:<6} "
+                        f"{r.bytes_after:>12,}")
+            rows += [f"{'':>5} head {h.head:<3} {h.budget:>6} {h.slots:>13} {h.bytes:>12,} {h.storage}" for h in r.heads]
         return "\n".join(rows)
 
 
@@ -90,6 +110,11 @@ def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig) -> Compressio
         raise RuntimeError(f"entropykv: layers {unscored} were not scored during prefill; cannot allocate budgets")
     n_tokens = int((layers[0].positions >= 0).sum(-1).max())
     entropies = [float(layer.stats.entropy.mean()) if layer.stats is not None else math.nan for layer in layers]
+    if policy.headwise:
+        plan = policy.plan_heads(layers, n_tokens, config)
+        if config.budget_source == "calibrated":
+            plan = calibrated_plan(plan, n_tokens, config)
+        return compress_heads(cache, plan, config, n_tokens, entropies)
     budgets = layer_budgets(entropies, n_tokens, config)
     rank = policy.token_scores or attention_scores
     reports = []
@@ -101,6 +126,27 @@ def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig) -> Compressio
             layer.replace(keys, values, layer.positions.gather(1, idx))
         layer.stats = None
         reports.append(LayerReport(i, ent, budget, slots, layer.get_seq_length(), nbytes, layer.nbytes))
+    return CompressionReport(config.policy, n_tokens, reports)
+
+
+def compress_heads(cache: EntropyKVCache, plan: HeadPlan, config: EntropyKVConfig, n_tokens: int,
+                   entropies: list[float]) -> CompressionReport:
+    """Replace every layer by its head-wise layout (`HeadwiseLayer`) as `plan` says; the per-head report."""
+    reports = []
+    for i, layer in enumerate(cache.layers):
+        slots, nbytes = layer.get_seq_length(), layer.nbytes
+        ranked = ops.selection_ranks(plan.scores[i], layer.positions, config.sink_tokens, config.window)
+        # never more than a row's candidates: pads and what the policy ruled out (-inf) are left empty instead
+        row_budgets = torch.minimum(plan.budgets[i], (ranked > float("-inf")).sum(-1))
+        budgets = row_budgets.amax(0).tolist()
+        compressed = HeadwiseLayer.from_plan(layer, row_budgets, plan.int8_heads[i], ranked)
+        cache.layers[i] = compressed
+        heads = tuple(HeadReport(h, b, head.positions.shape[-1], str(head.keys.dtype).removeprefix("torch."),
+                                 head.nbytes, head.index_nbytes)
+                      for h, (b, head) in enumerate(zip(budgets, compressed.heads)))
+        lengths = compressed.head_lengths()
+        reports.append(LayerReport(i, entropies[i], round(sum(budgets) / len(budgets)), slots,
+                                   round(sum(lengths) / len(lengths)), nbytes, compressed.nbytes, heads))
     return CompressionReport(config.policy, n_tokens, reports)
 
 

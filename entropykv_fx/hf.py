@@ -54,8 +54,9 @@ class Runtime:
     hooks: list[Any] = field(default_factory=list)
 
     def receive_stats(self, layers: list[int], tensors: list[Tensor]) -> None:
+        k = len(tensors) // max(len(layers), 1)
         for i, layer in enumerate(layers):
-            self.cache.layers[layer].stats = PrefillStats(*tensors[3 * i:3 * i + 3])
+            self.cache.layers[layer].stats = PrefillStats(*tensors[k * i:k * i + k])
 
     def count_sites(self, n: int) -> None:
         self.sites_run += n
@@ -63,11 +64,20 @@ class Runtime:
     def compile(self, model: nn.Module) -> None:
         """(Re)build the compiled forward for the current config."""
         policy = POLICIES[self.config.policy]
-        settings = RewriteSettings(self.config.window if policy.needs_scores else None, self.sliding_windows)
+        statistic = _statistic(policy.prefill_statistic, self.config) if policy.prefill_statistic is not None else None
+        settings = RewriteSettings(self.config.window if policy.needs_scores else None, self.sliding_windows, statistic)
         self.backend = EntropyKVBackend(settings, self.inductor, self.mode, on_stats=self.receive_stats,
                                         on_run=self.count_sites)
         model.forward = torch.compile(own_code(self.eager_forward), backend=self.backend, dynamic=True)
 
+
+
+def _statistic(fn: Any, config: EntropyKVConfig) -> Any:
+    """The policy's prefill statistic with this config bound, as the graph pass calls it."""
+    def prefill_statistic(query: Tensor, keys: Tensor, q_pos: Tensor) -> Tensor:
+        with torch.no_grad():  # like the scores: a decision, not part of any gradient
+            return fn(query, keys, q_pos, config)
+    return prefill_statistic
 
 
 def _step_positions(cache: EntropyKVCache | None, length: int, batch: int,

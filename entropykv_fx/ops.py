@@ -147,6 +147,17 @@ def _check_select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, 
     _check(scores.device == k_pos.device, f"entropykv.select: scores on {scores.device}, k_pos on {k_pos.device}")
 
 
+def selection_ranks(scores: Tensor, k_pos: Tensor, sink_tokens: int, window: int) -> Tensor:
+    """float32 scores [B, S] or [B, H, S] as `select` ranks them: sinks and the last `window` positions of
+    each row +inf (always kept), empty/pad slots (k_pos < 0) -inf (taken last)."""
+    last = k_pos.max(-1, keepdim=True).values
+    forced = (k_pos >= 0) & ((k_pos < sink_tokens) | (k_pos > last - window))
+    pads = k_pos < 0
+    if scores.dim() == 3:
+        forced, pads = forced[:, None], pads[:, None]
+    return scores.float().masked_fill(pads, float("-inf")).masked_fill(forced, float("inf"))
+
+
 @torch.library.custom_op("entropykv::select", mutates_args=())
 def select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window: int) -> Tensor:
     """Indices of the `budget` slots to keep, in ascending (temporal) order.
@@ -157,11 +168,7 @@ def select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window:
     Ties go to the earlier slot. Returns int64 [B, K] or [B, H, K] with K = min(budget, S).
     """
     _check_select(scores, k_pos, budget, sink_tokens, window)
-    last = k_pos.max(-1, keepdim=True).values
-    forced = (k_pos >= 0) & ((k_pos < sink_tokens) | (k_pos > last - window))
-    ranked = scores.float().masked_fill(k_pos < 0 if scores.dim() == 2 else (k_pos < 0)[:, None], float("-inf"))
-    ranked = ranked.masked_fill(forced if scores.dim() == 2 else forced[:, None], float("inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    order = torch.sort(selection_ranks(scores, k_pos, sink_tokens, window), dim=-1, descending=True, stable=True).indices
     kept = order[..., : min(budget, scores.shape[-1])]
     return kept.sort(dim=-1).values
 
@@ -257,6 +264,33 @@ def write(keys: Tensor, values: Tensor, positions: Tensor, k_new: Tensor, v_new:
 def _(keys, values, positions, k_new, v_new, new_pos, slot, layer):
     _check_append(keys, values, positions, k_new, v_new, new_pos)
     return torch.empty_like(keys), torch.empty_like(values), torch.empty_like(positions)
+
+
+@torch.library.custom_op("entropykv::headwise_cache", mutates_args=())
+def headwise_cache(k_new: Tensor, keys: list[Tensor], values: list[Tensor], positions: list[Tensor],
+                   key_scales: list[Tensor | None], value_scales: list[Tensor | None], new_pos: Tensor,
+                   layer: int) -> tuple[Tensor, Tensor]:
+    """The slots of a head-wise layer (one [B, 1, K_h, D] tensor per KV head, int8 with scales or not) as a dense
+    [B, Hkv, max K_h, D] view in k_new's dtype, zero-padded.
+
+    What a model's attention reads in a traced graph; the graph pass pairs it with the per-head slots it was made
+    from and attends over those instead, after which the view is dead code and is never computed.
+    """
+    length = max(k.shape[2] for k in keys)
+
+    def dense(parts: list[Tensor], scales: list[Tensor | None]) -> Tensor:
+        parts = [p if s is None else dequantize_int8(p, s) for p, s in zip(parts, scales)]
+        return torch.cat([F.pad(p.to(k_new.dtype), (0, 0, 0, length - p.shape[2])) for p in parts], 1)
+    return dense(keys, key_scales), dense(values, value_scales)
+
+
+@headwise_cache.register_fake
+def _(k_new, keys, values, positions, key_scales, value_scales, new_pos, layer):
+    length = keys[0].shape[2]
+    for k in keys[1:]:
+        length = torch.sym_max(length, k.shape[2])
+    b, d, dv = k_new.shape[0], k_new.shape[-1], values[0].shape[-1]
+    return k_new.new_empty(b, len(keys), length, d), k_new.new_empty(b, len(values), length, dv)
 
 
 # =============================================================================================================

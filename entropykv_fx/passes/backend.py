@@ -32,8 +32,8 @@ class EntropyKVBackend:
     inductor: compile the rewritten graph with Inductor (`mode` as in torch.compile, e.g. "reduce-overhead"
         for CUDA graphs) instead of running it eagerly.
     strict: refuse (UnrewrittenAttentionError) a graph with an attention site left alone.
-    on_stats: receives (scored layers, [entropy, kv_scores, layer_scores] * layers) after each prefill graph;
-        without it scores are not computed.
+    on_stats: receives (scored layers, [entropy, kv_scores, layer_scores(, statistic)] * layers) after each
+        prefill graph; without it scores are not computed.
     on_run: called with the number of rewritten sites after every run of a compiled graph.
     """
 
@@ -45,6 +45,9 @@ class EntropyKVBackend:
     on_run: Callable[[int], None] | None = None
     results: list[RewriteResult] = field(default_factory=list)
 
+    def __repr__(self) -> str:  # short: Dynamo quotes the backend in its error messages
+        return f"EntropyKVBackend(inductor={self.inductor}, mode={self.mode!r}, strict={self.strict})"
+
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         settings = self.settings if self.on_stats is not None else RewriteSettings(None, self.settings.sliding_windows)
         gm, result = rewrite_attention(gm, settings)
@@ -53,7 +56,7 @@ class EntropyKVBackend:
             raise UnrewrittenAttentionError("entropykv: cannot rewrite this graph's attention:\n  " +
                                             "\n  ".join(str(o) for o in result.left_alone))
         run = self._compile(gm, example_inputs)
-        n_stats, sites = 3 * len(result.scored_layers), result.rewritten
+        n_stats, sites = result.stats_per_layer * len(result.scored_layers), result.rewritten
         if not n_stats and self.on_run is None:
             return run
 

@@ -3,9 +3,10 @@
 A site is rewritable when its keys and values are outputs 0 and 1 of one cache update node, `entropykv::append`
 (growing layout) or `entropykv::write` (static capacity), whose `layer` argument names the layer: the site becomes
 `entropykv::attention(q, keys, values, new_pos, positions, scale, sliding_window)`, which masks by positions
-(causal, padding, sliding window, evicted slots) — so a site must not carry any other mask. On a prefill graph
-(the layer's cache is empty before the append) the pass also adds `entropykv::score` over the last
-`score_window` queries and returns its results as extra graph outputs, in `RewriteResult.scored_layers` order.
+(causal, padding, sliding window, evicted slots) — so a site must not carry any other mask. A site reading a
+head-wise layer (`entropykv::headwise_cache`) becomes `headwise.attend_heads` over the per-head slots. On a prefill
+graph (the layer's cache is empty before the append) the pass also adds `entropykv::score` over the last
+`score_window` queries (and the policy's per-head statistic, if any) and hands them to `use_scores`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
 from .. import ops  # noqa: F401  (registers the entropykv ops)
+from ..headwise import attend_heads
 from .find_attention import AttentionSite, find_attention_sites
 
 aten = torch.ops.aten
 _APPEND = torch.ops.entropykv.append.default
-_CACHE_OPS = (_APPEND, torch.ops.entropykv.write.default)
+_HEADWISE = torch.ops.entropykv.headwise_cache.default
+_CACHE_OPS = (_APPEND, torch.ops.entropykv.write.default, _HEADWISE)
 _END = 2**63 - 1  # slice end meaning "to the end"
 _CARRY = {"to", "contiguous", aten._to_copy.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
 
@@ -33,10 +36,13 @@ class RewriteSettings:
 
     score_window: queries scoring the tokens on prefill graphs (None: never score).
     sliding_windows: per-layer sliding window (0 = full attention); layers not listed use 0.
+    prefill_statistic: (query [B,Hq,L,D], keys, query positions) -> a per-head statistic, computed beside the
+        scores on prefill graphs (a policy's own measure, e.g. matrix entropy).
     """
 
     score_window: int | None = None
     sliding_windows: tuple[int, ...] = ()
+    prefill_statistic: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     def sliding_window(self, layer: int) -> int:
         return self.sliding_windows[layer] if layer < len(self.sliding_windows) else 0
@@ -59,6 +65,7 @@ class SiteOutcome:
 class RewriteResult:
     outcomes: list[SiteOutcome] = field(default_factory=list)
     scored_layers: list[int] = field(default_factory=list)  # in the order of the scores handed to `use_scores`
+    stats_per_layer: int = 3  # entropy, kv_scores, layer_scores (+ the prefill statistic)
     prefill: bool = False
 
     @property
@@ -111,25 +118,35 @@ def _val(node: fx.Node):
     return node.meta.get("val", node.meta.get("example_value"))
 
 
-def _rewrite_site(graph: fx.Graph, site: AttentionSite, append: fx.Node, settings: RewriteSettings,
-                  score: bool) -> fx.Node | None:
-    """Replace the site by entropykv::attention; returns the score node when scoring was added."""
-    keys, values, positions = (_output(graph, append, i) for i in range(3))
-    q_pos, layer = append.args[5], append.args[-1]
-    q_val = _val(site.query)
-    scale = site.scale if site.scale is not None else float(q_val.shape[-1]) ** -0.5
+def _new_pos(cache_op: fx.Node) -> fx.Node:
+    return cache_op.args[6] if cache_op.target is _HEADWISE else cache_op.args[5]
+
+
+def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, settings: RewriteSettings,
+                  score: bool) -> tuple[fx.Node, ...] | None:
+    """Replace the site by attention over its cache; returns the added scoring nodes, if any."""
+    q_pos, layer = _new_pos(cache_op), cache_op.args[-1]
+    scale = site.scale if site.scale is not None else float(_val(site.query).shape[-1]) ** -0.5
     window = settings.sliding_window(layer)
+    stats = None
     with graph.inserting_before(site.output):
-        out = graph.call_function(torch.ops.entropykv.attention.default,
-                                  (site.query, keys, values, q_pos, positions, scale, window))
+        if cache_op.target is _HEADWISE:
+            out = graph.call_function(attend_heads, (site.query, *cache_op.args[1:6], q_pos, scale, window))
+        else:
+            keys, values, positions = (_output(graph, cache_op, i) for i in range(3))
+            out = graph.call_function(torch.ops.entropykv.attention.default,
+                                      (site.query, keys, values, q_pos, positions, scale, window))
         out.meta.update(site.output.meta)
-        stats = None
         if score:
             w = settings.score_window
             q_win = graph.call_function(aten.slice.Tensor, (site.query, 2, -w, _END))
             pos_win = graph.call_function(aten.slice.Tensor, (q_pos, 1, -w, _END))
-            stats = graph.call_function(torch.ops.entropykv.score.default,
-                                        (q_win, keys, pos_win, positions, scale, window))
+            scored = graph.call_function(torch.ops.entropykv.score.default,
+                                         (q_win, keys, pos_win, positions, scale, window))
+            stats = tuple(graph.call_function(operator.getitem, (scored, i)) for i in range(3))
+            if settings.prefill_statistic is not None:
+                stats += (graph.call_function(settings.prefill_statistic, (site.query, keys, q_pos)),)
+            stats += (keys, values, positions)
     site.output.replace_all_uses_with(out)
     # Erased by hand: SDPA is tagged random (dropout), so dead-code elimination would keep it.
     for node in reversed(site.nodes or [site.output]):
@@ -138,15 +155,15 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, append: fx.Node, setting
     return stats
 
 
-# (graph, {layer: (entropy, kv_scores, layer_scores, keys, values, positions) nodes}) -> None
+# (graph, {layer: (entropy, kv_scores, layer_scores[, statistic], keys, values, positions) nodes}) -> None
 UseScores = Callable[[fx.Graph, dict[int, tuple[fx.Node, ...]]], None]
 
 
 def return_scores(graph: fx.Graph, scores: dict[int, tuple[fx.Node, ...]]) -> None:
-    """Append each scored layer's (entropy, kv_scores, layer_scores) to the graph's outputs, in layer order."""
+    """Append each scored layer's statistics (all but its cache nodes) to the graph's outputs, in layer order."""
     output = graph.output_node()
     outs = output.args[0]
-    extra = [n for layer in scores for n in scores[layer][:3]]
+    extra = [n for layer in scores for n in scores[layer][:-3]]
     output.args = ((*outs, *extra) if isinstance(outs, (tuple, list)) else (outs, *extra),)
 
 
@@ -170,9 +187,8 @@ def rewrite_attention(gm: fx.GraphModule, settings: RewriteSettings,
         stats = _rewrite_site(graph, site, append, settings, score=empty_cache and settings.score_window is not None)
         if stats is not None:
             result.scored_layers.append(layer)
-            with graph.inserting_after(stats):
-                parts = [graph.call_function(operator.getitem, (stats, i)) for i in (2, 1, 0)][::-1]
-            scores[layer] = (*parts, *(_output(graph, append, i) for i in range(3)))
+            result.stats_per_layer = len(stats) - 3
+            scores[layer] = stats
         result.outcomes.append(SiteOutcome(site, layer, rewritten=True))
     if scores:
         use_scores(graph, scores)

@@ -1,8 +1,11 @@
-"""Budget policies: small pure functions from prefill statistics to per-layer KV budgets.
+"""Budget policies: small pure functions from prefill statistics to KV budgets.
 
-A policy maps the per-layer mean head entropies of a prompt (and the config) to how many tokens each
+A layer-wise policy maps the per-layer mean head entropies of a prompt (and the config) to how many tokens each
 layer keeps. Token choice is shared: the layer's pooled attention scores go through `entropykv::select`.
-Adding a policy is one new module exposing a `POLICY` and one line in `POLICIES` below.
+A head-wise policy (`plan_heads`) decides per KV head instead: budgets, int8 storage and token ranking for every
+head of every layer (`headwise.HeadPlan`); the cache then takes the ragged head-wise layout.
+Adding a policy is one new module exposing a `POLICY` and one line in `POLICIES` below; `docs/policies.md`
+describes each one.
 """
 
 from __future__ import annotations
@@ -18,19 +21,29 @@ if TYPE_CHECKING:
 
     from ..cache import CompressedLayer
     from ..config import EntropyKVConfig
+    from ..headwise import HeadPlan
 
 Allocate = Callable[[Sequence[float], int, "EntropyKVConfig"], list[int]]
 TokenScores = Callable[["CompressedLayer", "EntropyKVConfig"], "Tensor"]
+PlanHeads = Callable[[Sequence["CompressedLayer"], int, "EntropyKVConfig"], "HeadPlan"]
+# (query [B,Hq,L,D], key [B,Hkv,S,D], query positions [B,L], config) -> a per-head statistic of the prefill
+HeadStatistic = Callable[["Tensor", "Tensor", "Tensor", "EntropyKVConfig"], "Tensor"]
 
 
 @dataclass(frozen=True)
 class Policy:
     name: str
-    allocate: Allocate
+    allocate: Allocate | None  # per-layer budgets; None for head-wise policies (they use plan_heads)
     needs_scores: bool  # False: prefill runs without the scoring op (entropies are then nan)
     summary: str
     token_scores: TokenScores | None = None  # which tokens to keep; None: pooled window attention scores
     evicts: bool = True  # False: the cache is left whole
+    plan_heads: PlanHeads | None = None  # set: per-KV-head budgets and the ragged head-wise layout
+    prefill_statistic: HeadStatistic | None = None  # set: stored as `PrefillStats.head_statistic` at prefill
+
+    @property
+    def headwise(self) -> bool:
+        return self.plan_heads is not None
 
 
 def budget_bounds(n_tokens: int, config: EntropyKVConfig) -> tuple[int, int, int]:
@@ -90,10 +103,12 @@ def distribute(weights: Sequence[float], total: int, lo: int, hi: int) -> list[i
     return ints
 
 
-from . import entropy, full, pyramidkv, streaming, uniform  # noqa: E402  (the modules use the helpers above)
+from . import (adakv, entropy, entropy_head, full, matrix_entropy, pyramidkv, snapkv,  # noqa: E402
+               streaming, uniform)  # (the modules use the helpers above)
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY,
-                                                   full.POLICY)}
+POLICIES: dict[str, Policy] = {p.name: p for p in (
+    entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY, full.POLICY,
+    snapkv.POLICY, adakv.POLICY, entropy_head.POLICY, matrix_entropy.POLICY)}
 
 
 def policies() -> dict[str, str]:

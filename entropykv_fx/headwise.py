@@ -1,0 +1,202 @@
+"""The head-wise compressed layout: every KV head of a layer keeps its own, ragged, set of tokens.
+
+A head-wise policy (snapkv, adakv, entropy_head, matrix_entropy) decides per KV head how many tokens to keep
+(`HeadPlan`). Each head's kept tokens are then copied into tensors of exactly that length, so a head that keeps
+40 tokens holds 40 slots and one that keeps 400 holds 400: the memory held is the sum of the per-head lengths,
+never a padded maximum (padding appears only between rows of a batch whose rows got different budgets).
+
+One head's storage (`HeadSlots`) is keys / values [B, 1, K_h, D] in the model's dtype, or int8 with per-token
+float32 scales [B, 1, K_h], plus its own logical positions [B, K_h] (-1 = empty). The singleton head axis lets
+the decode path hand each head to the unchanged `entropykv::attention` / `attention_int8` ops (a KV group of
+Hq / Hkv query heads over one KV head): the plain-torch reference on CPU, the Triton kernel on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .cache import CompressedLayer
+
+
+@dataclass
+class HeadPlan:
+    """What a head-wise policy decided, per layer: budgets [B, Hkv] (tokens kept per row and KV head), which
+    KV heads store int8, and the scores [B, Hkv, S] that rank each head's tokens (-inf: never kept)."""
+
+    budgets: list[Tensor]
+    int8_heads: list[list[bool]]
+    scores: list[Tensor]
+
+
+@dataclass
+class HeadSlots:
+    """The kept tokens of one KV head (see the module docstring for shapes)."""
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    key_scales: Tensor | None = None  # set when keys/values are int8
+    value_scales: Tensor | None = None
+
+    @property
+    def int8(self) -> bool:
+        return self.key_scales is not None
+
+    def tensors(self) -> list[Tensor]:
+        """Everything this head holds besides positions: payloads and, for int8, their scales."""
+        return [t for t in (self.keys, self.values, self.key_scales, self.value_scales) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def index_nbytes(self) -> int:
+        return self.positions.numel() * self.positions.element_size()
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Add new tokens (keys/values [B, 1, L, D] in the model's dtype), quantized when this head is int8."""
+        if self.int8:
+            (k, ks), (v, vs) = ops.quantize_int8(keys), ops.quantize_int8(values)
+            self.key_scales = torch.cat([self.key_scales, ks], -1)
+            self.value_scales = torch.cat([self.value_scales, vs], -1)
+        else:
+            k, v = keys, values
+        self.keys = torch.cat([self.keys, k], -2)
+        self.values = torch.cat([self.values, v], -2)
+        self.positions = torch.cat([self.positions, positions], -1)
+
+    def attend(self, query: Tensor, q_pos: Tensor, scale: float, sliding_window: int) -> Tensor:
+        """Attention of the query heads of this KV head's group, query [B, G, L, D] -> [B, G, L, Dv]."""
+        if self.int8:
+            return ops.attention_int8(query, self.keys, self.key_scales, self.values, self.value_scales, q_pos,
+                                      self.positions, scale, sliding_window)
+        return ops.attention(query, self.keys, self.values, q_pos, self.positions, scale, sliding_window)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Apply a batch-axis operation (reorder, repeat, select) to everything this head holds."""
+        for name in ("keys", "values", "positions", "key_scales", "value_scales"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+
+def select_per_head(ranked: Tensor, budgets: Tensor) -> list[Tensor]:
+    """Kept slot indices per KV head from `ops.selection_ranks` output [B, Hkv, S] and budgets [B, Hkv].
+
+    Head h gets [B, K_h] with K_h = its largest budget over the rows: each row's top `budgets[b, h]` slots in
+    temporal order, then -1 where that row's budget is smaller than K_h. Ties go to the earlier slot.
+    """
+    s = ranked.shape[-1]
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    kept = []
+    for h in range(ranked.shape[1]):
+        k = int(budgets[:, h].max())
+        top = order[:, h, :k]
+        in_budget = torch.arange(k, device=ranked.device) < budgets[:, h, None]
+        idx = torch.where(in_budget, top, s).sort(dim=-1).values  # the unused tail sorts last
+        kept.append(idx.masked_fill(idx == s, -1))
+    return kept
+
+
+def gather_head(keys: Tensor, values: Tensor, k_pos: Tensor, idx: Tensor, int8: bool) -> HeadSlots:
+    """Copy the slots `idx` [B, K] (-1 = empty) of one KV head, keys/values [B, 1, S, D], into new tensors."""
+    safe = idx.clamp(min=0)
+    positions = k_pos.gather(1, safe).masked_fill(idx < 0, -1)
+    if int8:
+        k_q, k_s, v_q, v_s = ops.gather_int8(keys, values, safe)
+        return HeadSlots(k_q, v_q, positions, k_s, v_s)
+    return HeadSlots(*ops.gather(keys, values, safe), positions)
+
+
+def attend_heads(query: Tensor, keys: list[Tensor], values: list[Tensor], positions: list[Tensor],
+                 key_scales: list[Tensor | None], value_scales: list[Tensor | None], q_pos: Tensor, scale: float,
+                 sliding_window: int) -> Tensor:
+    """query [B, Hq, L, D] over every KV head's own slots -> [B, Hq, L, Dv] (what the graph pass calls)."""
+    group = query.shape[1] // len(keys)
+    heads = zip(keys, values, positions, key_scales, value_scales)
+    return torch.cat([HeadSlots(*head).attend(query[:, h * group:(h + 1) * group], q_pos, scale, sliding_window)
+                      for h, head in enumerate(heads)], dim=1)
+
+
+class HeadwiseLayer(CompressedLayer):
+    """A compressed layer stored per KV head (`HeadSlots`), each head with its own length and storage dtype.
+
+    `update` appends the new tokens to every head and returns `entropykv::headwise_cache`'s dense view, which
+    the graph pass replaces by `attend_heads` over the heads' own slots (no single K/V tensor is ever built).
+    """
+
+    def __init__(self, heads: list[HeadSlots], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dtype, self.device = dtype, heads[0].positions.device
+        self.is_initialized = True
+
+    @classmethod
+    def from_plan(cls, layer: CompressedLayer, budgets: Tensor, int8_heads: list[bool], ranked: Tensor) -> HeadwiseLayer:
+        kept = select_per_head(ranked, budgets)
+        heads = [gather_head(layer.keys[:, h:h + 1], layer.values[:, h:h + 1], layer.positions, idx, int8)
+                 for h, (idx, int8) in enumerate(zip(kept, int8_heads))]
+        return cls(heads, layer.keys.dtype)
+
+    def update(self, key_states: Tensor, value_states: Tensor, positions: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        for h, head in enumerate(self.heads):
+            head.append(key_states[:, h:h + 1], value_states[:, h:h + 1], positions)
+        return ops.headwise_cache(key_states, *self.slots(), positions, layer)
+
+    def slots(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None], list[Tensor | None]]:
+        """(keys, values, positions, key_scales, value_scales), one entry per KV head."""
+        return tuple([getattr(head, name) for head in self.heads]
+                     for name in ("keys", "values", "positions", "key_scales", "value_scales"))
+
+    def attention(self, query: Tensor, q_pos: Tensor, scale: float, sliding_window: int) -> Tensor:
+        """query [B, Hq, L, D] over every head's own slots -> [B, Hq, L, Dv]."""
+        return attend_heads(query, *self.slots(), q_pos, scale, sliding_window)
+
+    def head_lengths(self) -> list[int]:
+        return [head.positions.shape[-1] for head in self.heads]
+
+    def get_seq_length(self) -> int:
+        """The longest head's slot count (heads differ; `head_lengths` has them all)."""
+        return max(self.head_lengths())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(head.nbytes for head in self.heads)
+
+    @property
+    def index_nbytes(self) -> int:
+        return sum(head.index_nbytes for head in self.heads)
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        for head in self.heads:
+            head.map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for head in self.heads:
+            head.map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        for head in self.heads:
+            head.map(lambda t: t[indices, ...])
+
+
+def calibrated_plan(plan: HeadPlan, n_tokens: int, config) -> HeadPlan:
+    """`plan` with the budgets and int8 heads of the calibration file: static shapes, set by the prompt length only."""
+    fractions, int8_heads = config.head_calibration(len(plan.budgets), plan.budgets[0].shape[1])
+    floor = min(n_tokens, config.sink_tokens + config.window)
+    budgets = [torch.tensor([min(n_tokens, max(floor, round(f * n_tokens))) for f in row], device=b.device).expand_as(b)
+               for row, b in zip(fractions, plan.budgets)]
+    return HeadPlan(budgets, int8_heads, plan.scores)
+
+
+def pooled_head_scores(layer: CompressedLayer, config) -> Tensor:
+    """The default ranking of a head's tokens: its window attention mass (GQA group summed), pooled."""
+    from .compress import pool_scores  # late import: compress imports this module
+
+    return pool_scores(layer.stats.kv_scores, config.pooling, config.pool_kernel)
