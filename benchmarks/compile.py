@@ -94,6 +94,13 @@ def main() -> None:
     reference = fresh()
     want = [greedy(reference, ids) for ids in prompts]
     rows = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:  # after every row, so a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     for inductor in [False] + ([] if args.no_inductor else [True]):
         model = entropykv_fx.optimize(fresh(), budget=1.0, inductor=inductor)
         start = time.perf_counter()
@@ -111,8 +118,7 @@ def main() -> None:
                "recompiles_4_more_lengths": recompiles, "sites_rewritten_per_graph": sites,
                "first_divergence": divergence,
                "reference_top2_margin_there": [margin_at(reference, ids, w, d) for ids, w, d in zip(prompts, want, divergence)]}
-        rows.append(row)
-        print(json.dumps(row))
+        record(row)
         del model
     with tempfile.TemporaryDirectory() as tmp:
         n_layers = fresh().config.num_hidden_layers
@@ -133,11 +139,7 @@ def main() -> None:
             for kind in ["pt2"] + ([] if args.no_aoti else ["aoti"]):
                 tokens = ExportedGenerator(out, kind=kind).generate(ids, new).to(device)
                 row[f"{kind}_vs_optimized_divergence"] = first_divergence(expected, tokens)
-            rows.append(row)
-            print(json.dumps(row))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+            record(row)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,11 @@ def test_planted_fact_survives_25_percent_budget(smollm2):
     # Measured on CPU fp32: uniform 5/5, entropy 3/5 (the entropy policy starves low-entropy middle layers).
     assert hits["uniform"] == len(DEPTHS), hits
     assert hits["entropy"] >= 3, hits
+
+
+def test_explain_rewrites_all_30_attention_sites_on_prefill_and_decode_graphs(smollm2):
+    model, tokenizer = smollm2
+    entropykv_fx.optimize(model, policy="entropy", budget=0.25)
+    reports = entropykv_fx.explain(model, tokenizer("The capital of France is", return_tensors="pt")["input_ids"])
+    assert [r.name.split("(")[1] for r in reports] == ["prefill)", "decode)"]
+    assert all(r.found == r.rewritten == 30 for r in reports), "\n".join(map(str, reports))
