@@ -1,0 +1,24 @@
+"""opcheck of the ops whose CUDA implementations are the Triton kernels (their fakes vs the kernels' outputs)."""
+
+import pytest
+import torch
+from kernel_testing import GPU, prompt_positions, randn, seed
+
+from entropykv_fx import ops
+
+pytestmark = pytest.mark.skipif(not GPU, reason="the ops dispatch to Triton for CUDA tensors only")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_through_the_cuda_kernels(dtype):
+    seed("opcheck cuda", dtype)
+    b, hq, hkv, s, d = 2, 8, 2, 300, 64
+    q, k, v = randn(b, hq, 1, d, dtype=dtype), randn(b, hkv, s, d, dtype=dtype), randn(b, hkv, s, d, dtype=dtype)
+    k_pos = prompt_positions(b, s, [0, 7])
+    q_pos = k_pos[:, -1:] + 1
+    torch.library.opcheck(ops.attention, (q, k, v, q_pos, k_pos, d ** -0.5, 0))  # decode: the Triton kernel
+    window = randn(b, hq, 16, d, dtype=dtype)
+    torch.library.opcheck(ops.score, (window, k, k_pos[:, -16:], k_pos, d ** -0.5, 0))
+    idx = torch.arange(0, s, 3, device=k.device)[None].expand(b, -1).contiguous()
+    torch.library.opcheck(ops.gather, (k, v, idx))
+    torch.library.opcheck(ops.gather, (k, v, idx[:, None].expand(-1, hkv, -1).contiguous()))
