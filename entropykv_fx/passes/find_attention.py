@@ -2,7 +2,7 @@
 
 - "sdpa": `F.scaled_dot_product_attention` as Dynamo records it (a torch.compile backend's graph);
 - "aten_sdpa": `aten.scaled_dot_product_attention.default` (a torch.export graph);
-- "eager": matmul(q, kᵀ) -> [mul|div by a scale] -> [add mask] -> softmax(-1) -> [cast|dropout] -> matmul(·, v),
+- "eager": matmul(q, kᵀ) -> [mul|div by a scale] -> [add mask | masked_fill] -> softmax(-1) -> [cast|dropout] -> matmul(·, v),
   with the GQA head repetition (unsqueeze -> expand -> reshape, or repeat_interleave) of k/v seen through.
 
 Each site records where q, k and v come from, the scale, the mask and the causal flag, so a rewrite pass
@@ -27,6 +27,7 @@ _SOFTMAX = {torch.softmax, F.softmax, aten.softmax.int, aten._softmax.default, "
 _SCALE = {operator.mul: False, operator.truediv: True, torch.mul: False, torch.div: True,
           aten.mul.Tensor: False, aten.div.Tensor: True}
 _ADD = {operator.add, torch.add, aten.add.Tensor}
+_MASKED_FILL = {"masked_fill", torch.masked_fill, aten.masked_fill.Scalar}  # (scores, hidden, -inf): mask = hidden
 _TRANSPOSE = {torch.transpose, aten.transpose.int, "transpose"}
 # Ops that only carry a tensor along (dtype casts, inference-mode dropout, views that keep the data).
 _PASS_THROUGH = {"to", "type_as", "contiguous", F.dropout, aten.dropout.default, aten._to_copy.default,
@@ -77,10 +78,15 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def _selects_output(node: fx.Node) -> bool:
+    """getitem(x, i) with an int i picks one output of a multi-output op: not a view of a tensor."""
+    return _target_key(node) is operator.getitem and isinstance(node.args[1], int)
+
+
 def _unwrap_gqa(node: fx.Node) -> fx.Node | None:
     """The tensor before a repeat_kv-style chain (unsqueeze/getitem -> expand -> reshape), if `node` ends one."""
     start, steps, seen_expand = node, 0, False
-    while _is(node, _GQA_STEPS) and steps < 6:
+    while _is(node, _GQA_STEPS) and steps < 6 and not _selects_output(node):
         seen_expand |= _target_key(node) in (aten.expand.default, "expand", aten.repeat_interleave.self_int,
                                              "repeat_interleave", torch.repeat_interleave)
         node, steps = node.args[0], steps + 1
@@ -104,7 +110,7 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
         return None
     nodes, mask, scale = [softmax], None, None
     x = softmax.args[0]
-    if _is(x, _ADD):
+    if _is(x, _ADD) or _is(x, _MASKED_FILL):
         x, mask = x.args[0], x.args[1]
         nodes.append(softmax.args[0])
     if _is(x, _SCALE) and isinstance(x.args[1], (int, float)):

@@ -5,7 +5,7 @@ A site is rewritable when its keys and values are outputs 0 and 1 of one cache u
 `entropykv::attention(q, keys, values, new_pos, positions, scale, sliding_window)`, which masks by positions
 (causal, padding, sliding window, evicted slots) — so a site must not carry any other mask. A site reading a
 head-wise layer (`entropykv::headwise_cache`) becomes `headwise.attend_heads` over the per-head slots. On a prefill
-graph (the layer's cache is empty before the append) the pass also adds `entropykv::score` over the last
+graph (the layer's cache is empty before the append, or a static write of several tokens) the pass also adds `entropykv::score` over the last
 `score_window` queries (and the policy's per-head statistic, if any) and hands them to `use_scores`.
 """
 
@@ -118,6 +118,14 @@ def _val(node: fx.Node):
     return node.meta.get("val", node.meta.get("example_value"))
 
 
+def _is_prefill(cache_op: fx.Node) -> bool:
+    """An append to an empty layer; or a static-capacity write of several tokens (static buffers hold no
+    empty/non-empty distinction in their shape, so a multi-token write is taken as the prompt)."""
+    if cache_op.target is _APPEND:
+        return _val(cache_op.args[0]).shape[2] == 0
+    return cache_op.target is not _HEADWISE and _val(cache_op.args[3]).shape[2] > 1
+
+
 def _new_pos(cache_op: fx.Node) -> fx.Node:
     return cache_op.args[6] if cache_op.target is _HEADWISE else cache_op.args[5]
 
@@ -182,9 +190,9 @@ def rewrite_attention(gm: fx.GraphModule, settings: RewriteSettings,
         if reason:
             result.outcomes.append(SiteOutcome(site, layer, reason=reason))
             continue
-        empty_cache = append.target is _APPEND and _val(append.args[0]).shape[2] == 0
-        result.prefill |= empty_cache
-        stats = _rewrite_site(graph, site, append, settings, score=empty_cache and settings.score_window is not None)
+        prefill = _is_prefill(append)
+        result.prefill |= prefill
+        stats = _rewrite_site(graph, site, append, settings, score=prefill and settings.score_window is not None)
         if stats is not None:
             result.scored_layers.append(layer)
             result.stats_per_layer = len(stats) - 3

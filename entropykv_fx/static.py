@@ -1,0 +1,105 @@
+"""Compression for models that keep their own static KV buffers (gpt-fast style), through the graph pass.
+
+    model = StaticCacheModel(gpt, policy="uniform", budget=0.5)   # gpt(idx, input_pos) writes k_cache[:, :, input_pos]
+    logits = model(prompt, torch.arange(n))                       # prefill: scored, then compressed in place
+    logits = model(token, torch.tensor([n]))                      # decode: written into the next free slot
+
+The forward is compiled with `passes.static_cache` (buffer writes -> entropykv::write into the next free slot,
+attention masked by positions) followed by `passes.rewrite_attention` (attention -> entropykv ops, scoring on
+multi-token calls). After a prefill, each layer's kept tokens are packed at the start of its buffers (positions
+-1 after them), so later tokens follow them. The buffers keep their size: the model allocated them; what
+compression buys here is room, since `max_seq_len` now bounds the kept tokens, not all tokens seen.
+Call `reset()` before a new sequence. Layer-wise policies only; shapes are static, so a new prompt length
+compiles a new prefill graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .compress import layer_budgets
+from .config import EntropyKVConfig
+from .passes.backend import EntropyKVBackend, own_code
+from .passes.rewrite_attention import RewriteSettings
+from .passes.static_cache import StaticLayer, rewrite_static_caches
+from .policies import POLICIES, pool_scores
+
+
+class StaticCacheModel:
+    """Wraps a static-buffer model (see the module docstring); call it like the model."""
+
+    def __init__(self, model: nn.Module, config: EntropyKVConfig | None = None, **overrides: Any) -> None:
+        cfg = (config or EntropyKVConfig()).replace(**overrides) if overrides or config is None else config
+        if POLICIES[cfg.policy].headwise or cfg.budget_source != "dynamic":
+            raise ValueError(f"StaticCacheModel: policy {cfg.policy!r} with budget_source={cfg.budget_source!r} is "
+                             "not supported; use a layer-wise policy with dynamic budgets (entropy, uniform, "
+                             "pyramidkv, streaming, full)")
+        self.model, self.config = model, cfg
+        self.layers: list[StaticLayer] = []
+        self.stats: dict[int, tuple[Tensor, ...]] = {}
+        policy = POLICIES[cfg.policy]
+        self.backend = EntropyKVBackend(RewriteSettings(cfg.window if policy.needs_scores else None),
+                                        on_stats=self._receive)
+        self.compiled = torch.compile(own_code(model.__call__), backend=self._compile, dynamic=False)
+
+    def _compile(self, gm, example_inputs):
+        known = self.layers
+
+        def new_layer(keys: Tensor, values: Tensor) -> StaticLayer:
+            i = len(fresh)
+            if i < len(known) and known[i].keys is keys:  # a recompile (new prompt length): same buffers and state
+                layer = known[i]
+            else:
+                b, s = keys.shape[0], keys.shape[2]
+                layer = StaticLayer(keys, values, torch.full((b, s), -1, dtype=torch.long, device=keys.device),
+                                    torch.zeros((), dtype=torch.long, device=keys.device))
+            fresh.append(layer)
+            return layer
+
+        fresh: list[StaticLayer] = []
+        layers, skipped = rewrite_static_caches(gm, example_inputs, new_layer)
+        if skipped or not layers:
+            raise ValueError("StaticCacheModel: cannot rewrite this model's attention: " +
+                             ("; ".join(skipped) or "no attention over static KV buffers was found"))
+        self.layers = layers
+        return self.backend(gm, example_inputs)
+
+    def _receive(self, layers: list[int], tensors: list[Tensor]) -> None:
+        self.stats = {layer: tuple(tensors[3 * i:3 * i + 3]) for i, layer in enumerate(layers)}
+
+    def reset(self) -> None:
+        """Forget the sequence: every slot empty."""
+        for layer in self.layers:
+            layer.positions.fill_(-1)
+            layer.slot.zero_()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.stats = {}
+        with torch.no_grad():
+            out = self.compiled(*args, **kwargs)
+            if self.stats and POLICIES[self.config.policy].evicts:
+                self._compress()
+        return out
+
+    def kept_slots(self) -> list[int]:
+        return [int(layer.slot) for layer in self.layers]
+
+    def _compress(self) -> None:
+        cfg = self.config
+        n_tokens = int((self.layers[0].positions >= 0).sum(-1).max())
+        entropies = [float(self.stats[i][0].mean()) if i in self.stats else math.nan for i in range(len(self.layers))]
+        for layer, budget, i in zip(self.layers, layer_budgets(entropies, n_tokens, cfg), range(len(self.layers))):
+            scores = pool_scores(self.stats[i][2], cfg.pooling, cfg.pool_kernel)
+            idx = ops.select(scores, layer.positions, budget, cfg.sink_tokens, cfg.window)
+            keys, values = ops.gather(layer.keys, layer.values, idx)
+            kept = idx.shape[-1]
+            layer.keys[:, :, :kept], layer.values[:, :, :kept] = keys, values
+            layer.keys[:, :, kept:], layer.values[:, :, kept:] = 0, 0
+            layer.positions[:, :kept] = layer.positions.gather(1, idx)
+            layer.positions[:, kept:] = -1
+            layer.slot.fill_(kept)
