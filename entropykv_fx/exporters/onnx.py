@@ -18,20 +18,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from ..aot import build_programs
 from ..exported import check_new_tokens, left_pad_count
 from ..passes.decompose import decompositions
 
 OPSET = 18
 TENSOR_KINDS = ("key", "value", "positions")
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}  # what the runner's cache buffers can hold
 
 
 def select_with_topk(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window: int) -> Tensor:
-    """`entropykv::select` without sort (ONNX has none): TopK with a static k picks the kept slots, a second
+    """`entropykv::select` without sort, which ONNX lacks: TopK with a static k picks the kept slots, a second
     TopK puts them back in temporal order. ONNX TopK breaks ties by lower index, as the reference's stable sort."""
-    last = k_pos.max(-1, keepdim=True).values
-    forced = (k_pos >= 0) & ((k_pos < sink_tokens) | (k_pos > last - window))
-    ranked = scores.float().masked_fill(k_pos < 0, float("-inf")).masked_fill(forced, float("inf"))
+    ranked = ops.selection_ranks(scores, k_pos, sink_tokens, window)
     kept = torch.topk(ranked, min(budget, scores.shape[-1]), dim=-1).indices
     # Ordered as floats: TensorRT's TopK takes no int64, and slot indices are exact in float32.
     return torch.topk(kept.float(), kept.shape[-1], dim=-1, largest=False).values.long()
@@ -74,9 +74,6 @@ def write_onnx(prefill: torch.export.ExportedProgram, decode: torch.export.Expor
     path = out / "layout.json"
     path.write_text(json.dumps(layout, indent=1))
     return path
-
-
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class OrtGenerator:
