@@ -16,8 +16,8 @@ from torch import Tensor
 from . import ops
 from .cache import CompressedLayer, EntropyKVCache
 from .config import EntropyKVConfig
-from .headwise import HeadPlan, HeadwiseLayer, calibrated_plan
-from .policies import POLICIES
+from .headwise import HeadwiseLayer, calibrated_plan
+from .policies import HeadPlan, POLICIES, pool_scores
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,6 @@ class CompressionReport:
                         f"{r.bytes_after:>12,}")
             rows += [f"{'':>5} head {h.head:<3} {h.budget:>6} {h.slots:>13} {h.bytes:>12,} {h.storage}" for h in r.heads]
         return "\n".join(rows)
-
-
-def pool_scores(scores: Tensor, pooling: str, kernel: int) -> Tensor:
-    """Smooth scores [..., S] along the sequence so a kept token keeps its neighbours' context."""
-    if pooling == "none" or kernel == 1:
-        return scores
-    flat = scores.reshape(-1, 1, scores.shape[-1])
-    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
-    pooled = pool(flat, kernel, stride=1, padding=kernel // 2)
-    return pooled.reshape(scores.shape)
 
 
 def layer_budgets(entropies: list[float], n_tokens: int, config: EntropyKVConfig) -> list[int]:

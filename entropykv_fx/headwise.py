@@ -21,16 +21,7 @@ from torch import Tensor
 
 from . import ops
 from .cache import CompressedLayer
-
-
-@dataclass
-class HeadPlan:
-    """What a head-wise policy decided, per layer: budgets [B, Hkv] (tokens kept per row and KV head), which
-    KV heads store int8, and the scores [B, Hkv, S] that rank each head's tokens (-inf: never kept)."""
-
-    budgets: list[Tensor]
-    int8_heads: list[list[bool]]
-    scores: list[Tensor]
+from .policies import HeadPlan
 
 
 @dataclass
@@ -193,10 +184,3 @@ def calibrated_plan(plan: HeadPlan, n_tokens: int, config) -> HeadPlan:
     budgets = [torch.tensor([min(n_tokens, max(floor, round(f * n_tokens))) for f in row], device=b.device).expand_as(b)
                for row, b in zip(fractions, plan.budgets)]
     return HeadPlan(budgets, int8_heads, plan.scores)
-
-
-def pooled_head_scores(layer: CompressedLayer, config) -> Tensor:
-    """The default ranking of a head's tokens: its window attention mass (GQA group summed), pooled."""
-    from .compress import pool_scores  # late import: compress imports this module
-
-    return pool_scores(layer.stats.kv_scores, config.pooling, config.pool_kernel)

@@ -81,3 +81,15 @@ def test_exported_generator_rejects_what_the_export_cannot_hold(tmp_path):
         ExportedGenerator(tmp_path / "out", kind="aoti")
     with pytest.raises(FileNotFoundError, match="not a directory written by entropykv_fx.export"):
         ExportedGenerator(tmp_path)
+
+
+def test_a_graph_without_attention_or_with_unpairable_attention_is_refused_by_export():
+    from test_passes import MathAttention
+
+    from entropykv_fx.aot import _rewritten
+    from entropykv_fx.passes import RewriteSettings
+
+    with pytest.raises(ExportError, match="holds no attention site"):
+        _rewritten(torch.nn.Linear(4, 4), (torch.randn(2, 4),), RewriteSettings())
+    with pytest.raises(ExportError, match="(?s)could not be rewritten.*do not come from an entropykv cache"):
+        _rewritten(MathAttention(), tuple(torch.randn(1, 2, 6, 8) for _ in range(3)), RewriteSettings())

@@ -11,7 +11,8 @@ from tiny_models import DEVICE
 
 from entropykv_fx import ConfigError, EntropyKVCache, EntropyKVConfig, ops
 from entropykv_fx.cache import PrefillStats
-from entropykv_fx.compress import compress_cache, layer_budgets, pool_scores, uncompressed_report
+from entropykv_fx.compress import compress_cache, layer_budgets, uncompressed_report
+from entropykv_fx.policies import pool_scores
 from entropykv_fx.policies import POLICIES
 
 HQ, HKV, D, W = 4, 2, 8, 4  # query heads, kv heads, head_dim, observation window of the scoring

@@ -3,7 +3,7 @@
 A layer-wise policy maps the per-layer mean head entropies of a prompt (and the config) to how many tokens each
 layer keeps. Token choice is shared: the layer's pooled attention scores go through `entropykv::select`.
 A head-wise policy (`plan_heads`) decides per KV head instead: budgets, int8 storage and token ranking for every
-head of every layer (`headwise.HeadPlan`); the cache then takes the ragged head-wise layout.
+head of every layer (`HeadPlan`); the cache then takes the ragged head-wise layout (`entropykv_fx.headwise`).
 Adding a policy is one new module exposing a `POLICY` and one line in `POLICIES` below; `docs/policies.md`
 describes each one.
 """
@@ -16,12 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
 if TYPE_CHECKING:
-    from torch import Tensor
 
     from ..cache import CompressedLayer
     from ..config import EntropyKVConfig
-    from ..headwise import HeadPlan
 
 Allocate = Callable[[Sequence[float], int, "EntropyKVConfig"], list[int]]
 TokenScores = Callable[["CompressedLayer", "EntropyKVConfig"], "Tensor"]
@@ -102,6 +104,32 @@ def distribute(weights: Sequence[float], total: int, lo: int, hi: int) -> list[i
             short -= 1
     return ints
 
+
+
+# ------------------------------------------------------------------ scoring machinery shared by the policies
+def pool_scores(scores: Tensor, pooling: str, kernel: int) -> Tensor:
+    """Smooth scores [..., S] along the sequence so a kept token keeps its neighbours' context."""
+    if pooling == "none" or kernel == 1:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    pooled = pool(flat, kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(scores.shape)
+
+
+def pooled_head_scores(layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
+    """The default ranking of a head's tokens: its window attention mass (GQA group summed), pooled."""
+    return pool_scores(layer.stats.kv_scores, config.pooling, config.pool_kernel)
+
+
+@dataclass
+class HeadPlan:
+    """What a head-wise policy decided, per layer: budgets [B, Hkv] (tokens kept per row and KV head), which
+    KV heads store int8, and the scores [B, Hkv, S] that rank each head's tokens (-inf: never kept)."""
+
+    budgets: list[Tensor]
+    int8_heads: list[list[bool]]
+    scores: list[Tensor]
 
 from . import (adakv, entropy, entropy_head, full, matrix_entropy, pyramidkv, snapkv,  # noqa: E402
                streaming, uniform)  # (the modules use the helpers above)

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..headwise import HeadPlan, pooled_head_scores
-from . import Policy, budget_bounds
+from . import HeadPlan, Policy, budget_bounds, pooled_head_scores
 
 ALPHA = 0.2
 

@@ -19,8 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..headwise import HeadPlan, pooled_head_scores
-from . import Policy, budget_bounds
+from . import HeadPlan, Policy, budget_bounds, pooled_head_scores
 
 LOW, MIDDLE, HIGH = 0, 1, 2
 TIER_TOKEN_WEIGHTS = (0.25, 0.75, 1.0)  # relative tokens kept by a low, middle and high head

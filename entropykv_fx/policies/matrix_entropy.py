@@ -19,8 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..headwise import HeadPlan, pooled_head_scores
-from . import Policy, budget_bounds, distribute
+from . import HeadPlan, Policy, budget_bounds, distribute, pooled_head_scores
 
 SPREAD = 0.5
 CHUNK = 4096  # prompt rows per step: Z^T Z is accumulated so no float32 copy of all the states is ever held

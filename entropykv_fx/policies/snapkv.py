@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..headwise import HeadPlan, pooled_head_scores
-from . import Policy, budget_bounds
+from . import HeadPlan, Policy, budget_bounds, pooled_head_scores
 
 
 def plan_heads(layers, n_tokens, config) -> HeadPlan:
