@@ -41,8 +41,8 @@ def _run_exported(directory: str, prompt: str, fmt: str | None, max_new_tokens: 
     if not layout_path.is_file():
         raise FileNotFoundError(f"{layout_path} not found: give a directory written by `entropykv-fx export`")
     available = [f for f in RUNNABLE_FORMATS if json.loads(layout_path.read_text())["programs"].get(f)]
-    if fmt is not None and fmt not in available:
-        raise ValueError(f"{directory} holds no {fmt} programs (format mismatch); it holds: {available}")
+    if not available or (fmt is not None and fmt not in available):
+        raise ValueError(f"{directory} holds no {fmt or 'runnable'} programs (format mismatch); it holds: {available}")
     fmt = fmt or available[0]
     if fmt == "onnx":
         from .exporters.onnx import OrtGenerator
