@@ -125,9 +125,9 @@ def _rewritten(module: nn.Module, args: tuple, settings: RewriteSettings, use_sc
         return torch.export.export(gm, args, strict=False)
 
 
-def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new_tokens: int, batch: int = 1,
-           aoti: bool = True) -> Path:
-    """Export an optimized model (calibrated budgets) to `out_dir`; returns the path of `layout.json`."""
+def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
+                   batch: int = 1) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, dict]:
+    """The rewritten (prefill, decode) programs of an optimized model (calibrated budgets) and their cache layout."""
     runtime = getattr(model, "_entropykv", None)
     if runtime is None:
         raise ExportError("export: optimize the model first, e.g. entropykv_fx.optimize(model, "
@@ -157,6 +157,21 @@ def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new
     step = torch.tensor(0, device=device)
     decode = _rewritten(_Decode(model, runtime.eager_forward, budgets), (ids[:, :1], positions[:, -1:] + 1, step, *cache),
                         RewriteSettings(None, runtime.sliding_windows))
+    k = cache[0]
+    layout = {"format": "entropykv-export/1", "model": type(model).__name__, "num_layers": n, "batch": batch,
+              "prompt_length": prompt_length, "max_new_tokens": max_new_tokens, "budgets": budgets,
+              "capacities": capacities, "kv_heads": k.shape[1], "head_dim": k.shape[-1],
+              "dtype": str(k.dtype).removeprefix("torch."), "device": device.type,
+              "vocab_size": model.config.vocab_size, "policy": config.policy, "window": config.window,
+              "sink_tokens": config.sink_tokens, "calibration_file": str(config.calibration_file)}
+    return prefill, decode, layout
+
+
+def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new_tokens: int, batch: int = 1,
+           aoti: bool = True) -> Path:
+    """Export an optimized model (calibrated budgets) to `out_dir`; returns the path of `layout.json`."""
+    prefill, decode, layout = build_programs(model, prompt_length=prompt_length, max_new_tokens=max_new_tokens,
+                                             batch=batch)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.export.save(prefill, out / "prefill.pt2")
@@ -165,15 +180,8 @@ def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new
         for name, ep in (("prefill", prefill), ("decode", decode)):
             torch._inductor.aoti_compile_and_package(ep.run_decompositions(decompositions()),
                                                      package_path=str(out / f"{name}.aoti.pt2"))
-    k = cache[0]
-    layout = {"format": "entropykv-export/1", "model": type(model).__name__, "num_layers": n, "batch": batch,
-              "prompt_length": prompt_length, "max_new_tokens": max_new_tokens, "budgets": budgets,
-              "capacities": capacities, "kv_heads": k.shape[1], "head_dim": k.shape[-1],
-              "dtype": str(k.dtype).removeprefix("torch."), "device": device.type,
-              "vocab_size": model.config.vocab_size, "policy": config.policy, "window": config.window,
-              "sink_tokens": config.sink_tokens, "calibration_file": str(config.calibration_file),
-              "programs": {"pt2": ["prefill.pt2", "decode.pt2"],
-                           "aoti": ["prefill.aoti.pt2", "decode.aoti.pt2"] if aoti else []}}
+    layout["programs"] = {"pt2": ["prefill.pt2", "decode.pt2"],
+                          "aoti": ["prefill.aoti.pt2", "decode.aoti.pt2"] if aoti else []}
     path = out / "layout.json"
     path.write_text(json.dumps(layout, indent=1))
     return path

@@ -1,14 +1,63 @@
-"""Command line: `entropykv-fx demo | calibrate`."""
+"""Command line: `entropykv-fx demo | calibrate | export | run`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+RUNNABLE_FORMATS = ("onnx", "aoti", "pt2")  # in the order `run` picks one when a directory holds several
 
 
 def _budget(value: str) -> float | int:
     number = float(value)
     return int(number) if number > 1 else number
+
+
+def _export_default_model(fmt: str, calibration: str, out: str, prompt_length: int, max_new_tokens: int) -> Path:
+    """`entropykv-fx export`: SmolLM2 optimized with the calibration's budgets and policy, exported to `out`."""
+    if not Path(calibration).is_file():
+        raise FileNotFoundError(f"calibration file {calibration} not found; write one with "
+                                f"`entropykv-fx calibrate --out {calibration}`")
+    import entropykv_fx
+    from .models import load_default_model
+
+    record = json.loads(Path(calibration).read_text())
+    # The budgets were measured with this policy, window and sink count: export with the same.
+    settings = {k: record[k] for k in ("policy", "window", "sink_tokens") if k in record}
+    model, _ = load_default_model()
+    model = entropykv_fx.optimize(model, budget_source="calibrated", calibration_file=calibration, **settings)
+    if fmt == "onnx":
+        from .exporters.onnx import export_onnx
+
+        return export_onnx(model, out, prompt_length=prompt_length, max_new_tokens=max_new_tokens)
+    return entropykv_fx.export(model, out, prompt_length=prompt_length, max_new_tokens=max_new_tokens)
+
+
+def _run_exported(directory: str, prompt: str, fmt: str | None, max_new_tokens: int | None) -> str:
+    """`entropykv-fx run`: greedy continuation of `prompt` with the programs exported to `directory`."""
+    layout_path = Path(directory) / "layout.json"
+    if not layout_path.is_file():
+        raise FileNotFoundError(f"{layout_path} not found: give a directory written by `entropykv-fx export`")
+    available = [f for f in RUNNABLE_FORMATS if json.loads(layout_path.read_text())["programs"].get(f)]
+    if not available or (fmt is not None and fmt not in available):
+        raise ValueError(f"{directory} holds no {fmt or 'runnable'} programs (format mismatch); it holds: {available}")
+    fmt = fmt or available[0]
+    if fmt == "onnx":
+        from .exporters.onnx import OrtGenerator
+
+        generator = OrtGenerator(directory)
+    else:
+        from .exported import ExportedGenerator
+
+        generator = ExportedGenerator(directory, kind=fmt)
+    from .models import load_default_model
+
+    _, tokenizer = load_default_model()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    tokens = generator.generate(ids, max_new_tokens or generator.layout["max_new_tokens"])
+    return tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +79,31 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--policy", default="entropy")
     cal.add_argument("--out", required=True, help="where to write the calibration JSON")
 
+    exp = sub.add_parser("export", help="export SmolLM2 with calibrated budgets to ONNX or AOTInductor programs")
+    exp.add_argument("--format", choices=("onnx", "aoti"), required=True)
+    exp.add_argument("--calibration", required=True, help="calibration JSON from `entropykv-fx calibrate`")
+    exp.add_argument("--out", required=True, help="folder for the programs and layout.json")
+    exp.add_argument("--prompt-length", type=int, required=True, help="static prompt length (shorter prompts are padded)")
+    exp.add_argument("--max-new-tokens", type=int, required=True)
+
+    run = sub.add_parser("run", help="greedy generation with programs written by `entropykv-fx export`")
+    run.add_argument("directory")
+    run.add_argument("--prompt", required=True)
+    run.add_argument("--format", choices=RUNNABLE_FORMATS, help="which exported programs to run (default: any held)")
+    run.add_argument("--max-new-tokens", type=int, help="default: the exported maximum")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             from .demo import run_demo
 
             run_demo(args.prompt_tokens, tuple(args.budgets), args.policy, args.depth, out_dir=args.out)
+        elif args.command == "export":
+            path = _export_default_model(args.format, args.calibration, args.out, args.prompt_length,
+                                         args.max_new_tokens)
+            print(f"{args.format} programs and {path.name} written to {path.parent}")
+        elif args.command == "run":
+            print(_run_exported(args.directory, args.prompt, args.format, args.max_new_tokens))
         else:
             from .calibrate import calibrate_default_model
 

@@ -13,6 +13,21 @@ import torch
 from torch import Tensor
 
 
+def check_new_tokens(runner: str, max_new_tokens: int, layout: dict) -> None:
+    if not 1 <= max_new_tokens <= layout["max_new_tokens"]:
+        raise ValueError(f"{runner}: max_new_tokens must be in 1..{layout['max_new_tokens']} "
+                         f"(the exported cache capacity), got {max_new_tokens}")
+
+
+def left_pad_count(runner: str, shape: tuple[int, ...], layout: dict) -> int:
+    """How many pad tokens an unpadded prompt batch of `shape` needs to fill the exported prompt length."""
+    length, batch = layout["prompt_length"], layout["batch"]
+    if len(shape) != 2 or shape[0] != batch or shape[1] > length:
+        raise ValueError(f"{runner}: input_ids must be [{batch}, <= {length}] (the exported batch and "
+                         f"prompt length), got {tuple(shape)}")
+    return length - shape[1]
+
+
 class ExportedGenerator:
     """Greedy generation with an exported prefill/decode pair and its compressed cache layout."""
 
@@ -37,20 +52,14 @@ class ExportedGenerator:
         self.pad_token_id = pad_token_id
 
     def _left_pad(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        length, batch = self.layout["prompt_length"], self.layout["batch"]
-        if input_ids.dim() != 2 or input_ids.shape[0] != batch or input_ids.shape[1] > length:
-            raise ValueError(f"ExportedGenerator: input_ids must be [{batch}, <= {length}] (the exported batch and "
-                             f"prompt length), got {tuple(input_ids.shape)}")
-        pad = length - input_ids.shape[1]
+        pad = left_pad_count("ExportedGenerator", tuple(input_ids.shape), self.layout)
         ids = torch.nn.functional.pad(input_ids, (pad, 0), value=self.pad_token_id)
-        positions = torch.arange(length) - pad
-        return ids, positions.masked_fill(positions < 0, -1).expand(batch, -1).contiguous()
+        positions = torch.arange(ids.shape[1]) - pad
+        return ids, positions.masked_fill(positions < 0, -1).expand(ids.shape[0], -1).contiguous()
 
     def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
         """Greedy continuation of an unpadded prompt batch [B, n]; returns the new tokens [B, max_new_tokens]."""
-        if not 1 <= max_new_tokens <= self.layout["max_new_tokens"]:
-            raise ValueError(f"ExportedGenerator: max_new_tokens must be in 1..{self.layout['max_new_tokens']} "
-                             f"(the exported cache capacity), got {max_new_tokens}")
+        check_new_tokens("ExportedGenerator", max_new_tokens, self.layout)
         device = torch.device(self.layout["device"])
         ids, positions = (t.to(device) for t in self._left_pad(input_ids.cpu()))
         with torch.no_grad():
