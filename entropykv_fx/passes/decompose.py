@@ -42,13 +42,7 @@ def score(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
 
 
 def select(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window: int) -> Tensor:
-    last = k_pos.max(-1, keepdim=True).values
-    forced = (k_pos >= 0) & ((k_pos < sink_tokens) | (k_pos > last - window))
-    if scores.dim() == 3:
-        forced, empty = forced[:, None], (k_pos < 0)[:, None]
-    else:
-        empty = k_pos < 0
-    ranked = scores.float().masked_fill(empty, float("-inf")).masked_fill(forced, float("inf"))
+    ranked = ops.selection_ranks(scores, k_pos, sink_tokens, window)
     kept = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., : min(budget, scores.shape[-1])]
     return kept.sort(dim=-1).values
 
