@@ -1,4 +1,4 @@
-"""Command line: `entropykv-fx demo | calibrate`."""
+"""Command line: `entropykv-fx demo | calibrate | bench quality`."""
 
 from __future__ import annotations
 
@@ -30,7 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--policy", default="entropy")
     cal.add_argument("--out", required=True, help="where to write the calibration JSON")
 
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
+    from .bench.quality import add_arguments
+
+    add_arguments(bench.add_parser("quality", help="long-context accuracy of every policy and budget (+ kvpress)"))
+
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .bench.quality import run_and_report
+
+        return run_and_report(args)
     try:
         if args.command == "demo":
             from .demo import run_demo
