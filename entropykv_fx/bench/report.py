@@ -73,7 +73,12 @@ def markdown(records: list[dict], meta: dict) -> str:
     budgets = meta["budgets"]
     methods = _methods(records)
     kv = meta.get("kvpress")
-    out = [f"# Quality benchmark: {meta['model']} ({meta['dtype']}) on {env['device']}", "",
+    out = [f"# Quality benchmark: {meta['model']} ({meta['dtype']}) on {env['device']}", ""]
+    if "CPU" in env["device"]:
+        out += [f"**CPU fallback at reduced scale**: {meta['cases_per_task_and_length']} case(s) per task and length, "
+                f"lengths {meta['lengths']}; too few cases for conclusions, the full grid is meant for a GPU (last line "
+                "of the list below).", ""]
+    out += [
            f"- command: `{env['command']}`",
            f"- git commit {env['git_commit']}; entropykv_fx {env['entropykv_fx']}, torch {env['torch']}, "
            f"transformers {env['transformers']}, Python {env['python']}",
@@ -156,6 +161,17 @@ def plot(records: list[dict], meta: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def render(json_path: str | Path) -> Path:
+    """Re-write the markdown and the plot of a finished run from its JSON (the records are not touched)."""
+    path = Path(json_path)
+    data = json.loads(path.read_text())
+    records = data.pop("records")
+    md = path.with_suffix(".md")
+    md.write_text(markdown(records, data))
+    plot(records, data, path.with_suffix(".png"))
+    return md
+
+
 def write_outputs(records: list[dict], meta: dict, stem: Path) -> Path:
     """stem.json (meta + every record), stem.md, stem.png; returns the markdown path."""
     stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=0))
@@ -163,3 +179,9 @@ def write_outputs(records: list[dict], meta: dict, stem: Path) -> Path:
     md.write_text(markdown(records, meta))
     plot(records, meta, stem.with_suffix(".png"))
     return md
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(render(sys.argv[1]))  # python -m entropykv_fx.bench.report benchmarks/results/quality_cpu.json
