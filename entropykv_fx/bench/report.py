@@ -119,6 +119,13 @@ def markdown(records: list[dict], meta: dict) -> str:
         out += _table(methods, cols, [f"{n} @ {b:.0%}" for n, b in cols],
                       lambda m, c: nll.get((m, *c)) if c[1] == 1.0 else increase.get((m, *c)),
                       lambda cell: _fmt(cell, 1.0, 3))
+        rise = _mean_by(records, "nll_increase", "library", "method", "budget")
+        for library in LIBRARIES:
+            at25 = {m: v[0] for (lib, m, b), v in rise.items() if lib == library and b == 0.25}
+            if at25:
+                best = min(at25, key=at25.get)
+                out.append(f"\n- 25% kept, smallest NLL increase of {library}: `{best}` {at25[best]:+.3f} nats"
+                           + (f" (target ≤ 0.03: {'met' if at25[best] <= 0.03 else 'missed'})" if library == "entropykv_fx" else ""))
         out.append("")
     kept = _mean_by(records, "kept_fraction", "label", "budget")
     out += ["## Measured kept fraction of the KV cache (%)", ""]
