@@ -152,7 +152,7 @@ def plot(records: list[dict], meta: dict, path: Path) -> None:
                 continue
             ours = method.startswith("entropykv")
             if method.split("/")[1] in REFERENCES:
-                ax.axhline(points[0][1], color="black" if ours else "grey", linestyle=":", label=f"{method} (100%)")
+                ax.axhline(points[0][1], color="black" if ours else "grey", linestyle=":", label=f"{method} (kept 100%)")
                 continue
             ax.plot(*zip(*points), marker="o" if ours else "s", linestyle="-" if ours else "--", label=method)
         ax.set_xlabel("kept fraction of the KV cache")
