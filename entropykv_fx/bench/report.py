@@ -77,7 +77,7 @@ def markdown(records: list[dict], meta: dict) -> str:
     if "CPU" in env["device"]:
         out += [f"**CPU fallback at reduced scale**: {meta['cases_per_task_and_length']} case(s) per task and length, "
                 f"lengths {meta['lengths']}; too few cases for conclusions, the full grid is meant for a GPU (last line "
-                "of the list below).", ""]
+                "of the list below). Wall times depend on whatever else ran on the shared CPU: they compare nothing.", ""]
     out += [
            f"- command: `{env['command']}`",
            f"- git commit {env['git_commit']}; entropykv_fx {env['entropykv_fx']}, torch {env['torch']}, "
