@@ -1,4 +1,4 @@
-"""Command line: `entropykv-fx demo | calibrate | export | run`."""
+"""Command line: `entropykv-fx demo | calibrate | export | run | bench quality`."""
 
 from __future__ import annotations
 
@@ -92,7 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--format", choices=RUNNABLE_FORMATS, help="which exported programs to run (default: any held)")
     run.add_argument("--max-new-tokens", type=int, help="default: the exported maximum")
 
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
+    from .bench.quality import add_arguments
+
+    add_arguments(bench.add_parser("quality", help="long-context accuracy of every policy and budget (+ kvpress)"))
+
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .bench.quality import run_and_report
+
+        return run_and_report(args)
     try:
         if args.command == "demo":
             from .demo import run_demo

@@ -1,0 +1,1 @@
+"""Quality benchmark of entropykv_fx (`entropykv-fx bench quality`): case generators, scorers and the harness."""

@@ -1,0 +1,226 @@
+"""NVIDIA kvpress on the quality benchmark's cases. Runs as a script inside the kvpress venv (benchmarks/kvpress_env.sh).
+
+    /tmp/kvpress-venv/bin/python entropykv_fx/bench/kvpress_runner.py --cases cases_cpu.json \
+        --model-dir ~/.cache/entropykv_fx/SmolLM2-135M-Instruct --out kvpress_cpu.json
+
+It imports nothing from entropykv_fx (kvpress 0.5.5 needs transformers < 5.3, entropykv_fx >= 5.17): it reads the
+token ids that `bench quality` wrote and writes raw generated token ids and NLLs, which `bench quality` scores.
+
+One prefill serves every press and budget. kvpress compresses a layer's cache in a forward hook that runs after
+that layer's attention, so later layers and the logits never see the compression; each press's own
+`forward_hook` is therefore called here on a private copy of each layer's full cache. `--check-fanout` verifies
+on a short prompt that this gives exactly the caches of the documented `with press(model): model(...)` path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from importlib.metadata import version
+
+import torch
+import torch.nn.functional as F
+from kvpress import (AdaKVPress, ExpectedAttentionPress, KnormPress, PyramidKVPress, SnapKVPress,
+                     StreamingLLMPress)
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.utils import logging as hf_logging
+
+# kvpress's compression_ratio is the fraction of the cache REMOVED: kept 0.25 <-> compression_ratio 0.75.
+PRESSES = {
+    "snapkv": lambda ratio: SnapKVPress(compression_ratio=ratio),
+    "pyramidkv": lambda ratio: PyramidKVPress(compression_ratio=ratio),
+    "streamingllm": lambda ratio: StreamingLLMPress(compression_ratio=ratio),
+    "adakv_snapkv": lambda ratio: AdaKVPress(SnapKVPress(compression_ratio=ratio)),
+    "expected_attention": lambda ratio: ExpectedAttentionPress(compression_ratio=ratio),
+    "knorm": lambda ratio: KnormPress(compression_ratio=ratio),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Compressed:
+    """One press's cache after the shared prefill, with AdaKV's per-layer masked key indices."""
+
+    def __init__(self) -> None:
+        self.cache = DynamicCache()
+        self.masks: dict[int, tuple | None] = {}
+
+    def kept_fraction(self, n_tokens: int) -> float:
+        slots = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in self.cache.layers)
+        masked = sum(len(m[0]) for m in self.masks.values() if m is not None)
+        total = sum(layer.keys.shape[1] for layer in self.cache.layers) * n_tokens
+        return (slots - masked) / total
+
+
+def attention_modules(model):
+    return [layer.self_attn for layer in model.model.layers]
+
+
+@torch.no_grad()
+def fanout_prefill(model, input_ids: torch.Tensor, presses: dict) -> tuple[dict[str, Compressed], torch.Tensor]:
+    """(compressed cache per press name, logits of the last position) from one uncompressed prefill."""
+    results = {name: Compressed() for name in presses}
+    for press in presses.values():
+        press.post_init_from_model(model)
+    for module in attention_modules(model):
+        module.rotary_emb = model.model.rotary_emb  # some presses read it there; `press(model)` sets it the same way
+
+    def compress_copies(module, args, kwargs, output):
+        full = kwargs["past_key_values"].layers[module.layer_idx]
+        for name, press in presses.items():
+            own = results[name]
+            own.cache.update(full.keys, full.values, module.layer_idx)  # a private copy of this layer, uncompressed
+            press.forward_hook(module, args, {**kwargs, "past_key_values": own.cache}, output)
+            own.masks[module.layer_idx] = getattr(module, "masked_key_indices", None)
+            module.masked_key_indices = None
+        return output
+
+    hooks = [m.register_forward_hook(compress_copies, with_kwargs=True) for m in attention_modules(model)]
+    try:
+        out = model(input_ids=input_ids, past_key_values=DynamicCache(), logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return results, out.logits[0, -1]
+
+
+def use_masks(model, compressed: Compressed | None) -> None:
+    """Install (or clear) AdaKV's masked key indices, which kvpress's attention patch reads while decoding."""
+    for module in attention_modules(model):
+        module.masked_key_indices = compressed.masks.get(module.layer_idx) if compressed else None
+
+
+@torch.no_grad()
+def forward_at(model, cache, ids: list[int], start: int):
+    """Feed `ids` after `cache` at logical positions start.. (the cache may physically hold fewer slots)."""
+    device = model.device
+    positions = torch.arange(start, start + len(ids), device=device)[None]
+    return model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, position_ids=positions).logits[0]
+
+
+def greedy(model, cache, logits: torch.Tensor, position: int, max_new_tokens: int, stops: set[int]) -> list[int]:
+    tokens = []
+    for step in range(max_new_tokens):
+        token = int(logits.argmax())
+        tokens.append(token)
+        if token in stops or step == max_new_tokens - 1:
+            return tokens
+        logits = forward_at(model, cache, [token], position + step)[-1]
+    return tokens
+
+
+def run_case(model, case: dict, settings: list[str], presses: dict, stop_token_ids: dict) -> list[dict]:
+    records = []
+    stops = set(stop_token_ids["line" if case["one_line"] else "eos"])
+    base = {"library": "kvpress", "task": case["task"], "length": case["length"], "case": case["index"]}
+    context = case["context_ids"]
+
+    def record(name, setting, qi, compressed, n_tokens, **result):
+        method, budget = name.split("@") if name != "none" else ("none", "1.0")
+        kept = compressed.kept_fraction(n_tokens) if compressed else 1.0
+        records.append({**base, "method": method, "budget": float(budget), "setting": setting, "question": qi,
+                        "kept_fraction": kept, **result})
+
+    def variants(results):  # the uncompressed reference ('none') and every press
+        full = Compressed()
+        full.cache = results.pop("_full").cache
+        return [("none", full, None)] + [(name, c, c) for name, c in results.items()]
+
+    with_full = {"_full": _NoPress(), **presses}
+    if "question_aware" in settings and case["task"] != "perplexity":
+        for qi, q in enumerate(case["questions"]):
+            prompt = context + q["question_ids"]
+            results, logits = fanout_prefill(model, torch.tensor([prompt], device=model.device), with_full)
+            for name, own, masked in variants(results):
+                use_masks(model, masked)
+                tokens = greedy(model, own.cache, logits, len(prompt), case["max_new_tokens"], stops)
+                record(name, "question_aware", qi, masked, len(prompt), tokens=tokens)
+    if "query_agnostic" in settings:
+        results, _ = fanout_prefill(model, torch.tensor([context], device=model.device), with_full)
+        for name, own, masked in variants(results):
+            use_masks(model, masked)
+            for qi, q in enumerate(case["questions"]):
+                cache = copy.deepcopy(own.cache)
+                if case["task"] == "perplexity":
+                    ids = q["continuation_ids"]
+                    logits = forward_at(model, cache, ids, len(context))
+                    nll = float(F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:], device=logits.device)))
+                    record(name, "query_agnostic", qi, masked, len(context), nll=nll)
+                else:
+                    logits = forward_at(model, cache, q["question_ids"], len(context))[-1]
+                    tokens = greedy(model, cache, logits, len(context) + len(q["question_ids"]),
+                                    case["max_new_tokens"], stops)
+                    record(name, "query_agnostic", qi, masked, len(context), tokens=tokens)
+    use_masks(model, None)
+    return records
+
+
+class _NoPress:
+    """Stands in for a press in the fan-out and keeps the layer whole: the full-cache reference."""
+
+    def post_init_from_model(self, model) -> None:
+        pass
+
+    def forward_hook(self, module, args, kwargs, output):
+        return output
+
+
+@torch.no_grad()
+def check_fanout(model, input_ids: torch.Tensor, presses: dict) -> dict[str, bool]:
+    """For each press: does the fan-out give exactly the cache (and AdaKV masks) of `with press(model)`?"""
+    results, _ = fanout_prefill(model, input_ids, presses)
+    same = {}
+    for name, press in presses.items():
+        cache = DynamicCache()
+        with press(model):
+            model(input_ids=input_ids, past_key_values=cache, logits_to_keep=1)
+        masks = {m.layer_idx: getattr(m, "masked_key_indices", None) for m in attention_modules(model)}
+        mine = results[name]
+        same[name] = all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                         for a, b in zip(cache.layers, mine.cache.layers)) and all(
+            (masks[i] is None) == (mine.masks[i] is None) and
+            (masks[i] is None or all(torch.equal(x, y) for x, y in zip(masks[i], mine.masks[i]))) for i in masks)
+        use_masks(model, None)
+    return same
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", required=True, help="cases JSON written by `entropykv-fx bench quality`")
+    parser.add_argument("--model-dir", required=True, help="the model as safetensors (entropykv_fx's cache copy)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1], help="kept fractions")
+    parser.add_argument("--presses", nargs="+", default=list(PRESSES), choices=PRESSES)
+    parser.add_argument("--settings", nargs="+", default=["question_aware", "query_agnostic"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--check-fanout", type=int, default=256, metavar="TOKENS",
+                        help="prompt length of the fan-out self-check (0: skip)")
+    args = parser.parse_args()
+    if any(not 0 < b < 1 for b in args.budgets):
+        parser.error(f"budgets are kept fractions in (0, 1), got {args.budgets}")
+
+    data = json.load(open(args.cases))
+    hf_logging.disable_progress_bar()  # one weight-loading bar per tensor would drown the progress lines
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=DTYPES[args.dtype], attn_implementation="sdpa")
+    model = model.to(args.device).eval()
+    presses = {f"{name}@{budget}": PRESSES[name](round(1.0 - budget, 6)) for name in args.presses for budget in args.budgets}
+    meta = {"kvpress": version("kvpress"), "torch": torch.__version__, "transformers": version("transformers"),
+            "python": platform.python_version(), "device": args.device, "dtype": args.dtype}
+    if args.check_fanout:
+        ids = torch.tensor([data["cases"][0]["context_ids"][:args.check_fanout]], device=model.device)
+        meta["fanout_check"] = check_fanout(model, ids, presses)
+        print("fan-out self-check (identical to `with press(model)`):", meta["fanout_check"], flush=True)
+    start = time.perf_counter()
+    records = []
+    for i, case in enumerate(data["cases"]):
+        records += run_case(model, case, args.settings, presses, data["stop_token_ids"])
+        print(f"kvpress: case {i + 1}/{len(data['cases'])} done, {time.perf_counter() - start:.0f}s", flush=True)
+    meta["kvpress_seconds"] = round(time.perf_counter() - start, 1)
+    json.dump({**meta, "records": records}, open(args.out, "w"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""`entropykv-fx bench quality` (also `python benchmarks/quality.py`): accuracy of compressed caches on long contexts.
+
+For every generated case (see `cases.py`), every policy of `entropykv_fx.policies()` and every budget, in two
+settings:
+
+- question-aware: context + question are prefilled (and compressed) together, then the answer is generated;
+- query-agnostic: the context alone is prefilled and compressed, then each question is asked of a copy of that
+  cache (`entropykv_fx.reuse.ask`); the perplexity task scores a text continuation after the compressed prefix.
+
+With `--kvpress-python` the same cases (token ids in `cases.json`) also go through NVIDIA kvpress's presses in
+their own virtual environment (`benchmarks/kvpress_env.sh`, runner `kvpress_runner.py`), and both are scored
+here by the same code. Outputs in --out: `quality_<tag>.json` (every generation), `.md` (summary) and `.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .cases import QA_TASKS, TASKS, Case, make_cases, stop_token_ids
+from .fanout import compressed_copy, scored_prefill
+from .report import write_outputs
+from .scoring import answer_recall, rouge_l
+
+SETTINGS = ("question_aware", "query_agnostic")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KVPRESS_PRESSES = ("snapkv", "pyramidkv", "streamingllm", "adakv_snapkv", "expected_attention", "knorm")
+RUNNER = Path(__file__).with_name("kvpress_runner.py")
+# The issue's full grid (>= 50 cases per task and length) on a GPU; kvpress venv from benchmarks/kvpress_env.sh.
+FULL_GRID_COMMAND = ("python benchmarks/quality.py --cases 50 --lengths 2048 4096 8192 --budgets 0.5 0.25 0.1 "
+                     "--device cuda --dtype bfloat16 --tag gpu --kvpress-python /tmp/kvpress-venv/bin/python")
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"budgets are kept fractions in (0, 1), got {value}")
+    return number
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..policies import POLICIES
+
+    parser.add_argument("--cases", type=int, default=5, help="cases per task and length")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096], help="prompt lengths in tokens")
+    parser.add_argument("--budgets", type=_fraction, nargs="+", default=[0.25, 0.1], help="kept fractions")
+    parser.add_argument("--policies", nargs="+", default=[p for p in POLICIES if p != "full"],
+                        help="entropykv policies ('full' always runs as the reference)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser.add_argument("--tag", default="cpu", help="name part of the output files: quality_<tag>.*")
+    parser.add_argument("--kvpress-python", help="python of the kvpress venv (benchmarks/kvpress_env.sh); "
+                                                 "without it kvpress is not run")
+    parser.add_argument("--kvpress-presses", nargs="+", default=list(KVPRESS_PRESSES), choices=KVPRESS_PRESSES)
+
+
+def continuation_nll(model, cache, continuation_ids: torch.Tensor) -> float:
+    """Mean negative log-likelihood (nats) of continuation_ids[1:] fed after `cache` (which it extends)."""
+    with torch.no_grad():
+        logits = model(input_ids=continuation_ids.to(model.device), past_key_values=cache, use_cache=True).logits
+    return float(F.cross_entropy(logits[0, :-1].float(), continuation_ids[0, 1:].to(logits.device)))
+
+
+def run_entropykv(model, cases: list[Case], policies: list[str], budgets: list[float], settings: list[str],
+                  stops: dict[str, list[int]]) -> list[dict]:
+    """Generations / NLLs of every (policy, budget) plus the full cache, one shared prefill per prompt."""
+    from ..config import EntropyKVConfig
+    from ..reuse import ask, continue_greedy
+
+    grid = [("full", 1.0)] + [(p, b) for p in policies for b in budgets]
+    ids = lambda tokens: torch.tensor([tokens])  # noqa: E731
+    records = []
+
+    def record(case, setting, method, budget, question, report, **result):
+        records.append(dict(library="entropykv_fx", method=method, budget=budget, setting=setting, task=case.task,
+                            length=case.length, case=case.index, question=question,
+                            kept_fraction=report.kept_fraction, **result))
+
+    for case in tqdm(cases, desc="entropykv_fx", unit="case"):
+        stop = stops["line" if case.one_line else "eos"]
+        if "question_aware" in settings and case.task in QA_TASKS:
+            for qi, q in enumerate(case.questions):
+                full, logits = scored_prefill(model, ids(case.context_ids + q.question_ids))
+                for method, budget in grid:
+                    cache, report = compressed_copy(full, EntropyKVConfig(policy=method, budget=budget))
+                    tokens = continue_greedy(model, cache, logits, case.max_new_tokens, stop)
+                    record(case, "question_aware", method, budget, qi, report, tokens=tokens.tolist())
+        if "query_agnostic" in settings:
+            full, _ = scored_prefill(model, ids(case.context_ids))
+            for method, budget in grid:
+                cache, report = compressed_copy(full, EntropyKVConfig(policy=method, budget=budget))
+                for qi, q in enumerate(case.questions):
+                    if case.task == "perplexity":
+                        nll = continuation_nll(model, cache, ids(q.continuation_ids))
+                        record(case, "query_agnostic", method, budget, qi, report, nll=nll)
+                    else:
+                        tokens = ask(model, cache, ids(q.question_ids), case.max_new_tokens, stop)
+                        record(case, "query_agnostic", method, budget, qi, report, tokens=tokens.tolist())
+    return records
+
+
+def run_kvpress(args, cases_file: Path, model_dir: Path, out_dir: Path) -> dict:
+    out_file = out_dir / f"kvpress_{args.tag}.json"
+    command = [args.kvpress_python, str(RUNNER), "--cases", str(cases_file), "--model-dir", str(model_dir),
+               "--out", str(out_file), "--budgets", *map(str, args.budgets), "--settings", *args.settings,
+               "--presses", *args.kvpress_presses, "--device", args.device, "--dtype", args.dtype]
+    print("running kvpress:", shlex.join(command), file=sys.stderr)
+    subprocess.run(command, check=True)
+    return json.loads(out_file.read_text())
+
+
+def score(records: list[dict], cases: list[Case], tokenizer) -> None:
+    """Add the decoded output, the answer recall and ROUGE-L agreement with the same library's full cache."""
+    by_key = {(c.task, c.length, c.index): c for c in cases}
+    for r in records:
+        if "tokens" in r:
+            r["output"] = tokenizer.decode(r["tokens"], skip_special_tokens=True).strip()
+            question = by_key[r["task"], r["length"], r["case"]].questions[r["question"]]
+            r["score"] = answer_recall(r["output"], question.answers)
+    reference = {(r["library"], r["setting"], r["task"], r["length"], r["case"], r["question"]): r
+                 for r in records if r["method"] in ("full", "none")}
+    for r in records:
+        ref = reference.get((r["library"], r["setting"], r["task"], r["length"], r["case"], r["question"]))
+        if ref is not None and "output" in r:
+            r["rouge_l_vs_full"] = rouge_l(r["output"], ref["output"])
+        elif ref is not None and "nll" in r:
+            r["nll_increase"] = r["nll"] - ref["nll"]
+
+
+def environment(device: str) -> dict:
+    import transformers
+
+    from .. import __version__
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip())
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return {"device": name, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "entropykv_fx": __version__,
+            "git_commit": commit + ("+uncommitted changes" if dirty else ""),
+            "command": shlex.join(["entropykv-fx", "bench", "quality", *sys.argv[1:]]) if Path(sys.argv[0]).name == "entropykv-fx"
+            else shlex.join(["python", *sys.argv])}
+
+
+def run(args: argparse.Namespace) -> Path:
+    from ..models import DEFAULT_MODEL, cache_dir, load_default_model
+    from ..policies import POLICIES
+
+    unknown = sorted(set(args.policies) - set(POLICIES))
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; available: {sorted(POLICIES)}")
+    if args.cases < 1:
+        raise ValueError(f"--cases must be >= 1, got {args.cases}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_default_model(dtype=DTYPES[args.dtype], device=args.device)
+    cases = make_cases(tokenizer, args.tasks, args.lengths, args.cases, args.seed)
+    stops = stop_token_ids(tokenizer)
+    cases_file = out_dir / f"cases_{args.tag}.json"
+    cases_file.write_text(json.dumps({"model": DEFAULT_MODEL, "stop_token_ids": stops,
+                                      "cases": [c.to_json() for c in cases]}))
+    policies = [p for p in args.policies if p != "full"]
+    start = time.perf_counter()
+    records = run_entropykv(model, cases, policies, args.budgets, args.settings, stops)
+    meta = {"environment": environment(args.device), "model": DEFAULT_MODEL, "dtype": args.dtype,
+            "seed": args.seed, "cases_per_task_and_length": args.cases, "lengths": args.lengths,
+            "budgets": args.budgets, "tasks": args.tasks, "settings": args.settings, "full_grid_command": FULL_GRID_COMMAND,
+            "prompt_tokens": {f"{c.task}/{c.length}/{c.index}": c.prompt_tokens for c in cases},
+            "entropykv_seconds": round(time.perf_counter() - start, 1)}
+    del model  # the kvpress process loads its own copy
+    if args.kvpress_python:
+        kv = run_kvpress(args, cases_file, cache_dir(), out_dir)
+        records += kv["records"]
+        meta["kvpress"] = {k: v for k, v in kv.items() if k != "records"}
+    score(records, cases, tokenizer)
+    return write_outputs(records, meta, out_dir / f"quality_{args.tag}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/quality.py", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_and_report(parser.parse_args(argv))
+
+
+def run_and_report(args: argparse.Namespace) -> int:
+    """Run the benchmark; errors in the settings or the environment exit with status 2 and one message."""
+    try:
+        path = run(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, subprocess.CalledProcessError) as err:
+        print(f"bench quality: error: {err}", file=sys.stderr)
+        return 2
+    print(f"summary: {path}")
+    return 0
