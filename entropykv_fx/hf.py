@@ -61,15 +61,16 @@ class Runtime:
     def count_sites(self, n: int) -> None:
         self.sites_run += n
 
-    def compile(self, model: nn.Module) -> None:
-        """(Re)build the compiled forward for the current config."""
+    def compile(self, model: nn.Module, statistic_of: str | None = None) -> None:
+        """(Re)build the compiled forward for the current config; `statistic_of` names a policy whose prefill
+        statistic to compute instead of this policy's own (a shared prefill serving several policies)."""
         policy = POLICIES[self.config.policy]
-        statistic = _statistic(policy.prefill_statistic, self.config) if policy.prefill_statistic is not None else None
+        measure = POLICIES[statistic_of or policy.name].prefill_statistic
+        statistic = _statistic(measure, self.config) if measure is not None else None
         settings = RewriteSettings(self.config.window if policy.needs_scores else None, self.sliding_windows, statistic)
         self.backend = EntropyKVBackend(settings, self.inductor, self.mode, on_stats=self.receive_stats,
                                         on_run=self.count_sites)
         model.forward = torch.compile(own_code(self.eager_forward), backend=self.backend, dynamic=True)
-
 
 
 def _statistic(fn: Any, config: EntropyKVConfig) -> Any:

@@ -18,6 +18,7 @@ from ..cache import EntropyKVCache
 from ..compress import CompressionReport, compress_cache
 from ..config import EntropyKVConfig
 from ..hf import optimize
+from ..policies import POLICIES
 
 # A scoring policy; at budget 1.0 it evicts nothing, so the prefill leaves every token in the cache.
 _SCORING = dict(policy="uniform", budget=1.0)
@@ -30,6 +31,10 @@ def scored_prefill(model: nn.Module, input_ids: Tensor, base: EntropyKVConfig | 
     Leaves `model` optimized with `base` (default `EntropyKVConfig()`) turned into the scoring configuration.
     """
     optimize(model, (base or EntropyKVConfig()).replace(**_SCORING))
+    # Head-wise policies may rank by a statistic of their own (matrix_entropy's): the shared prefill computes it too.
+    with_statistic = [name for name, p in POLICIES.items() if p.prefill_statistic is not None]
+    if with_statistic:
+        model._entropykv.compile(model, statistic_of=with_statistic[0])
     cache = EntropyKVCache(len(model.model.layers))
     scores = []
 

@@ -77,8 +77,16 @@ class RewriteResult:
         return [o for o in self.outcomes if not o.rewritten]
 
 
+def _is_slicing(node: fx.Node) -> bool:
+    """x[:, :, :n, :]-style basic slicing. transformers' SDPA slices cached keys to the query length when it thinks
+    the slots past it are an empty static cache; positions decide visibility after the rewrite, so it is seen through."""
+    index = node.args[1] if node.target is operator.getitem else None
+    return isinstance(index, tuple) and all(isinstance(i, slice) or i is Ellipsis for i in index)
+
+
 def _source(node: fx.Node) -> fx.Node:
-    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in _CARRY:
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and (
+            node.target in _CARRY or _is_slicing(node)):
         node = node.args[0]
     return node
 
