@@ -6,35 +6,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from static_models import Attention
 from tiny_models import ARCHS, random_prompt, tiny_model
 from torch import nn
 
 from entropykv_fx.passes import explain, find_attention_sites
 
 
-class StaticCacheAttention(nn.Module):
+def static_cache_attention() -> nn.Module:
     """gpt-fast style: static KV buffers written at input_pos, SDPA with a mask over the whole buffer."""
-
-    def __init__(self, dim=32, heads=4, kv_heads=2, max_len=64):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-        self.wq = nn.Linear(dim, dim, bias=False)
-        self.wkv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
-        self.register_buffer("k_cache", torch.zeros(1, kv_heads, max_len, self.head_dim))
-        self.register_buffer("v_cache", torch.zeros(1, kv_heads, max_len, self.head_dim))
-        self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril())
-
-    def forward(self, x, input_pos):
-        b, n, _ = x.shape
-        q = self.wq(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k, v = self.wkv(x).view(b, n, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
-        keys = self.k_cache.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        values = self.v_cache.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        mask = self.causal[None, None, input_pos]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).transpose(1, 2).reshape(b, n, -1)
+    return Attention(dim=32, heads=4, kv_heads=2, max_len=64, eager=False)
 
 
 class MathAttention(nn.Module):
@@ -65,7 +46,7 @@ def test_every_site_of_tiny_hf_models_is_found_in_dynamo_and_export_graphs(arch,
 
 
 def test_gpt_fast_style_static_cache_site():
-    module = StaticCacheAttention()
+    module = static_cache_attention()
     x, pos = torch.randn(1, 5, 32), torch.arange(5)
     (report,) = explain(torch.export.export(module, (x, pos), strict=False))
     (site,) = report.sites

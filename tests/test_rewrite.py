@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_passes import MathAttention, StaticCacheAttention
+from test_passes import MathAttention, static_cache_attention
 from tiny_models import ARCHS, random_prompt, tiny_model
 from torch import nn
 
@@ -47,7 +47,7 @@ def test_sites_without_an_entropykv_cache_are_left_alone_with_a_reason():
     (report,) = explain(model, random_prompt(16), use_cache=False)
     assert report.found == 3 and report.rewritten == 0
     assert all("do not come from an entropykv cache" in o.reason for o in report.outcomes)
-    ep = torch.export.export(StaticCacheAttention(), (torch.randn(1, 5, 32), torch.arange(5)), strict=False)
+    ep = torch.export.export(static_cache_attention(), (torch.randn(1, 5, 32), torch.arange(5)), strict=False)
     (report,) = explain(ep)
     assert report.found == 1 and report.rewritten == 0 and "left alone" in str(report)
 
