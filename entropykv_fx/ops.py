@@ -67,12 +67,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, sca
 
 def _sdpa_by_position(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
                       sliding_window: int) -> Tensor:
-    seen = visibility(q_pos, k_pos, sliding_window)
     gqa = q.shape[1] != k.shape[1]
+    if _is_plain_causal(q_pos, k_pos, sliding_window):  # an unpadded prefill: SDPA's causal fast path, no mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    seen = visibility(q_pos, k_pos, sliding_window)
     if bool(seen.all()):  # e.g. decode over a cache without pads: no mask needed
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    if _is_plain_causal(seen, q_pos, k_pos):  # an unpadded prefill: let SDPA pick its causal fast path
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     any_seen = seen.any(-1, keepdim=True)
     # Rows that see nothing get a harmless all-true mask (avoids NaN), then are zeroed.
     mask = (seen | ~any_seen)[:, None]
@@ -80,12 +80,15 @@ def _sdpa_by_position(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Ten
     return out * any_seen[:, None].to(out.dtype)
 
 
-def _is_plain_causal(seen: Tensor, q_pos: Tensor, k_pos: Tensor) -> bool:
-    """True when the visibility is exactly the lower-triangular causal mask (slot i sees slots 0..i)."""
-    n = seen.shape[-1]
-    if seen.shape[-2] != n or not torch.equal(q_pos, k_pos):
+def _is_plain_causal(q_pos: Tensor, k_pos: Tensor, sliding_window: int) -> bool:
+    """True when query and key slot i both hold position p + i (p >= 0), so slot i sees slots 0..i: the causal
+    mask. Checked in O(L), because the [L, L] mask of a long prefill (16 GB at 128k tokens) must never be built."""
+    n = k_pos.shape[-1]
+    if q_pos.shape != k_pos.shape or n < 2 or 0 < sliding_window < n:
         return False
-    return torch.equal(seen, torch.ones(n, n, dtype=torch.bool, device=seen.device).tril().expand_as(seen))
+    start = k_pos[:, :1]
+    steps = torch.arange(n, device=k_pos.device)
+    return bool(((k_pos - start == steps) & (q_pos == k_pos)).all() & (start >= 0).all())
 
 
 @attention.register_fake

@@ -10,7 +10,8 @@ multi-token calls). After a prefill, each layer's kept tokens are packed at the 
 -1 after them), so later tokens follow them. The buffers keep their size: the model allocated them; what
 compression buys here is room, since `max_seq_len` now bounds the kept tokens, not all tokens seen.
 Call `reset()` before a new sequence. Layer-wise policies only; shapes are static, so a new prompt length
-compiles a new prefill graph.
+compiles a new prefill graph, and the decode graph suits CUDA graphs: `StaticCacheModel(gpt, inductor=True,
+mode="reduce-overhead")`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from .policies import POLICIES, pool_scores
 class StaticCacheModel:
     """Wraps a static-buffer model (see the module docstring); call it like the model."""
 
-    def __init__(self, model: nn.Module, config: EntropyKVConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, model: nn.Module, config: EntropyKVConfig | None = None, *, inductor: bool = False,
+                 mode: str | None = None, **overrides: Any) -> None:
         cfg = (config or EntropyKVConfig()).replace(**overrides) if overrides or config is None else config
         if POLICIES[cfg.policy].headwise or cfg.budget_source != "dynamic":
             raise ValueError(f"StaticCacheModel: policy {cfg.policy!r} with budget_source={cfg.budget_source!r} is "
@@ -44,7 +46,7 @@ class StaticCacheModel:
         self.stats: dict[int, tuple[Tensor, ...]] = {}
         policy = POLICIES[cfg.policy]
         self.backend = EntropyKVBackend(RewriteSettings(cfg.window if policy.needs_scores else None),
-                                        on_stats=self._receive)
+                                        inductor=inductor, mode=mode, on_stats=self._receive)
         self.compiled = torch.compile(own_code(model.__call__), backend=self._compile, dynamic=False)
 
     def _compile(self, gm, example_inputs):

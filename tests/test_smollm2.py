@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny_models import DEVICE
+
 import entropykv_fx
 from entropykv_fx.demo import ANSWER_KEY, needle_prompt
 
@@ -17,11 +19,12 @@ def smollm2():
     pytest.importorskip("gguf")
     from entropykv_fx.models import load_default_model
 
-    return load_default_model(show_progress=False)
+    model, tokenizer = load_default_model(show_progress=False)
+    return model.to(DEVICE), tokenizer
 
 
 def retrieved(model, tokenizer, depth: float) -> bool:
-    inputs = needle_prompt(tokenizer, 2000, depth)
+    inputs = needle_prompt(tokenizer, 2000, depth).to(DEVICE)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return ANSWER_KEY in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:]).lower()
@@ -44,6 +47,6 @@ def test_planted_fact_survives_25_percent_budget(smollm2):
 def test_explain_rewrites_all_30_attention_sites_on_prefill_and_decode_graphs(smollm2):
     model, tokenizer = smollm2
     entropykv_fx.optimize(model, policy="entropy", budget=0.25)
-    reports = entropykv_fx.explain(model, tokenizer("The capital of France is", return_tensors="pt")["input_ids"])
+    reports = entropykv_fx.explain(model, tokenizer("The capital of France is", return_tensors="pt")["input_ids"].to(DEVICE))
     assert [r.name.split("(")[1] for r in reports] == ["prefill)", "decode)"]
     assert all(r.found == r.rewritten == 30 for r in reports), "\n".join(map(str, reports))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny_models import DEVICE
+
 import entropykv_fx
 from entropykv_fx.demo import ANSWER_KEY, needle_prompt
 from entropykv_fx.headwise import HeadwiseLayer
@@ -19,7 +21,7 @@ def smollm2():
     from entropykv_fx.models import load_default_model
 
     model, tokenizer = load_default_model(show_progress=False)
-    return model, tokenizer, needle_prompt(tokenizer, 400, 0.5)
+    return model.to(DEVICE), tokenizer, needle_prompt(tokenizer, 400, 0.5).to(DEVICE)
 
 
 @pytest.mark.parametrize("policy", sorted(entropykv_fx.policies()))

@@ -16,11 +16,11 @@ PROMPT, NEW = 60, 12
 def greedy(fn, ids: torch.Tensor, new: int = NEW, before_decode=None) -> torch.Tensor:
     n = ids.shape[1]
     with torch.no_grad():
-        tokens = [fn(ids, torch.arange(n))[:, -1].argmax(-1)]
+        tokens = [fn(ids, torch.arange(n, device=ids.device))[:, -1].argmax(-1)]
         if before_decode is not None:
             before_decode()
         for t in range(new - 1):
-            tokens.append(fn(tokens[-1][:, None], torch.tensor([n + t]))[:, -1].argmax(-1))
+            tokens.append(fn(tokens[-1][:, None], torch.tensor([n + t], device=ids.device))[:, -1].argmax(-1))
     return torch.stack(tokens, 1)
 
 
@@ -58,6 +58,24 @@ def test_compressed_decode_equals_the_model_with_evicted_tokens_masked(eager):
             evicted = sorted(set(range(PROMPT)) - set(positions))
             layer.causal[PROMPT:, evicted] = False
     assert torch.equal(got, greedy(ref, ids, before_decode=hide_evicted))
+
+
+@pytest.mark.parametrize("mode", [None, pytest.param("reduce-overhead", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))], ids=["inductor", "inductor-cudagraphs"])
+def test_inductor_compiles_the_compressed_static_decode(mode):
+    """Inductor (and on GPU its CUDA graphs: static buffers, static shapes) runs the same rewritten graphs."""
+    device = "cuda" if mode else "cpu"
+    ref, model = pair(False, seed=3)
+    options = {"policy": "uniform", "budget": 0.5, "window": 8, "sink_tokens": 2}
+    eager = StaticCacheModel(ref.to(device), **options)
+    compiled = StaticCacheModel(model.to(device), inductor=True, mode=mode, **options)
+    ids = torch.randint(1, 97, (1, PROMPT), generator=torch.Generator().manual_seed(4)).to(device)
+    torch._dynamo.utils.counters.clear()
+    assert torch.equal(greedy(compiled, ids), greedy(eager, ids))
+    assert compiled.kept_slots() == eager.kept_slots() == [PROMPT // 2 + NEW - 1] * 3
+    if mode:
+        assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"], "CUDA graphs were skipped"
+        assert torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"] == 0
 
 
 def test_reset_starts_a_new_sequence_and_a_new_prompt_length_recompiles_with_the_same_buffers():

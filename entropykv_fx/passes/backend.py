@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, fx
 
 from .rewrite_attention import RewriteResult, RewriteSettings, rewrite_attention
+from .static_cache import STATE_PREFIX
 
 StatsCallback = Callable[[list[int], Sequence[Tensor]], None]
 
@@ -76,8 +77,23 @@ class EntropyKVBackend:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
+        register_state(gm)
         patches = torch._inductor.list_mode_options(self.mode) if self.mode else None
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def register_state(gm: fx.GraphModule) -> None:
+    """Give the buffers our passes added to a Dynamo graph module (static caches' positions and fill state) a
+    source, as Dynamo does for the model's own. AOTAutograd then lifts them like model buffers: inputs that may
+    be mutated and that keep their addresses, which CUDA graphs neither copy nor refuse."""
+    from torch._dynamo.source import ConstantSource
+
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:  # not a Dynamo graph: nothing to declare
+        return
+    for name, _ in gm.named_buffers():
+        if name.startswith(STATE_PREFIX):
+            sources.setdefault(name, ConstantSource(name))
 
 
 def own_code(forward: Any) -> Any:

@@ -26,6 +26,7 @@ from torch import Tensor, fx
 from .find_attention import AttentionSite, find_attention_sites
 
 _ALL = slice(None, None, None)
+STATE_PREFIX = "entropykv_state_"  # buffers this pass adds to a graph module (see backend.lift_state)
 aten = torch.ops.aten
 
 
@@ -108,13 +109,13 @@ def rewrite_static_caches(gm: fx.GraphModule, example_inputs: list, new_layer: C
         index = len(layers)
         layer = new_layer(real[k_buf], real[v_buf])
         layers.append(layer)
-        gm.register_buffer(f"entropykv_positions_{index}", layer.positions)
-        gm.register_buffer(f"entropykv_slot_{index}", layer.slot)
+        gm.register_buffer(f"{STATE_PREFIX}positions_{index}", layer.positions)
+        gm.register_buffer(f"{STATE_PREFIX}slot_{index}", layer.slot)
         order = {n: i for i, n in enumerate(graph.nodes)}
         last_write = max(k_write, v_write, key=order.__getitem__)
         with graph.inserting_before(last_write.next):  # in order, right after the writes
-            positions = graph.get_attr(f"entropykv_positions_{index}")
-            slot = graph.get_attr(f"entropykv_slot_{index}")
+            positions = graph.get_attr(f"{STATE_PREFIX}positions_{index}")
+            slot = graph.get_attr(f"{STATE_PREFIX}slot_{index}")
             batch = _val(k_new).shape[0]
             q_pos = graph.call_method("expand", (graph.call_method("unsqueeze", (input_pos, 0)), batch, -1))
             written = graph.call_function(torch.ops.entropykv.write.default,

