@@ -1,0 +1,343 @@
+"""Speed and memory on the GPU (issue 7): a Llama-3-8B-shaped model with random bf16 weights (nothing to download).
+
+    python benchmarks/speed.py --out benchmarks/results --tag h100            # the H100 grid
+    python benchmarks/speed.py --shape tiny --device cpu --contexts 64 128    # a smoke run without a GPU
+
+Per context length (batch 1):
+  prefill: HF SDPA with a full cache vs `entropykv_fx.optimize()` (its prefill scores, selects and gathers, so the
+    difference is the compression overhead), wall time and peak memory;
+  decode ms/token, four ways: HF eager over its full DynamicCache; `optimize()`'s eager decode over the
+    compressed cache; and a static decode step (the model's own modules, KV written in place into preallocated
+    buffers, attention by `entropykv::attention` / `attention_int8`) replayed from a CUDA graph, over the full
+    cache and over the compressed caches (bf16, and int8 with per-token scales) at each kept fraction.
+Next to each CUDA-graph decode: the bandwidth ideal, (weights read + KV read) / copy bandwidth measured in this run.
+Throughput at 32k: the static step over caches of the kept size filled with random values (decode time does not
+depend on the values), from batch 1 up to the largest batch whose cache fits in the free memory.
+kvpress does not run here (it needs transformers < 5.3; see benchmarks/kvpress_env.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The repository root instead of this folder, whose kernels.py would shadow the `kernels` package transformers probes.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import Tensor  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
+
+import entropykv_fx  # noqa: E402
+from entropykv_fx import ops  # noqa: E402
+
+SHAPES = {  # Llama-3-8B: 32 layers, 32 query / 8 KV heads of 128, vocabulary 128256
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0),
+}
+
+
+class StaticDecode:
+    """One decode step over static per-layer buffers, gpt-fast style: the kept slots of a cache, then room for
+    `room` new tokens written in place at `slot`. Built from the HF model's own modules (same math as its
+    forward); every tensor it touches is preallocated, so the step can be captured in a CUDA graph."""
+
+    def __init__(self, model: LlamaForCausalLM, caches: list[tuple[Tensor, Tensor, Tensor]], room: int,
+                 int8: bool) -> None:
+        """caches: per layer (keys, values, positions), copied into buffers with `room` empty slots after them;
+        with room=0 and bf16 they are used as they are (their empty slots, position -1, must come last)."""
+        self.model, self.int8 = model, int8
+        self.layers = []
+        for keys, values, positions in caches:
+            b, h, n, d = keys.shape
+            if room or int8:
+                positions = torch.cat([positions.expand(b, -1), positions.new_full((b, room), -1)], 1)
+                keys, values = (torch.cat([t, t.new_zeros(b, h, room, d)], 2) for t in (keys, values))
+            self.layers.append((*[p for t in (keys, values) for p in (ops.quantize_int8(t) if int8 else (t,))],
+                                positions))
+        self.slot = (positions[:1] >= 0).sum(-1)  # the first empty slot
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the occupied slots' keys, values and scales (what a step reads, up to the new tokens)."""
+        kept = int((self.layers[0][-1] >= 0).sum(-1).max())  # valid before the first step
+        return sum(t[:, :, :kept].nbytes for layer in self.layers for t in layer[:-1])
+
+    def _write(self, layer: tuple[Tensor, ...], k: Tensor, v: Tensor, position: Tensor) -> None:
+        parts = [p for t in (k, v) for p in (ops.quantize_int8(t) if self.int8 else (t,))]
+        for buffer, part in zip(layer[:-1], parts):
+            buffer.index_copy_(2, self.slot, part)
+        layer[-1].index_copy_(1, self.slot, position)
+
+    def __call__(self, token: Tensor, position: Tensor) -> Tensor:
+        """Logits [B, V] of `token` [B, 1] at `position` [B, 1]; then slot and position advance."""
+        m = self.model.model
+        x = m.embed_tokens(token)
+        cos, sin = m.rotary_emb(x, position)
+        for block, layer in zip(m.layers, self.layers):
+            attn = block.self_attn
+            h = block.input_layernorm(x)
+            b, d = h.shape[0], attn.head_dim
+            q, k, v = (proj(h).view(b, 1, -1, d).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            self._write(layer, k, v, position)
+            if self.int8:
+                o = ops.attention_int8(q, *layer[:4], position, layer[4], attn.scaling, 0)
+            else:
+                o = ops.attention(q, layer[0], layer[1], position, layer[2], attn.scaling, 0)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        self.slot += 1
+        position += 1
+        return self.model.lm_head(m.norm(x))[:, -1]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds(fn, device: torch.device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def step_ms(step: StaticDecode, token: Tensor, position: Tensor, steps: int, device: torch.device) -> float:
+    """ms per step: replayed from a CUDA graph on a GPU, plain calls on a CPU."""
+    start_pos, start_slot = position.clone(), step.slot.clone()
+
+    def restart():
+        position.copy_(start_pos)
+        step.slot.copy_(start_slot)
+    if device.type != "cuda":
+        restart()
+        return seconds(lambda: [step(token, position) for _ in range(steps)], device)[1] / steps * 1e3
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph: kernels compile, lazy state initializes
+        step(token, position)
+    torch.cuda.current_stream().wait_stream(stream)
+    restart()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(token, position)
+    restart()
+    graph.replay()  # one untimed replay
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    restart()
+    return begin.elapsed_time(end) / steps
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.nbytes * 20 / (begin.elapsed_time(end) / 1e3)
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def eager_decode_ms(model, cache, token: Tensor, n: int, steps: int, device: torch.device) -> tuple[float, Tensor]:
+    """ms/token of `model` called token by token on its own cache (the first call is not timed); first logits."""
+    with torch.no_grad():
+        first = model(token, past_key_values=cache, use_cache=True,
+                      position_ids=torch.full_like(token, n)).logits[:, -1]
+        _, total = seconds(lambda: [model(token, past_key_values=cache, use_cache=True,
+                                          position_ids=torch.full_like(token, n + 1 + i)) for i in range(steps)], device)
+    return total / steps * 1e3, first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.1])
+    parser.add_argument("--batch-context", type=int, default=32768)
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tag", default="h100")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(args.contexts) + 1024)
+    config._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    with torch.device("meta"):  # a second model object on the same weights, for optimize()
+        optimized = LlamaForCausalLM(config).eval()
+    optimized.load_state_dict(model.state_dict(), assign=True)
+    optimized.model.rotary_emb = model.model.rotary_emb  # its inv_freq buffer is not in the state dict
+    entropykv_fx.optimize(optimized, budget=args.fractions[0])
+
+    bandwidth = copy_bandwidth(device)
+    weight_bytes = sum(p.nbytes for p in model.parameters()) - model.model.embed_tokens.weight.nbytes
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU",
+           "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "shape": args.shape, "dtype": "bfloat16", "commit": commit, "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
+           "weights_read_per_token_GB": round(weight_bytes / 1e9, 2),
+           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+    print(json.dumps(env), flush=True)
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)  # after every row, so a run cut short keeps what it measured
+        (args.out / f"speed_{args.tag}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+
+    def ideal_ms(kv_bytes: int) -> float:
+        return (weight_bytes + kv_bytes) / bandwidth * 1e3
+
+    def graph_row(kind: str, n: int, fraction: float, batch: int, caches, int8: bool, extra: dict,
+                  room: int | None = None) -> None:
+        step = StaticDecode(model, caches, room=args.steps + 2 if room is None else room, int8=int8)
+        kind = kind.replace("CUDA graph", "CUDA graph" if device.type == "cuda" else "eager (no GPU)")
+        token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        position = torch.full((batch, 1), n, dtype=torch.long, device=device)
+        with torch.no_grad():
+            ms = step_ms(step, token, position, args.steps, device)
+        row = {"kind": kind, "context": n, "kept_fraction": fraction, "batch": batch,
+               "storage": "int8" if int8 else "bf16", "kv_GB": round(step.kv_bytes / 1e9, 3),
+               "decode_ms": round(ms, 3), "tokens_per_s": round(batch / ms * 1e3, 1),
+               "ideal_ms": round(ideal_ms(step.kv_bytes), 3),
+               "ratio_to_ideal": round(ms / ideal_ms(step.kv_bytes), 3), **extra}
+        record(row)
+
+    batch_sweep(args, model, config, device, graph_row)  # first: no prefill, so a run cut short still has it
+    for n in args.contexts:
+        ids = torch.randint(0, config.vocab_size, (1, n), device=device)
+        token = ids[:, -1:]
+        reset_peak(device)
+        with torch.no_grad():
+            out, prefill_s = seconds(lambda: model(ids, use_cache=True, logits_to_keep=1), device)
+        full_peak, full_prefill_s = peak_gib(device), prefill_s
+        full_cache = out.past_key_values
+        hf_ms, hf_first = eager_decode_ms(model, full_cache, token, n, 3, device)
+        record({"kind": "prefill + HF eager decode, full cache", "context": n, "prefill_s": round(prefill_s, 3),
+                "peak_GiB": round(full_peak, 2), "decode_ms": round(hf_ms, 2)})
+        caches = [(layer.keys[:, :, :n], layer.values[:, :, :n], torch.arange(n, device=device)[None])
+                  for layer in full_cache.layers]
+        del out, full_cache
+        check = StaticDecode(model, caches, room=2, int8=False)
+        with torch.no_grad():
+            static_first = check(token, torch.full_like(token, n))
+        agree = {"first_token_equal_to_hf": bool((static_first.argmax(-1) == hf_first.argmax(-1)).all()),
+                 "logits_max_abs_diff_vs_hf": round(float((static_first.float() - hf_first.float()).abs().max()), 4)}
+        del check
+        graph_row("static decode, CUDA graph, full cache", n, 1.0, 1, caches, False, agree)
+        del caches
+
+        for fraction in args.fractions:
+            runtime = optimized._entropykv
+            runtime.config = runtime.config.replace(budget=fraction)  # budgets apply after the graphs: no recompile
+            with torch.no_grad():
+                for warm in (256, 300):  # compiles: static shapes first, then dynamic ones (no recompile after)
+                    optimized(ids[:, :warm], use_cache=True, logits_to_keep=1)
+                reset_peak(device)
+                out, prefill_s = seconds(lambda: optimized(ids, use_cache=True, logits_to_keep=1), device)
+            peak = peak_gib(device)
+            cache = out.past_key_values
+            compressed = [(layer.keys, layer.values, layer.positions) for layer in cache.layers]
+            kept = sum(k.shape[2] for k, _, _ in compressed) / (n * len(compressed))
+            opt_ms, opt_first = eager_decode_ms(optimized, cache, token, n, 3, device)
+            record({"kind": "prefill + optimize() eager decode", "context": n, "kept_fraction": round(kept, 4),
+                    "prefill_s": round(prefill_s, 3), "prefill_overhead_vs_full": round(prefill_s / full_prefill_s - 1, 4),
+                    "peak_GiB": round(peak, 2),
+                    "peak_vs_full": round(peak / full_peak, 3) if device.type == "cuda" else None,
+                    "decode_ms": round(opt_ms, 2)})
+            del out, cache
+            for int8 in (False, True):
+                extra = {}
+                if not int8:
+                    check = StaticDecode(model, compressed, room=2, int8=False)
+                    with torch.no_grad():
+                        first = check(token, torch.full_like(token, n))
+                    extra = {"first_token_equal_to_optimize": bool((first.argmax(-1) == opt_first.argmax(-1)).all()),
+                             "logits_max_abs_diff_vs_optimize": round(float((first.float() - opt_first.float()).abs().max()), 4)}
+                    del check
+                graph_row("static decode, CUDA graph, compressed", n, round(kept, 4), 1, compressed, int8, extra)
+            del compressed
+
+    write_markdown(args.out / f"speed_{args.tag}.md", env, rows)
+
+
+def random_caches(config: LlamaConfig, batch: int, slots: int, room: int, device: torch.device) -> list[tuple[Tensor, ...]]:
+    """Per layer: `slots` random keys/values at positions 0.., then `room` empty slots."""
+    d = config.hidden_size // config.num_attention_heads
+    positions = torch.arange(slots + room, device=device).masked_fill(torch.arange(slots + room, device=device) >= slots, -1)
+    shape = (batch, config.num_key_value_heads, slots + room, d)
+    return [(torch.randn(shape, device=device, dtype=torch.bfloat16), torch.randn(shape, device=device, dtype=torch.bfloat16),
+             positions.expand(batch, -1).contiguous()) for _ in range(config.num_hidden_layers)]
+
+
+def batch_sweep(args, model, config, device, graph_row) -> None:
+    """Tokens/s at `batch_context` from batch 1 to the largest batch whose cache fits in the free memory."""
+    n, room = args.batch_context, args.steps + 2
+    d = config.hidden_size // config.num_attention_heads
+    for fraction in (1.0, *args.fractions):
+        slots = max(1, round(fraction * n))
+        per_seq = 2 * config.num_hidden_layers * config.num_key_value_heads * (slots + room) * d * 2
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info()[0] - (6 << 30)  # room for activations and the graph's pool
+            largest = max(1, int(free // per_seq))
+        else:
+            largest = 4
+        for batch in sorted({1, 8, 32, largest} & set(range(1, largest + 1))):
+            caches = random_caches(config, batch, slots, room, device)
+            graph_row("static decode, CUDA graph, random cache (batch sweep)", n, fraction, batch, caches, False,
+                      {"largest_batch": batch == largest}, room=0)
+            del caches
+
+
+def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
+    lines = [f"# Speed and memory ({env['device']}, {env['shape']}, bf16)", "",
+             " · ".join(f"{k}={v}" for k, v in env.items()), ""]
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
