@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,39 +63,39 @@ class StaticDecode:
                 keys, values = (torch.cat([t, t.new_zeros(b, h, room, d)], 2) for t in (keys, values))
             self.layers.append((*[p for t in (keys, values) for p in (ops.quantize_int8(t) if int8 else (t,))],
                                 positions))
-        self.slot = (positions[:1] >= 0).sum(-1)  # the first empty slot
+        # Each layer's first empty slot (layers keep different numbers of tokens).
+        self.slots = torch.stack([(layer[-1][:1] >= 0).sum(-1) for layer in self.layers])
 
     @property
     def kv_bytes(self) -> int:
         """Bytes of the occupied slots' keys, values and scales (what a step reads, up to the new tokens)."""
-        kept = int((self.layers[0][-1] >= 0).sum(-1).max())  # valid before the first step
-        return sum(t[:, :, :kept].nbytes for layer in self.layers for t in layer[:-1])
+        return sum(t[:, :, :int(kept)].nbytes for layer, kept in zip(self.layers, self.slots) for t in layer[:-1])
 
-    def _write(self, layer: tuple[Tensor, ...], k: Tensor, v: Tensor, position: Tensor) -> None:
+    def _write(self, layer: tuple[Tensor, ...], slot: Tensor, k: Tensor, v: Tensor, position: Tensor) -> None:
         parts = [p for t in (k, v) for p in (ops.quantize_int8(t) if self.int8 else (t,))]
         for buffer, part in zip(layer[:-1], parts):
-            buffer.index_copy_(2, self.slot, part)
-        layer[-1].index_copy_(1, self.slot, position)
+            buffer.index_copy_(2, slot, part)
+        layer[-1].index_copy_(1, slot, position)
 
     def __call__(self, token: Tensor, position: Tensor) -> Tensor:
         """Logits [B, V] of `token` [B, 1] at `position` [B, 1]; then slot and position advance."""
         m = self.model.model
         x = m.embed_tokens(token)
         cos, sin = m.rotary_emb(x, position)
-        for block, layer in zip(m.layers, self.layers):
+        for block, layer, slot in zip(m.layers, self.layers, self.slots):
             attn = block.self_attn
             h = block.input_layernorm(x)
             b, d = h.shape[0], attn.head_dim
             q, k, v = (proj(h).view(b, 1, -1, d).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self._write(layer, k, v, position)
+            self._write(layer, slot, k, v, position)
             if self.int8:
                 o = ops.attention_int8(q, *layer[:4], position, layer[4], attn.scaling, 0)
             else:
                 o = ops.attention(q, layer[0], layer[1], position, layer[2], attn.scaling, 0)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
             x = x + block.mlp(block.post_attention_layernorm(x))
-        self.slot += 1
+        self.slots += 1
         position += 1
         return self.model.lm_head(m.norm(x))[:, -1]
 
@@ -116,11 +115,11 @@ def seconds(fn, device: torch.device):
 
 def step_ms(step: StaticDecode, token: Tensor, position: Tensor, steps: int, device: torch.device) -> float:
     """ms per step: replayed from a CUDA graph on a GPU, plain calls on a CPU."""
-    start_pos, start_slot = position.clone(), step.slot.clone()
+    start_pos, start_slots = position.clone(), step.slots.clone()
 
     def restart():
         position.copy_(start_pos)
-        step.slot.copy_(start_slot)
+        step.slots.copy_(start_slots)
     if device.type != "cuda":
         restart()
         return seconds(lambda: [step(token, position) for _ in range(steps)], device)[1] / steps * 1e3
@@ -186,7 +185,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 65536, 32768, 8192],
+                        help="largest first, so that a run cut short keeps the headline rows")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.1])
     parser.add_argument("--batch-context", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement")
@@ -210,10 +210,9 @@ def main() -> None:
 
     bandwidth = copy_bandwidth(device)
     weight_bytes = sum(p.nbytes for p in model.parameters()) - model.model.embed_tokens.weight.nbytes
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU",
            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-           "shape": args.shape, "dtype": "bfloat16", "commit": commit, "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
+           "shape": args.shape, "dtype": "bfloat16", "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
            "weights_read_per_token_GB": round(weight_bytes / 1e9, 2),
            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
     print(json.dumps(env), flush=True)
@@ -243,7 +242,12 @@ def main() -> None:
                "ratio_to_ideal": round(ms / ideal_ms(step.kv_bytes), 3), **extra}
         record(row)
 
-    batch_sweep(args, model, config, device, graph_row)  # first: no prefill, so a run cut short still has it
+    with torch.no_grad():  # compile optimize()'s graphs: static shapes first, then dynamic ones (no recompile after)
+        for warm in (256, 300):
+            ids = torch.randint(0, config.vocab_size, (1, warm), device=device)
+            model(ids, use_cache=True, logits_to_keep=1)
+            eager_decode_ms(optimized, optimized(ids, use_cache=True, logits_to_keep=1).past_key_values, ids[:, -1:],
+                            warm, 1, device)
     for n in args.contexts:
         ids = torch.randint(0, config.vocab_size, (1, n), device=device)
         token = ids[:, -1:]
@@ -261,18 +265,18 @@ def main() -> None:
         check = StaticDecode(model, caches, room=2, int8=False)
         with torch.no_grad():
             static_first = check(token, torch.full_like(token, n))
-        agree = {"first_token_equal_to_hf": bool((static_first.argmax(-1) == hf_first.argmax(-1)).all()),
-                 "logits_max_abs_diff_vs_hf": round(float((static_first.float() - hf_first.float()).abs().max()), 4)}
         del check
-        graph_row("static decode, CUDA graph, full cache", n, 1.0, 1, caches, False, agree)
+        graph_row("static decode, CUDA graph, full cache", n, 1.0, 1, caches, False, agreement(static_first, hf_first, "hf"))
         del caches
 
+        first_call = {}
         for fraction in args.fractions:
             runtime = optimized._entropykv
             runtime.config = runtime.config.replace(budget=fraction)  # budgets apply after the graphs: no recompile
             with torch.no_grad():
-                for warm in (256, 300):  # compiles: static shapes first, then dynamic ones (no recompile after)
-                    optimized(ids[:, :warm], use_cache=True, logits_to_keep=1)
+                if not first_call:  # a new length's first call costs more (kernel specializations): not timed below
+                    _, first_s = seconds(lambda: optimized(ids, use_cache=True, logits_to_keep=1), device)
+                    first_call = {"first_call_at_this_length_s": round(first_s, 3)}
                 reset_peak(device)
                 out, prefill_s = seconds(lambda: optimized(ids, use_cache=True, logits_to_keep=1), device)
             peak = peak_gib(device)
@@ -284,7 +288,7 @@ def main() -> None:
                     "prefill_s": round(prefill_s, 3), "prefill_overhead_vs_full": round(prefill_s / full_prefill_s - 1, 4),
                     "peak_GiB": round(peak, 2),
                     "peak_vs_full": round(peak / full_peak, 3) if device.type == "cuda" else None,
-                    "decode_ms": round(opt_ms, 2)})
+                    "decode_ms": round(opt_ms, 2), **first_call})
             del out, cache
             for int8 in (False, True):
                 extra = {}
@@ -292,13 +296,21 @@ def main() -> None:
                     check = StaticDecode(model, compressed, room=2, int8=False)
                     with torch.no_grad():
                         first = check(token, torch.full_like(token, n))
-                    extra = {"first_token_equal_to_optimize": bool((first.argmax(-1) == opt_first.argmax(-1)).all()),
-                             "logits_max_abs_diff_vs_optimize": round(float((first.float() - opt_first.float()).abs().max()), 4)}
+                    extra = agreement(first, opt_first, "optimize")
                     del check
                 graph_row("static decode, CUDA graph, compressed", n, round(kept, 4), 1, compressed, int8, extra)
             del compressed
 
+    batch_sweep(args, model, config, device, graph_row)
     write_markdown(args.out / f"speed_{args.tag}.md", env, rows)
+
+
+def agreement(logits: Tensor, reference: Tensor, name: str) -> dict:
+    """Does the static step's first token match `reference`'s, and how far apart are the logits."""
+    diff = float((logits.float() - reference.float()).abs().max())
+    return {f"first_token_equal_to_{name}": bool((logits.argmax(-1) == reference.argmax(-1)).all()),
+            f"logits_max_abs_diff_vs_{name}": round(diff, 4),
+            f"logits_max_abs_{name}": round(float(reference.float().abs().max()), 3)}
 
 
 def random_caches(config: LlamaConfig, batch: int, slots: int, room: int, device: torch.device) -> list[tuple[Tensor, ...]]:

@@ -255,11 +255,12 @@ def write(keys: Tensor, values: Tensor, positions: Tensor, k_new: Tensor, v_new:
     the input's shapes, which is what static buffers, CUDA graphs and exported engines need.
     """
     _check_append(keys, values, positions, k_new, v_new, new_pos)
-    start = int(slot)
-    _check(0 <= start and start + k_new.shape[2] <= keys.shape[2],
-           f"entropykv.write: slots {start}..{start + k_new.shape[2] - 1} are outside the cache's "
-           f"{keys.shape[2]} slots; export with a larger max_new_tokens")
-    idx = torch.arange(start, start + k_new.shape[2], device=keys.device)
+    if not (keys.is_cuda and torch.cuda.is_current_stream_capturing()):  # reading slot on the host would break a CUDA graph
+        start = int(slot)
+        _check(0 <= start and start + k_new.shape[2] <= keys.shape[2],
+               f"entropykv.write: slots {start}..{start + k_new.shape[2] - 1} are outside the cache's "
+               f"{keys.shape[2]} slots; export with a larger max_new_tokens")
+    idx = slot + torch.arange(k_new.shape[2], device=keys.device)
     return keys.index_copy(2, idx, k_new), values.index_copy(2, idx, v_new), positions.index_copy(1, idx, new_pos)
 
 
