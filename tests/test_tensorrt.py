@@ -19,7 +19,7 @@ from entropykv_fx.exporters.tensorrt import (TOPK_LIMIT, TensorRTNotInstalled, T
                                              export_tensorrt)
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the ONNX graphs are exported from CPU models")
-PROMPT, NEW = 48, 4
+PROMPT, NEW = 96, 4  # 96: the budgets differ per layer (at 48 they all hit the sink + window floor)
 
 
 @pytest.fixture
