@@ -56,7 +56,16 @@ def test_a_static_float_topk_graph_passes():
      r"node u \(Unique\): op Unique is not among the ONNX ops .* \(standard domain: Add, And, "),
     (_graph(helper.make_node("select", ["x"], ["y"], name="s", domain="entropykv"),
             [helper.make_tensor_value_info("x", 1, [4])]), r"op entropykv\.select is not among"),
-], ids=["k=4000", "k=0", "dynamic-k", "int64-topk", "dynamic-input", "unsupported-op", "custom-domain"])
+    (_graph(helper.make_node("TopK", ["x", "k"], ["v", "i"], name="t", sorted=0),
+            [helper.make_tensor_value_info("x", 1, [1, 8])], [numpy_helper.from_array(np.array([2]), "k")]),
+     r"node t \(TopK\): sorted=0; TensorRT's TopK takes sorted=1 only"),
+    (_graph(helper.make_node("MaxPool", ["x"], ["y"], name="p", kernel_shape=[3]),
+            [helper.make_tensor_value_info("x", 1, [1, 2, 8])]), r"node p \(MaxPool\): TensorRT pools in 2D or 3D"),
+    (_graph(helper.make_node("ReduceSum", ["x", "axes"], ["y"], name="r"),
+            [helper.make_tensor_value_info("x", 1, [2, 8]), helper.make_tensor_value_info("axes", 7, [1])]),
+     r"node r \(ReduceSum\): axes \('axes'\) are computed at run time"),
+], ids=["k=4000", "k=0", "dynamic-k", "int64-topk", "dynamic-input", "unsupported-op", "custom-domain", "unsorted",
+        "1d-maxpool", "dynamic-axes"])
 def test_each_tensorrt_rule_raises_a_named_export_error(model, problem):
     with pytest.raises(ExportError, match=problem):
         check_tensorrt_graph(model)

@@ -23,7 +23,7 @@ from ..aot import ExportError, build_programs, static_budgets
 from .onnx import write_onnx
 from .runner import BufferedGenerator, load_layout
 
-TOPK_LIMIT = 3840  # TensorRT's TopK: k <= 3840 (docs: operators/TopK)
+TOPK_LIMIT = 3840  # TensorRT's TopK layer takes k <= 3840 (TensorRT operator documentation, TopK)
 # The ONNX ops our prefill/decode graphs contain (tiny Llama, Mistral, Qwen2, Qwen3 exports) plus Constant, each
 # marked supported in onnx-tensorrt's docs/operators.md (TensorRT 10.15). A new op in the graphs must be checked
 # against that table before it is added here.
@@ -135,7 +135,7 @@ def _node_problems(node, label: str, constants: _Constants, types: dict[str, int
 
 def check_tensorrt_graph(model) -> None:
     """Raise ExportError unless TensorRT's ONNX parser can take the graph: ops in TENSORRT_OPS (standard domain),
-    TopK with a static float input, constant 1 <= k <= 3840 and sorted output, 2D/3D MaxPool, constant Reduce
+    TopK with a float input, a constant 1 <= k <= 3840 and sorted output, 2D/3D MaxPool, constant Reduce
     axes, and fully static input shapes. `model`: a path (external weights are not loaded) or an onnx.ModelProto."""
     import onnx
 
@@ -218,10 +218,12 @@ class TrtGenerator(BufferedGenerator):
         if not torch.cuda.is_available():
             raise RuntimeError("TrtGenerator: TensorRT engines run on an NVIDIA GPU, but torch sees no CUDA device")
         super().__init__(layout, torch.device(device), pad_token_id)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        # The logger and runtime are kept: they must outlive the engines deserialized with them.
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
         engines = {}
         for graph, file in zip(("prefill", "decode"), files):
-            engines[graph] = runtime.deserialize_cuda_engine((self.dir / file).read_bytes())
+            engines[graph] = self._runtime.deserialize_cuda_engine((self.dir / file).read_bytes())
             if engines[graph] is None:
                 raise ValueError(f"TrtGenerator: could not load {self.dir / file} (built by another TensorRT "
                                  "version or for another GPU? rebuild it with export_tensorrt)")
