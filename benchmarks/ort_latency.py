@@ -12,8 +12,10 @@ generate(1) is the prefill (plus one argmax). Also reports whether each runner's
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -102,6 +104,7 @@ def main() -> None:
         parser.error("--new-tokens must be >= 2 (decode time is generate(N) - generate(1))")
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="ort_latency_"))
+    atexit.register(shutil.rmtree, work, True)  # the exported programs take about 2 GB
 
     model, tokenizer = optimized(args.fraction, work / "budgets.json", args.device)
     ids = tokenizer(text("emma"), return_tensors="pt")["input_ids"][:, :args.prompt_length]
