@@ -125,9 +125,8 @@ def _rewritten(module: nn.Module, args: tuple, settings: RewriteSettings, use_sc
         return torch.export.export(gm, args, strict=False)
 
 
-def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
-                   batch: int = 1) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, dict]:
-    """The rewritten (prefill, decode) programs of an optimized model (calibrated budgets) and their cache layout."""
+def _static_runtime(model: nn.Module) -> tuple[Any, EntropyKVConfig]:
+    """The entropykv runtime and config of a model optimized with static (calibrated) layer-wise budgets."""
     runtime = getattr(model, "_entropykv", None)
     if runtime is None:
         raise ExportError("export: optimize the model first, e.g. entropykv_fx.optimize(model, "
@@ -140,11 +139,24 @@ def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
     if POLICIES[config.policy].headwise:
         raise ExportError(f"export: policy {config.policy!r} uses the head-wise layout, which export does not "
                           "support yet; export a layer-wise policy (entropy, uniform, pyramidkv, streaming, full)")
+    return runtime, config
+
+
+def static_budgets(model: nn.Module, prompt_length: int) -> list[int]:
+    """Per-layer kept-token counts the exported prefill will select (cheap: no tracing), e.g. to check limits."""
+    runtime, config = _static_runtime(model)
+    return layer_budgets([math.nan] * runtime.num_layers, prompt_length, config)
+
+
+def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
+                   batch: int = 1) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, dict]:
+    """The rewritten (prefill, decode) programs of an optimized model (calibrated budgets) and their cache layout."""
+    runtime, config = _static_runtime(model)
     if prompt_length < 1 or max_new_tokens < 1 or batch < 1:
         raise ExportError(f"export: prompt_length, max_new_tokens and batch must be >= 1, got {prompt_length}, "
                           f"{max_new_tokens}, {batch}")
     n = runtime.num_layers
-    budgets = layer_budgets([math.nan] * n, prompt_length, config)
+    budgets = static_budgets(model, prompt_length)
     capacities = [b + max_new_tokens for b in budgets]
     settings = RewriteSettings(config.window, runtime.sliding_windows)
     device = next(model.parameters()).device
@@ -172,6 +184,12 @@ def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new
     """Export an optimized model (calibrated budgets) to `out_dir`; returns the path of `layout.json`."""
     prefill, decode, layout = build_programs(model, prompt_length=prompt_length, max_new_tokens=max_new_tokens,
                                              batch=batch)
+    return write_programs(prefill, decode, layout, out_dir, aoti=aoti)
+
+
+def write_programs(prefill: torch.export.ExportedProgram, decode: torch.export.ExportedProgram, layout: dict,
+                   out_dir: str | Path, aoti: bool = True) -> Path:
+    """Save programs from `build_programs` (and their AOTInductor packages) to `out_dir`; returns the layout path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.export.save(prefill, out / "prefill.pt2")
@@ -180,8 +198,8 @@ def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new
         for name, ep in (("prefill", prefill), ("decode", decode)):
             torch._inductor.aoti_compile_and_package(ep.run_decompositions(decompositions()),
                                                      package_path=str(out / f"{name}.aoti.pt2"))
-    layout["programs"] = {"pt2": ["prefill.pt2", "decode.pt2"],
-                          "aoti": ["prefill.aoti.pt2", "decode.aoti.pt2"] if aoti else []}
+    layout = {**layout, "programs": {"pt2": ["prefill.pt2", "decode.pt2"],
+                                     "aoti": ["prefill.aoti.pt2", "decode.aoti.pt2"] if aoti else []}}
     path = out / "layout.json"
     path.write_text(json.dumps(layout, indent=1))
     return path

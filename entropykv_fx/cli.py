@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-RUNNABLE_FORMATS = ("onnx", "aoti", "pt2")  # in the order `run` picks one when a directory holds several
+RUNNABLE_FORMATS = ("tensorrt", "onnx", "aoti", "pt2")  # in the order `run` picks one when a directory holds several
 
 
 def _budget(value: str) -> float | int:
@@ -32,6 +32,10 @@ def _export_default_model(fmt: str, calibration: str, out: str, prompt_length: i
         from .exporters.onnx import export_onnx
 
         return export_onnx(model, out, prompt_length=prompt_length, max_new_tokens=max_new_tokens)
+    if fmt == "tensorrt":  # without TensorRT: an error naming the checked ONNX files it still writes
+        from .exporters.tensorrt import export_tensorrt
+
+        return export_tensorrt(model, out, prompt_length=prompt_length, max_new_tokens=max_new_tokens)
     return entropykv_fx.export(model, out, prompt_length=prompt_length, max_new_tokens=max_new_tokens)
 
 
@@ -48,6 +52,10 @@ def _run_exported(directory: str, prompt: str, fmt: str | None, max_new_tokens: 
         from .exporters.onnx import OrtGenerator
 
         generator = OrtGenerator(directory)
+    elif fmt == "tensorrt":
+        from .exporters.tensorrt import TrtGenerator
+
+        generator = TrtGenerator(directory)
     else:
         from .exported import ExportedGenerator
 
@@ -79,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--policy", default="entropy")
     cal.add_argument("--out", required=True, help="where to write the calibration JSON")
 
-    exp = sub.add_parser("export", help="export SmolLM2 with calibrated budgets to ONNX or AOTInductor programs")
-    exp.add_argument("--format", choices=("onnx", "aoti"), required=True)
+    exp = sub.add_parser("export", help="export SmolLM2 with calibrated budgets to ONNX, TensorRT or AOTInductor "
+                                        "programs")
+    exp.add_argument("--format", choices=("onnx", "tensorrt", "aoti"), required=True,
+                     help="tensorrt: the ONNX pair checked for TensorRT's parser, then engines (needs TensorRT)")
     exp.add_argument("--calibration", required=True, help="calibration JSON from `entropykv-fx calibrate`")
     exp.add_argument("--out", required=True, help="folder for the programs and layout.json")
     exp.add_argument("--prompt-length", type=int, required=True, help="static prompt length (shorter prompts are padded)")

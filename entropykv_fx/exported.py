@@ -28,6 +28,16 @@ def left_pad_count(runner: str, shape: tuple[int, ...], layout: dict) -> int:
     return length - shape[1]
 
 
+def left_padded(runner: str, input_ids, layout: dict, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """An unpadded prompt batch (tensor or array) left-padded to the exported prompt length, and its positions
+    (-1 on padding), both int64 on the CPU."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
+    pad = left_pad_count(runner, tuple(ids.shape), layout)
+    ids = torch.nn.functional.pad(ids, (pad, 0), value=pad_token_id)
+    positions = (torch.arange(ids.shape[1]) - pad).clamp(min=-1)
+    return ids, positions.expand(ids.shape[0], -1).contiguous()
+
+
 class ExportedGenerator:
     """Greedy generation with an exported prefill/decode pair and its compressed cache layout."""
 
@@ -51,17 +61,12 @@ class ExportedGenerator:
             raise ValueError(f"ExportedGenerator: kind must be 'aoti' or 'pt2', got {kind!r}")
         self.pad_token_id = pad_token_id
 
-    def _left_pad(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        pad = left_pad_count("ExportedGenerator", tuple(input_ids.shape), self.layout)
-        ids = torch.nn.functional.pad(input_ids, (pad, 0), value=self.pad_token_id)
-        positions = torch.arange(ids.shape[1]) - pad
-        return ids, positions.masked_fill(positions < 0, -1).expand(ids.shape[0], -1).contiguous()
-
     def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
         """Greedy continuation of an unpadded prompt batch [B, n]; returns the new tokens [B, max_new_tokens]."""
         check_new_tokens("ExportedGenerator", max_new_tokens, self.layout)
         device = torch.device(self.layout["device"])
-        ids, positions = (t.to(device) for t in self._left_pad(input_ids.cpu()))
+        ids, positions = (t.to(device) for t in left_padded("ExportedGenerator", input_ids, self.layout,
+                                                             self.pad_token_id))
         with torch.no_grad():
             logits, *cache = self.prefill(ids, positions)
             token = logits.argmax(-1, keepdim=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
+from tiny_models import tiny_model
 
+import entropykv_fx.models
 from entropykv_fx.cli import main
 
 
@@ -37,3 +40,23 @@ def test_run_reports_a_format_mismatch(tmp_path, capsys):
     (tmp_path / "layout.json").write_text(json.dumps({"programs": {"pt2": ["p.pt2", "d.pt2"], "aoti": []}}))
     assert main(["run", str(tmp_path), "--prompt", "hi", "--format", "onnx"]) == 2
     assert "holds no onnx programs (format mismatch); it holds: ['pt2']" in capsys.readouterr().err
+
+
+def test_export_tensorrt_without_tensorrt_exits_2_and_keeps_the_checked_onnx(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as where TensorRT is not installed
+    monkeypatch.setattr(entropykv_fx.models, "load_default_model", lambda: (tiny_model("llama"), None))
+    calibration = tmp_path / "budgets.json"
+    calibration.write_text(json.dumps({"layer_fractions": [0.5] * 3}))
+    argv = ["export", "--format", "tensorrt", "--calibration", str(calibration), "--out", str(tmp_path / "o"),
+            "--prompt-length", "32", "--max-new-tokens", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "entropykv-fx export: error: TensorRT is not installed" in err and "trtexec --onnx=" in err
+    assert {p.name for p in (tmp_path / "o").iterdir()} >= {"prefill.onnx", "decode.onnx", "layout.json"}
+
+
+def test_run_with_tensorrt_programs_needs_tensorrt(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    (tmp_path / "layout.json").write_text(json.dumps({"programs": {"tensorrt": ["prefill.engine", "decode.engine"]}}))
+    assert main(["run", str(tmp_path), "--prompt", "hi"]) == 2  # tensorrt is picked first when held
+    assert "TensorRT is not installed" in capsys.readouterr().err

@@ -9,21 +9,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_models import DEVICE, random_prompt, tiny_model
+from tiny_models import DEVICE, calibrated, random_prompt, tiny_model
 
 import entropykv_fx
 from entropykv_fx.aot import ExportError, build_programs
 from entropykv_fx.exporters.onnx import OrtGenerator, export_onnx, write_onnx
+from entropykv_fx.exporters.tensorrt import TOPK_LIMIT
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="ONNX Runtime runs on the CPU here")
 PROMPT, NEW = 96, 8
-TENSORRT_TOPK_LIMIT = 3840
-
-
-def _calibrated(tmp_path, arch, fractions):
-    path = tmp_path / "budgets.json"
-    path.write_text(json.dumps({"layer_fractions": fractions}))
-    return entropykv_fx.optimize(tiny_model(arch), budget_source="calibrated", calibration_file=str(path))
 
 
 def _check_graphs(out, layout):
@@ -40,7 +34,7 @@ def _check_graphs(out, layout):
                       for n in model.graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"}
         topk = [n for n in model.graph.node if n.op_type == "TopK"]
         ks = [int(constants[n.input[1]].item()) for n in topk]  # KeyError: a dynamic k
-        assert all(1 <= k <= TENSORRT_TOPK_LIMIT for k in ks), ks
+        assert all(1 <= k <= TOPK_LIMIT for k in ks), ks
         if name == "prefill":
             assert sorted(ks) == sorted(2 * layout["budgets"]), "two TopKs per layer: rank, then temporal order"
         assert [i.name for i in model.graph.input] == layout["onnx"][name]["inputs"]
@@ -53,7 +47,7 @@ def _input_shapes(model):
 
 
 def test_llama_onnx_generates_the_optimized_models_tokens_with_compressed_kv_inputs(tmp_path):
-    model = _calibrated(tmp_path, "llama", [0.6, 0.5, 0.7])
+    model = calibrated(tmp_path, "llama", [0.6, 0.5, 0.7])
     ids = random_prompt(PROMPT, seed=5)
     want = model.generate(ids, max_new_tokens=NEW, do_sample=False)[:, PROMPT:]
     prefill, decode, layout = build_programs(model, prompt_length=PROMPT, max_new_tokens=NEW)
@@ -83,7 +77,7 @@ def test_llama_onnx_generates_the_optimized_models_tokens_with_compressed_kv_inp
 
 
 def test_mistral_sliding_window_onnx_matches_generate_and_runs_shorter_prompts(tmp_path):
-    model = _calibrated(tmp_path, "mistral", [0.5, 0.4, 0.6])
+    model = calibrated(tmp_path, "mistral", [0.5, 0.4, 0.6])
     export_onnx(model, tmp_path / "out", prompt_length=PROMPT, max_new_tokens=NEW)
     gen = OrtGenerator(tmp_path / "out")
     for length in (PROMPT, 70):  # 70: left-padded to the exported prompt length
@@ -95,7 +89,7 @@ def test_mistral_sliding_window_onnx_matches_generate_and_runs_shorter_prompts(t
 def test_onnx_export_and_runner_errors(tmp_path):
     with pytest.raises(ExportError, match="need static budgets"):
         export_onnx(entropykv_fx.optimize(tiny_model("llama")), tmp_path, prompt_length=8, max_new_tokens=2)
-    entropykv_fx.export(_calibrated(tmp_path, "llama", [0.5] * 3), tmp_path / "pt2", prompt_length=16,
+    entropykv_fx.export(calibrated(tmp_path, "llama", [0.5] * 3), tmp_path / "pt2", prompt_length=16,
                         max_new_tokens=2, aoti=False)
     with pytest.raises(ValueError, match=r"no ONNX programs here .*available: \['pt2'\]"):
         OrtGenerator(tmp_path / "pt2")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
@@ -33,3 +35,12 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
 def random_prompt(length: int, batch: int = 1, seed: int = 1, vocab: int = 97) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab, (batch, length), generator=generator).to(DEVICE)
+
+
+def calibrated(tmp_path: Path, arch: str, fractions: list[float]) -> torch.nn.Module:
+    """A tiny model optimized with static budgets: layer i keeps fractions[i] of the prompt (as exports need)."""
+    import entropykv_fx
+
+    path = tmp_path / "budgets.json"
+    path.write_text(json.dumps({"layer_fractions": fractions}))
+    return entropykv_fx.optimize(tiny_model(arch), budget_source="calibrated", calibration_file=str(path))

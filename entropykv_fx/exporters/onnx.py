@@ -14,18 +14,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .. import ops
 from ..aot import build_programs
-from ..exported import check_new_tokens, left_pad_count
 from ..passes.decompose import decompositions
+from .runner import BufferedGenerator, load_layout
 
 OPSET = 18
 TENSOR_KINDS = ("key", "value", "positions")
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}  # what the runner's cache buffers can hold
+_CACHE_DTYPES = ("float32", "float16")  # those with a numpy equivalent, which IOBinding needs
 
 
 def select_with_topk(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window: int) -> Tensor:
@@ -58,9 +57,9 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, prompt_length: int, ma
 def write_onnx(prefill: torch.export.ExportedProgram, decode: torch.export.ExportedProgram, layout: dict,
                out_dir: str | Path) -> Path:
     """Translate programs from `aot.build_programs` to ONNX files in `out_dir`; returns the layout path."""
-    if layout["dtype"] not in _NUMPY_DTYPES:
+    if layout["dtype"] not in _CACHE_DTYPES:
         raise ValueError(f"export_onnx: cache dtype {layout['dtype']} has no numpy equivalent for ONNX Runtime; "
-                         f"optimize a model in one of {sorted(_NUMPY_DTYPES)}")
+                         f"optimize a model in one of {_CACHE_DTYPES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = io_names(layout["num_layers"])
@@ -76,66 +75,35 @@ def write_onnx(prefill: torch.export.ExportedProgram, decode: torch.export.Expor
     return path
 
 
-class OrtGenerator:
+class OrtGenerator(BufferedGenerator):
     """Greedy generation with an exported ONNX pair on ONNX Runtime's CPU provider.
 
-    The cache lives in two preallocated sets of numpy buffers bound with IOBinding: each decode step reads one
+    The cache lives in two preallocated sets of CPU buffers bound with IOBinding: each decode step reads one
     set and writes the other (ORT may not alias an input with an output), so no step allocates cache memory."""
 
-    def __init__(self, directory: str | Path, pad_token_id: int = 0) -> None:
+    name = "OrtGenerator"
+
+    def __init__(self, directory: str | Path, pad_token_id: int = 0, threads: int = 0) -> None:
         import onnxruntime as ort
 
         self.dir = Path(directory)
-        layout_path = self.dir / "layout.json"
-        if not layout_path.is_file():
-            raise FileNotFoundError(f"{layout_path} not found: not a directory written by an entropykv_fx exporter")
-        self.layout = json.loads(layout_path.read_text())
-        files = self.layout["programs"].get("onnx")
-        if not files:
-            raise ValueError(f"OrtGenerator: no ONNX programs here ({self.dir}); available: "
-                             f"{[k for k, v in self.layout['programs'].items() if v]}")
-        self.prefill, self.decode = (ort.InferenceSession(str(self.dir / f), providers=["CPUExecutionProvider"])
-                                     for f in files)
-        self.pad_token_id = pad_token_id
-        self._caches = (self._cache_buffers(), self._cache_buffers())
-        self._logits = np.empty((self.layout["batch"], self.layout["vocab_size"]), _NUMPY_DTYPES[self.layout["dtype"]])
+        layout, files = load_layout(self.name, self.dir, "onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: ORT's default (one per physical core)
+        self.prefill, self.decode = (ort.InferenceSession(str(self.dir / f), options,
+                                                          providers=["CPUExecutionProvider"]) for f in files)
+        super().__init__(layout, torch.device("cpu"), pad_token_id)
 
-    def _cache_buffers(self) -> list[np.ndarray]:
-        b, heads, dim = self.layout["batch"], self.layout["kv_heads"], self.layout["head_dim"]
-        dtype = _NUMPY_DTYPES[self.layout["dtype"]]
-        return [buffer for c in self.layout["capacities"] for buffer in
-                (np.empty((b, heads, c, dim), dtype), np.empty((b, heads, c, dim), dtype), np.empty((b, c), np.int64))]
+    def _run(self, session, graph: str, inputs: tuple[Tensor, ...], outputs: list[Tensor]) -> None:
+        binding = session.io_binding()
+        for name, tensor in zip(self.layout["onnx"][graph]["inputs"], inputs):
+            binding.bind_cpu_input(name, tensor.numpy())
+        for name, tensor in zip(self.layout["onnx"][graph]["outputs"], (self._logits, *outputs)):
+            binding.bind_output(name, "cpu", 0, tensor.numpy().dtype, tuple(tensor.shape), tensor.data_ptr())
+        session.run_with_iobinding(binding)
 
-    def _bind_outputs(self, binding, graph: str, cache: list[np.ndarray]) -> None:
-        for name, array in zip(self.layout["onnx"][graph]["outputs"], (self._logits, *cache)):
-            binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+    def _prefill(self, ids: Tensor, positions: Tensor, cache: list[Tensor]) -> None:
+        self._run(self.prefill, "prefill", (ids, positions), cache)
 
-    def generate(self, input_ids, max_new_tokens: int) -> np.ndarray:
-        """Greedy continuation of an unpadded prompt batch [B, n] (numpy or CPU tensor); returns [B, max_new_tokens]."""
-        check_new_tokens("OrtGenerator", max_new_tokens, self.layout)
-        ids = np.asarray(input_ids, dtype=np.int64)
-        pad = left_pad_count("OrtGenerator", ids.shape, self.layout)
-        ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=self.pad_token_id)
-        positions = np.broadcast_to(np.maximum(np.arange(ids.shape[1]) - pad, -1), ids.shape).copy()
-
-        binding = self.prefill.io_binding()
-        for name, array in zip(("input_ids", "positions"), (ids, positions)):
-            binding.bind_cpu_input(name, array)
-        current, spare = self._caches
-        self._bind_outputs(binding, "prefill", current)
-        self.prefill.run_with_iobinding(binding)
-
-        token = self._logits.argmax(-1, keepdims=True)
-        new, position = [token], positions[:, -1:] + 1
-        inputs = self.layout["onnx"]["decode"]["inputs"]
-        for step in range(max_new_tokens - 1):
-            binding = self.decode.io_binding()
-            for name, array in zip(inputs, (token, position, np.array(step, np.int64), *current)):
-                binding.bind_cpu_input(name, array)
-            self._bind_outputs(binding, "decode", spare)
-            self.decode.run_with_iobinding(binding)
-            current, spare = spare, current
-            token = self._logits.argmax(-1, keepdims=True)
-            new.append(token)
-            position = position + 1
-        return np.concatenate(new, 1)
+    def _decode(self, token: Tensor, position: Tensor, step: int, cache: list[Tensor], out: list[Tensor]) -> None:
+        self._run(self.decode, "decode", (token, position, torch.tensor(step), *cache), out)
