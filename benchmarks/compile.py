@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--no-inductor", action="store_true")
     parser.add_argument("--no-aoti", action="store_true")
+    parser.add_argument("--export-fractions", type=float, nargs="*", default=[1.0, 0.25],
+                        help="calibrated kept fractions to export (none: skip export)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -122,7 +124,7 @@ def main() -> None:
         del model
     with tempfile.TemporaryDirectory() as tmp:
         n_layers = fresh().config.num_hidden_layers
-        for fraction in (1.0, 0.25):
+        for fraction in args.export_fractions:
             cal = Path(tmp) / f"cal{fraction}.json"
             cal.write_text(json.dumps({"layer_fractions": [fraction] * n_layers}))
             model = entropykv_fx.optimize(fresh(), budget_source="calibrated", calibration_file=str(cal))

@@ -192,7 +192,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="h100")
+    parser.add_argument("--plot", type=Path, metavar="JSON", help="only redraw the plots of a finished run's JSON")
     args = parser.parse_args()
+    if args.plot:
+        run = json.loads(args.plot.read_text())
+        plot(run["env"], run["rows"], args.plot.with_suffix(""))
+        return
     device = torch.device(args.device)
     torch.manual_seed(0)
 
@@ -303,6 +308,7 @@ def main() -> None:
 
     batch_sweep(args, model, config, device, graph_row)
     write_markdown(args.out / f"speed_{args.tag}.md", env, rows)
+    plot(env, rows, args.out / f"speed_{args.tag}")
 
 
 def agreement(logits: Tensor, reference: Tensor, name: str) -> dict:
@@ -349,6 +355,47 @@ def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
     lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]
     path.write_text("\n".join(lines) + "\n")
+
+
+def plot(env: dict, rows: list[dict], stem: Path) -> None:
+    """STEM_decode.png: decode ms/token vs context per cache; STEM_batch.png: tokens/s vs batch at one context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title = f"{env['shape']} bf16, {env['device']}"
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if row.get("batch", 1) != 1 or "decode_ms" not in row or "batch sweep" in row["kind"]:
+            continue
+        label = row["kind"] if "kept_fraction" not in row else \
+            f"{row['kind']} {row['kept_fraction']:.0%} {row.get('storage', '')}".strip()
+        series.setdefault(label, []).append((row["context"], row["decode_ms"]))
+        if "ideal_ms" in row and row.get("storage") == "bf16":
+            series.setdefault(f"bandwidth ideal {row['kept_fraction']:.0%}", []).append((row["context"], row["ideal_ms"]))
+    for label, points in series.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, ":" if label.startswith("bandwidth") else "-o", label=label, markersize=4)
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode ms/token", title=title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(f"{stem}_decode.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sweep: dict[float, list[tuple[int, float]]] = {}
+    for row in rows:
+        if "batch sweep" in row["kind"]:
+            sweep.setdefault(row["kept_fraction"], []).append((row["batch"], row["tokens_per_s"]))
+    for fraction, points in sweep.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, "-o", label=f"{fraction:.0%} kept (largest batch {max(xs)})")
+    context = next((row["context"] for row in rows if "batch sweep" in row["kind"]), "?")
+    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s", title=f"{title}, {context} tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{stem}_batch.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def test_inductor_compiles_the_compressed_static_decode(mode):
     assert compiled.kept_slots() == eager.kept_slots() == [PROMPT // 2 + NEW - 1] * 3
     if mode:
         assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"], "CUDA graphs were skipped"
-        assert torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"] == 0
+        # Copied into the graph at each replay: only the token and input_pos of each recorded graph (prefill,
+        # decode), never the 3 x 4 cache buffers and positions/slot state (H100, torch 2.11: 2).
+        assert torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"] <= 2 * 2
 
 
 def test_reset_starts_a_new_sequence_and_a_new_prompt_length_recompiles_with_the_same_buffers():
