@@ -7,9 +7,9 @@ Per context length (batch 1):
   prefill: HF SDPA with a full cache vs `entropykv_fx.optimize()` (its prefill scores, selects and gathers, so the
     difference is the compression overhead), wall time and peak memory;
   decode ms/token, four ways: HF eager over its full DynamicCache; `optimize()`'s eager decode over the
-    compressed cache; and a static decode step (the model's own modules, KV written in place into preallocated
-    buffers, attention by `entropykv::attention` / `attention_int8`) replayed from a CUDA graph, over the full
-    cache and over the compressed caches (bf16, and int8 with per-token scales) at each kept fraction.
+    compressed cache; and `entropykv_fx.StaticDecoder` (the model's own modules, KV written in place into
+    preallocated buffers, attention by `entropykv::attention` / `attention_int8`) replayed from a CUDA graph,
+    over the full cache and over the compressed caches (bf16, and int8 with per-token scales) at each fraction.
 Next to each CUDA-graph decode: the bandwidth ideal, (weights read + KV read) / copy bandwidth measured in this run.
 Throughput at 32k: the static step over caches of the kept size filled with random values (decode time does not
 depend on the values), from batch 1 up to the largest batch whose cache fits in the free memory.
@@ -32,10 +32,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch import Tensor  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
 import entropykv_fx  # noqa: E402
-from entropykv_fx import ops  # noqa: E402
+from entropykv_fx.decode import StaticDecoder  # noqa: E402
 
 SHAPES = {  # Llama-3-8B: 32 layers, 32 query / 8 KV heads of 128, vocabulary 128256
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -43,61 +42,6 @@ SHAPES = {  # Llama-3-8B: 32 layers, 32 query / 8 KV heads of 128, vocabulary 12
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0),
 }
-
-
-class StaticDecode:
-    """One decode step over static per-layer buffers, gpt-fast style: the kept slots of a cache, then room for
-    `room` new tokens written in place at `slot`. Built from the HF model's own modules (same math as its
-    forward); every tensor it touches is preallocated, so the step can be captured in a CUDA graph."""
-
-    def __init__(self, model: LlamaForCausalLM, caches: list[tuple[Tensor, Tensor, Tensor]], room: int,
-                 int8: bool) -> None:
-        """caches: per layer (keys, values, positions), copied into buffers with `room` empty slots after them;
-        with room=0 and bf16 they are used as they are (their empty slots, position -1, must come last)."""
-        self.model, self.int8 = model, int8
-        self.layers = []
-        for keys, values, positions in caches:
-            b, h, n, d = keys.shape
-            if room or int8:
-                positions = torch.cat([positions.expand(b, -1), positions.new_full((b, room), -1)], 1)
-                keys, values = (torch.cat([t, t.new_zeros(b, h, room, d)], 2) for t in (keys, values))
-            self.layers.append((*[p for t in (keys, values) for p in (ops.quantize_int8(t) if int8 else (t,))],
-                                positions))
-        # Each layer's first empty slot (layers keep different numbers of tokens).
-        self.slots = torch.stack([(layer[-1][:1] >= 0).sum(-1) for layer in self.layers])
-
-    @property
-    def kv_bytes(self) -> int:
-        """Bytes of the occupied slots' keys, values and scales (what a step reads, up to the new tokens)."""
-        return sum(t[:, :, :int(kept)].nbytes for layer, kept in zip(self.layers, self.slots) for t in layer[:-1])
-
-    def _write(self, layer: tuple[Tensor, ...], slot: Tensor, k: Tensor, v: Tensor, position: Tensor) -> None:
-        parts = [p for t in (k, v) for p in (ops.quantize_int8(t) if self.int8 else (t,))]
-        for buffer, part in zip(layer[:-1], parts):
-            buffer.index_copy_(2, slot, part)
-        layer[-1].index_copy_(1, slot, position)
-
-    def __call__(self, token: Tensor, position: Tensor) -> Tensor:
-        """Logits [B, V] of `token` [B, 1] at `position` [B, 1]; then slot and position advance."""
-        m = self.model.model
-        x = m.embed_tokens(token)
-        cos, sin = m.rotary_emb(x, position)
-        for block, layer, slot in zip(m.layers, self.layers, self.slots):
-            attn = block.self_attn
-            h = block.input_layernorm(x)
-            b, d = h.shape[0], attn.head_dim
-            q, k, v = (proj(h).view(b, 1, -1, d).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self._write(layer, slot, k, v, position)
-            if self.int8:
-                o = ops.attention_int8(q, *layer[:4], position, layer[4], attn.scaling, 0)
-            else:
-                o = ops.attention(q, layer[0], layer[1], position, layer[2], attn.scaling, 0)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        self.slots += 1
-        position += 1
-        return self.model.lm_head(m.norm(x))[:, -1]
 
 
 def sync(device: torch.device) -> None:
@@ -113,35 +57,31 @@ def seconds(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-def step_ms(step: StaticDecode, token: Tensor, position: Tensor, steps: int, device: torch.device) -> float:
-    """ms per step: replayed from a CUDA graph on a GPU, plain calls on a CPU."""
-    start_pos, start_slots = position.clone(), step.slots.clone()
+def step_ms(decoder: StaticDecoder, steps: int, device: torch.device) -> float:
+    """ms per step: CUDA-graph replays on a GPU, plain calls on a CPU; the decoder is rewound afterwards."""
+    run = decoder.compiled()
+    with torch.no_grad():
+        run()  # one untimed step
+        if device.type != "cuda":
+            ms = seconds(lambda: [run() for _ in range(steps)], device)[1] / steps * 1e3
+        else:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(steps):
+                run()
+            end.record()
+            torch.cuda.synchronize()
+            ms = begin.elapsed_time(end) / steps
+    decoder.rewind()
+    return ms
 
-    def restart():
-        position.copy_(start_pos)
-        step.slots.copy_(start_slots)
-    if device.type != "cuda":
-        restart()
-        return seconds(lambda: [step(token, position) for _ in range(steps)], device)[1] / steps * 1e3
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the graph: kernels compile, lazy state initializes
-        step(token, position)
-    torch.cuda.current_stream().wait_stream(stream)
-    restart()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(token, position)
-    restart()
-    graph.replay()  # one untimed replay
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(steps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    restart()
-    return begin.elapsed_time(end) / steps
+
+def first_logits(model, caches, token: Tensor) -> Tensor:
+    """The static step's logits for `token` right after the cache."""
+    decoder = StaticDecoder(model, caches, max_new_tokens=1)
+    decoder.token.copy_(token)
+    with torch.no_grad():
+        return decoder.step()
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -234,17 +174,15 @@ def main() -> None:
 
     def graph_row(kind: str, n: int, fraction: float, batch: int, caches, int8: bool, extra: dict,
                   room: int | None = None) -> None:
-        step = StaticDecode(model, caches, room=args.steps + 2 if room is None else room, int8=int8)
+        room = args.steps + 1 if room is None else room
+        decoder = StaticDecoder(model, caches, max_new_tokens=room, int8=int8, copy=room > 0)
         kind = kind.replace("CUDA graph", "CUDA graph" if device.type == "cuda" else "eager (no GPU)")
-        token = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        position = torch.full((batch, 1), n, dtype=torch.long, device=device)
-        with torch.no_grad():
-            ms = step_ms(step, token, position, args.steps, device)
+        ms = step_ms(decoder, args.steps, device)
         row = {"kind": kind, "context": n, "kept_fraction": fraction, "batch": batch,
-               "storage": "int8" if int8 else "bf16", "kv_GB": round(step.kv_bytes / 1e9, 3),
+               "storage": "int8" if int8 else "bf16", "kv_GB": round(decoder.kv_bytes / 1e9, 3),
                "decode_ms": round(ms, 3), "tokens_per_s": round(batch / ms * 1e3, 1),
-               "ideal_ms": round(ideal_ms(step.kv_bytes), 3),
-               "ratio_to_ideal": round(ms / ideal_ms(step.kv_bytes), 3), **extra}
+               "ideal_ms": round(ideal_ms(decoder.kv_bytes), 3),
+               "ratio_to_ideal": round(ms / ideal_ms(decoder.kv_bytes), 3), **extra}
         record(row)
 
     with torch.no_grad():  # compile optimize()'s graphs: static shapes first, then dynamic ones (no recompile after)
@@ -267,10 +205,7 @@ def main() -> None:
         caches = [(layer.keys[:, :, :n], layer.values[:, :, :n], torch.arange(n, device=device)[None])
                   for layer in full_cache.layers]
         del out, full_cache
-        check = StaticDecode(model, caches, room=2, int8=False)
-        with torch.no_grad():
-            static_first = check(token, torch.full_like(token, n))
-        del check
+        static_first = first_logits(model, caches, token)
         graph_row("static decode, CUDA graph, full cache", n, 1.0, 1, caches, False, agreement(static_first, hf_first, "hf"))
         del caches
 
@@ -298,11 +233,7 @@ def main() -> None:
             for int8 in (False, True):
                 extra = {}
                 if not int8:
-                    check = StaticDecode(model, compressed, room=2, int8=False)
-                    with torch.no_grad():
-                        first = check(token, torch.full_like(token, n))
-                    extra = agreement(first, opt_first, "optimize")
-                    del check
+                    extra = agreement(first_logits(model, compressed, token), opt_first, "optimize")
                 graph_row("static decode, CUDA graph, compressed", n, round(kept, 4), 1, compressed, int8, extra)
             del compressed
 

@@ -22,7 +22,7 @@ _EXPORTS = {
     "EntropyKVCache": "cache", "CompressionReport": "compress", "LayerReport": "compress",
     "ConfigError": "config", "EntropyKVConfig": "config", "SUPPORTED_MODELS": "hf", "UnsupportedModelError": "hf",
     "optimize": "hf", "report": "hf", "explain": "passes", "export": "aot",
-    "ExportError": "aot", "ExportedGenerator": "exported", "StaticCacheModel": "static",
+    "ExportError": "aot", "ExportedGenerator": "exported", "StaticCacheModel": "static", "StaticDecoder": "decode",
 }
 __all__ = sorted([*_EXPORTS, "policies"])
 
