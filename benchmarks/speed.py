@@ -133,7 +133,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="h100")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="only redraw the plots of a finished run's JSON")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="instead: SmolLM2-135M decode tokens/s, HF eager generate vs StaticDecoder")
     args = parser.parse_args()
+    if args.smollm2:
+        smollm2_decode(args)
+        return
     if args.plot:
         run = json.loads(args.plot.read_text())
         plot(run["env"], run["rows"], args.plot.with_suffix(""))
@@ -248,6 +253,57 @@ def agreement(logits: Tensor, reference: Tensor, name: str) -> dict:
     return {f"first_token_equal_to_{name}": bool((logits.argmax(-1) == reference.argmax(-1)).all()),
             f"logits_max_abs_diff_vs_{name}": round(diff, 4),
             f"logits_max_abs_{name}": round(float(reference.float().abs().max()), 3)}
+
+
+def smollm2_decode(args) -> None:
+    """Decode tokens/s of the embedded SmolLM2-135M-Instruct on a ~2k-token prompt: HF eager `generate()` (full
+    cache), `optimize()`'s `generate()` and `StaticDecoder` over the same compressed cache; tokens compared."""
+    from entropykv_fx.demo import needle_prompt
+    from entropykv_fx.models import load_default_model
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer = load_default_model(dtype, device, show_progress=False)
+    inputs = needle_prompt(tokenizer, 2000, 0.5).to(device)
+    n, new = inputs["input_ids"].shape[1], args.steps + 1
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU",
+           "torch": torch.__version__, "transformers": transformers.__version__, "model": "SmolLM2-135M-Instruct",
+           "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": n, "new_tokens": new,
+           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+
+    def decode_rate(fn) -> tuple[float, Tensor]:
+        """tokens/s of the decode steps: (time of `new` tokens - time of 1) / (new - 1), after a warm-up."""
+        fn(2)  # compiles optimize()'s prefill and decode graphs, captures the CUDA graph
+        _, one = seconds(lambda: fn(1), device)
+        tokens, total = seconds(lambda: fn(new), device)
+        return (new - 1) / (total - one), tokens
+
+    def generate(m, forced: bool = True):  # forced: no end-of-sequence before k tokens, so each call decodes k
+        return lambda k: m.generate(**inputs, max_new_tokens=k, min_new_tokens=k if forced else 0, do_sample=False,
+                                    pad_token_id=tokenizer.eos_token_id)[:, n:]
+    with torch.no_grad():
+        hf_rate, _ = decode_rate(generate(model))
+        entropykv_fx.optimize(model, policy="uniform", budget=args.fractions[0])
+        opt_rate, _ = decode_rate(generate(model))
+        want = generate(model, forced=False)(new)  # greedy up to end-of-sequence: what StaticDecoder must match
+        out = model(**inputs, use_cache=True)
+        first = out.logits[:, -1:].argmax(-1)
+        decoder = StaticDecoder(model, out.past_key_values, max_new_tokens=2 * new)
+
+        def static(k):
+            decoder.rewind()
+            return torch.cat([first, decoder.generate(first, k - 1)], 1) if k > 1 else first
+        static_rate, got = decode_rate(static)
+    rows = [{"path": "HF eager generate, full cache", "decode_tokens_per_s": round(hf_rate, 1)},
+            {"path": f"optimize() generate, uniform {args.fractions[0]:.0%}", "decode_tokens_per_s": round(opt_rate, 1)},
+            {"path": f"StaticDecoder, same cache{', CUDA graph' if device.type == 'cuda' else ''}",
+             "decode_tokens_per_s": round(static_rate, 1),
+             "tokens_equal_to_optimize_generate": bool(torch.equal(got[:, :want.shape[1]], want))}]
+    print(json.dumps(env))
+    for row in rows:
+        print(json.dumps(row))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"speed_{args.tag}_smollm2.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
 
 
 def random_caches(config: LlamaConfig, batch: int, slots: int, room: int, device: torch.device) -> list[tuple[Tensor, ...]]:
