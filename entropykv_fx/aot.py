@@ -187,6 +187,11 @@ def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new
     return write_programs(prefill, decode, layout, out_dir, aoti=aoti)
 
 
+# Selection sorts stay aten.sort calls: Inductor's fused Triton sort (a persistent reduction) of the pooled
+# scores fails to compile on the H100 (Triton 3.6, "PassManager::run failed" in TritonGPUCoalesce).
+AOTI_CONFIGS = {"triton.persistent_reductions": False}
+
+
 def write_programs(prefill: torch.export.ExportedProgram, decode: torch.export.ExportedProgram, layout: dict,
                    out_dir: str | Path, aoti: bool = True) -> Path:
     """Save programs from `build_programs` (and their AOTInductor packages) to `out_dir`; returns the layout path."""
@@ -197,7 +202,8 @@ def write_programs(prefill: torch.export.ExportedProgram, decode: torch.export.E
     if aoti:
         for name, ep in (("prefill", prefill), ("decode", decode)):
             torch._inductor.aoti_compile_and_package(ep.run_decompositions(decompositions()),
-                                                     package_path=str(out / f"{name}.aoti.pt2"))
+                                                     package_path=str(out / f"{name}.aoti.pt2"),
+                                                     inductor_configs=AOTI_CONFIGS)
     layout = {**layout, "programs": {"pt2": ["prefill.pt2", "decode.pt2"],
                                      "aoti": ["prefill.aoti.pt2", "decode.aoti.pt2"] if aoti else []}}
     path = out / "layout.json"

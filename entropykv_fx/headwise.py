@@ -84,6 +84,7 @@ def select_per_head(ranked: Tensor, budgets: Tensor) -> list[Tensor]:
     temporal order, then -1 where that row's budget is smaller than K_h. Ties go to the earlier slot.
     """
     s = ranked.shape[-1]
+    budgets = budgets.to(ranked.device)
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     kept = []
     for h in range(ranked.shape[1]):

