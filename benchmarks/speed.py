@@ -9,7 +9,8 @@ Per context length (batch 1):
   decode ms/token, four ways: HF eager over its full DynamicCache; `optimize()`'s eager decode over the
     compressed cache; and `entropykv_fx.StaticDecoder` (the model's own modules, KV written in place into
     preallocated buffers, attention by `entropykv::attention` / `attention_int8`) replayed from a CUDA graph,
-    over the full cache and over the compressed caches (bf16, and int8 with per-token scales) at each fraction.
+    over the full cache and over the compressed caches (bf16, and int8 with per-token scales) at each fraction;
+    at --inductor-contexts also that step compiled by Inductor before capture (`StaticDecoder(inductor=True)`).
 Next to each CUDA-graph decode: the bandwidth ideal, (weights read + KV read) / copy bandwidth measured in this run.
 Throughput at 32k: the static step over caches of the kept size filled with random values (decode time does not
 depend on the values), from batch 1 up to the largest batch whose cache fits in the free memory.
@@ -128,6 +129,8 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 65536, 32768, 8192],
                         help="largest first, so that a run cut short keeps the headline rows")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.1])
+    parser.add_argument("--inductor-contexts", type=int, nargs="*", default=[131072, 8192],
+                        help="contexts where the static step is also timed compiled by Inductor (a compile each)")
     parser.add_argument("--batch-context", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -178,9 +181,9 @@ def main() -> None:
         return (weight_bytes + kv_bytes) / bandwidth * 1e3
 
     def graph_row(kind: str, n: int, fraction: float, batch: int, caches, int8: bool, extra: dict,
-                  room: int | None = None) -> None:
+                  room: int | None = None, inductor: bool = False) -> None:
         room = args.steps + 1 if room is None else room
-        decoder = StaticDecoder(model, caches, max_new_tokens=room, int8=int8, copy=room > 0)
+        decoder = StaticDecoder(model, caches, max_new_tokens=room, int8=int8, copy=room > 0, inductor=inductor)
         kind = kind.replace("CUDA graph", "CUDA graph" if device.type == "cuda" else "eager (no GPU)")
         ms = step_ms(decoder, args.steps, device)
         row = {"kind": kind, "context": n, "kept_fraction": fraction, "batch": batch,
@@ -212,6 +215,8 @@ def main() -> None:
         del out, full_cache
         static_first = first_logits(model, caches, token)
         graph_row("static decode, CUDA graph, full cache", n, 1.0, 1, caches, False, agreement(static_first, hf_first, "hf"))
+        if n in args.inductor_contexts:
+            graph_row("static decode, Inductor + CUDA graph, full cache", n, 1.0, 1, caches, False, {}, inductor=True)
         del caches
 
         first_call = {}
@@ -240,6 +245,9 @@ def main() -> None:
                 if not int8:
                     extra = agreement(first_logits(model, compressed, token), opt_first, "optimize")
                 graph_row("static decode, CUDA graph, compressed", n, round(kept, 4), 1, compressed, int8, extra)
+            if n in args.inductor_contexts:
+                graph_row("static decode, Inductor + CUDA graph, compressed", n, round(kept, 4), 1, compressed, False,
+                          {}, inductor=True)
             del compressed
 
     batch_sweep(args, model, config, device, graph_row)

@@ -15,6 +15,8 @@ once in a CUDA graph and replayed (8.5-10 ms/token there).
 Decoder layouts of Llama, Mistral (sliding windows), Qwen2 and Qwen3 (q/k norms); a layer-wise cache
 (`EntropyKVCache` from `optimize()`, or a plain `DynamicCache` = the full cache); batches with left padding.
 `int8=True` stores keys and values as int8 with per-token scales (`entropykv::attention_int8`).
+`inductor=True` compiles the step with Inductor first (norms, rotary, residual adds and the MLP's activation fused
+into fewer kernels; a one-time compile of tens of seconds), then captures that.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class StaticDecoder:
     -1, must come last): for callers that allocated the room already.
     """
 
-    def __init__(self, model: nn.Module, cache, max_new_tokens: int, *, int8: bool = False, copy: bool = True) -> None:
+    def __init__(self, model: nn.Module, cache, max_new_tokens: int, *, int8: bool = False, copy: bool = True,
+                 inductor: bool = False) -> None:
         from .hf import _sliding_windows
 
         blocks = _decoder_layers(model)
@@ -76,7 +79,7 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder: max_new_tokens must be >= 1, got {max_new_tokens}")
         if int8 and not copy:
             raise ValueError("StaticDecoder: int8=True quantizes a copy of the cache; use copy=True")
-        self.model, self.int8 = model, int8
+        self.model, self.int8, self.inductor = model, int8, inductor
         self.windows = _sliding_windows(model, blocks)
         self.buffers: list[tuple[Tensor, ...]] = []
         for keys, values, positions in layers:
@@ -140,20 +143,22 @@ class StaticDecoder:
     def compiled(self) -> Callable[[], None]:
         """One step as a callable: a CUDA graph replay on a GPU (captured on first use), else `step`."""
         if self._run is None:
+            # dynamic=False: the buffers never change shape, so Inductor specializes every layer's slot count.
+            step = torch.compile(self.step, dynamic=False) if self.inductor else self.step
             if self.token.device.type != "cuda":
-                self._run = self.step
+                self._run = step
             else:
                 state = (self.slots.clone(), self.position.clone(), self.token.clone())
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.no_grad(), torch.cuda.stream(stream):  # warm-up: kernels compile, lazy state initializes
-                    self.step()
+                    step()
                 torch.cuda.current_stream().wait_stream(stream)
                 for buffer, saved in zip((self.slots, self.position, self.token), state):
                     buffer.copy_(saved)
                 graph = torch.cuda.CUDAGraph()
                 with torch.no_grad(), torch.cuda.graph(graph):  # recorded, not run: the state stays as it was
-                    self.step()
+                    step()
                 self._run = graph.replay
         return self._run
 

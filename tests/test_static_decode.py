@@ -12,11 +12,11 @@ from entropykv_fx.decode import StaticDecoder
 PROMPT, NEW = 60, 10
 
 
-def decode(model, ids, int8=False, **kwargs):
+def decode(model, ids, int8=False, inductor=False, **kwargs):
     with torch.no_grad():
         out = model(ids, use_cache=True, **kwargs)
     first = out.logits[:, -1:].argmax(-1)
-    decoder = StaticDecoder(model, out.past_key_values, max_new_tokens=NEW, int8=int8)
+    decoder = StaticDecoder(model, out.past_key_values, max_new_tokens=NEW, int8=int8, inductor=inductor)
     return torch.cat([first, decoder.generate(first, NEW - 1)], 1), decoder
 
 
@@ -36,6 +36,16 @@ def test_compressed_decode_equals_the_optimized_models_generate(arch):
     assert torch.equal(got, want)
     kept = [layer.keys.shape[2] for layer in model(ids, use_cache=True).past_key_values.layers]
     assert decoder.slots.flatten().tolist() == [k + NEW - 1 for k in kept], "each layer writes after its own slots"
+
+
+def test_inductor_compiled_step_gives_the_same_tokens():
+    torch._dynamo.reset()
+    model = entropykv_fx.optimize(tiny_model("qwen3", seed=3), policy="entropy", budget=0.4, window=8, sink_tokens=2)
+    ids = random_prompt(PROMPT, seed=4)
+    want = model.generate(ids, max_new_tokens=NEW, do_sample=False)[:, PROMPT:]
+    got, decoder = decode(model, ids, inductor=True)
+    assert torch.equal(got, want)
+    assert decoder.compiled() is not decoder.step, "the step must run through torch.compile"
 
 
 def test_left_padded_batch_decodes_each_row_at_its_own_positions():
