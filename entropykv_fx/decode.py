@@ -16,7 +16,7 @@ Decoder layouts of Llama, Mistral (sliding windows), Qwen2 and Qwen3 (q/k norms)
 (`EntropyKVCache` from `optimize()`, or a plain `DynamicCache` = the full cache); batches with left padding.
 `int8=True` stores keys and values as int8 with per-token scales (`entropykv::attention_int8`).
 `inductor=True` compiles the step with Inductor first (norms, rotary, residual adds and the MLP's activation fused
-into fewer kernels; a one-time compile of tens of seconds), then captures that.
+into fewer kernels; one compile per cache shape), then captures that.
 """
 
 from __future__ import annotations
