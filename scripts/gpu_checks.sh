@@ -27,6 +27,7 @@ python3 -c "import torch, transformers, triton; print(torch.cuda.get_device_name
 'transformers', transformers.__version__, 'triton', triton.__version__)"
 case ${2:?} in
 tests)
+    python3 -m pip list >"$out/pip_list.txt" 2>&1  # what the machine has (kvpress needs wheels it may lack)
     step kernels 120 python3 -m pytest -q $pytest_opts tests/kernels/test_opcheck.py tests/kernels/test_headwise_decode.py
     ENTROPYKV_TEST_DEVICE=cuda step static 200 python3 -m pytest -q $pytest_opts tests/test_static_decode.py tests/test_static.py
     ENTROPYKV_TEST_DEVICE=cuda step headwise 240 python3 -m pytest -q $pytest_opts tests/test_headwise.py \
