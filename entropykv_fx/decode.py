@@ -141,7 +141,8 @@ class StaticDecoder:
         self.position.copy_(self._start[1])
 
     def compiled(self) -> Callable[[], None]:
-        """One step as a callable: a CUDA graph replay on a GPU (captured on first use), else `step`."""
+        """One step as a callable: a CUDA graph replay on a GPU (captured on first use), else `step` (compiled by
+        Inductor when `inductor=True`)."""
         if self._run is None:
             # dynamic=False: the buffers never change shape, so Inductor specializes every layer's slot count.
             step = torch.compile(self.step, dynamic=False) if self.inductor else self.step
