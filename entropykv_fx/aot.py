@@ -29,6 +29,7 @@ from . import ops
 from .cache import CompressedLayer, EntropyKVCache
 from .compress import attention_scores, layer_budgets
 from .config import EntropyKVConfig
+from .passes.backend import INDUCTOR_CONFIGS
 from .passes.decompose import decompositions
 from .passes.rewrite_attention import RewriteSettings, rewrite_attention
 from .policies import POLICIES
@@ -187,11 +188,6 @@ def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new
     return write_programs(prefill, decode, layout, out_dir, aoti=aoti)
 
 
-# Selection sorts stay aten.sort calls: Inductor's fused Triton sort (a persistent reduction) of the pooled
-# scores fails to compile on the H100 (Triton 3.6, "PassManager::run failed" in TritonGPUCoalesce).
-AOTI_CONFIGS = {"triton.persistent_reductions": False}
-
-
 def write_programs(prefill: torch.export.ExportedProgram, decode: torch.export.ExportedProgram, layout: dict,
                    out_dir: str | Path, aoti: bool = True) -> Path:
     """Save programs from `build_programs` (and their AOTInductor packages) to `out_dir`; returns the layout path."""
@@ -203,7 +199,7 @@ def write_programs(prefill: torch.export.ExportedProgram, decode: torch.export.E
         for name, ep in (("prefill", prefill), ("decode", decode)):
             torch._inductor.aoti_compile_and_package(ep.run_decompositions(decompositions()),
                                                      package_path=str(out / f"{name}.aoti.pt2"),
-                                                     inductor_configs=AOTI_CONFIGS)
+                                                     inductor_configs=INDUCTOR_CONFIGS)
     layout = {**layout, "programs": {"pt2": ["prefill.pt2", "decode.pt2"],
                                      "aoti": ["prefill.aoti.pt2", "decode.aoti.pt2"] if aoti else []}}
     path = out / "layout.json"

@@ -21,6 +21,10 @@ from .static_cache import STATE_PREFIX
 
 StatsCallback = Callable[[list[int], Sequence[Tensor]], None]
 
+# Selection sorts stay aten.sort calls: Inductor's fused Triton sort (a persistent reduction) of the pooled
+# scores fails to compile on the H100 (Triton 3.6, "PassManager::run failed" in TritonGPUCoalesce).
+INDUCTOR_CONFIGS = {"triton.persistent_reductions": False}
+
 
 class UnrewrittenAttentionError(RuntimeError):
     """A graph holds attention that the pass could not rewrite, and running it unrewritten would be wrong."""
@@ -78,7 +82,7 @@ class EntropyKVBackend:
         from torch._inductor.compile_fx import compile_fx
 
         register_state(gm)
-        patches = torch._inductor.list_mode_options(self.mode) if self.mode else None
+        patches = {**INDUCTOR_CONFIGS, **(torch._inductor.list_mode_options(self.mode) if self.mode else {})}
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 
