@@ -164,3 +164,52 @@ def test_bench_quality_cli_refuses_bad_settings(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "quality", "--budgets", "1.5"])
     assert "kept fractions in (0, 1)" in capsys.readouterr().err
+
+
+def _kvpress_args(python: str):
+    import argparse
+
+    return argparse.Namespace(kvpress_python=python, budgets=[0.5, 0.25], settings=["question_aware"],
+                              kvpress_presses=["snapkv"], device="cpu", dtype="float32", tag="t")
+
+
+def test_kvpress_runs_alongside_with_half_the_cpu_threads(tmp_path, monkeypatch):
+    import sys
+
+    from entropykv_fx.bench import quality
+
+    fake = tmp_path / "fake_runner.py"  # stands in for kvpress_runner.py: echoes its arguments and thread limit
+    fake.write_text("import json, os, sys\nout = sys.argv[sys.argv.index('--out') + 1]\n"
+                    "json.dump({'records': [], 'argv': sys.argv[1:], 'threads': os.environ['OMP_NUM_THREADS']}, open(out, 'w'))\n")
+    monkeypatch.setattr(quality, "RUNNER", fake)
+    threads = torch.get_num_threads()
+    try:
+        process, out_file = quality.start_kvpress(_kvpress_args(sys.executable), tmp_path / "cases.json",
+                                                  tmp_path / "model", tmp_path)
+        mine = torch.get_num_threads()
+        result = quality.finish_kvpress(process, out_file)
+    finally:
+        torch.set_num_threads(threads)
+    assert out_file == tmp_path / "kvpress_t.json"
+    assert int(result["threads"]) + mine == max(2, threads)
+    assert result["argv"][result["argv"].index("--budgets") + 1:][:2] == ["0.5", "0.25"]
+    assert result["argv"][result["argv"].index("--cases") + 1] == str(tmp_path / "cases.json")
+
+
+def test_a_failing_kvpress_run_is_an_error_not_missing_rows(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from entropykv_fx.bench import quality
+
+    fake = tmp_path / "failing_runner.py"
+    fake.write_text("raise SystemExit(3)\n")
+    monkeypatch.setattr(quality, "RUNNER", fake)
+    threads = torch.get_num_threads()
+    try:
+        process, out_file = quality.start_kvpress(_kvpress_args(sys.executable), tmp_path / "c.json",
+                                                  tmp_path, tmp_path)
+        with pytest.raises(subprocess.CalledProcessError):
+            quality.finish_kvpress(process, out_file)
+    finally:
+        torch.set_num_threads(threads)

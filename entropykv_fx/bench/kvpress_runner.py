@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import time
 from importlib.metadata import version
 
@@ -94,8 +95,15 @@ def use_masks(model, compressed: Compressed | None) -> None:
 
 @torch.no_grad()
 def forward_at(model, cache, ids: list[int], start: int):
-    """Feed `ids` after `cache` at logical positions start.. (the cache may physically hold fewer slots)."""
+    """Logits [len(ids), vocab] of `ids` fed after `cache` at logical positions start.. (the cache may physically
+    hold fewer slots).
+
+    When layers hold different numbers of tokens (PyramidKV), transformers 5.2 sizes a multi-token forward's causal
+    mask by layer 0, which fails on the others; one token at a time needs no mask, so the ids go in one by one.
+    """
     device = model.device
+    if len({layer.keys.shape[-2] for layer in cache.layers}) > 1 and len(ids) > 1:
+        return torch.cat([forward_at(model, cache, [token], start + i) for i, token in enumerate(ids)])
     positions = torch.arange(start, start + len(ids), device=device)[None]
     return model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, position_ids=positions).logits[0]
 
@@ -208,7 +216,8 @@ def main() -> None:
     model = model.to(args.device).eval()
     presses = {f"{name}@{budget}": PRESSES[name](round(1.0 - budget, 6)) for name in args.presses for budget in args.budgets}
     meta = {"kvpress": version("kvpress"), "torch": torch.__version__, "transformers": version("transformers"),
-            "python": platform.python_version(), "device": args.device, "dtype": args.dtype}
+            "python": platform.python_version(), "device": args.device, "dtype": args.dtype,
+            "command": " ".join(sys.argv)}
     if args.check_fanout:
         ids = torch.tensor([data["cases"][0]["context_ids"][:args.check_fanout]], device=model.device)
         meta["fanout_check"] = check_fanout(model, ids, presses)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -113,13 +114,24 @@ def run_entropykv(model, cases: list[Case], policies: list[str], budgets: list[f
     return records
 
 
-def run_kvpress(args, cases_file: Path, model_dir: Path, out_dir: Path) -> dict:
+def start_kvpress(args, cases_file: Path, model_dir: Path, out_dir: Path) -> tuple[subprocess.Popen, Path]:
+    """Launch the kvpress runner in its venv; it runs alongside the entropykv_fx loop (on a CPU, half the threads each)."""
     out_file = out_dir / f"kvpress_{args.tag}.json"
     command = [args.kvpress_python, str(RUNNER), "--cases", str(cases_file), "--model-dir", str(model_dir),
                "--out", str(out_file), "--budgets", *map(str, args.budgets), "--settings", *args.settings,
                "--presses", *args.kvpress_presses, "--device", args.device, "--dtype", args.dtype]
-    print("running kvpress:", shlex.join(command), file=sys.stderr)
-    subprocess.run(command, check=True)
+    env = dict(os.environ)
+    if args.device == "cpu":
+        theirs = max(1, torch.get_num_threads() // 2)
+        env["OMP_NUM_THREADS"] = str(theirs)
+        torch.set_num_threads(max(1, torch.get_num_threads() - theirs))
+    print("running kvpress alongside:", shlex.join(command), file=sys.stderr)
+    return subprocess.Popen(command, env=env), out_file
+
+
+def finish_kvpress(process: subprocess.Popen, out_file: Path) -> dict:
+    if process.wait() != 0:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
     return json.loads(out_file.read_text())
 
 
@@ -177,16 +189,22 @@ def run(args: argparse.Namespace) -> Path:
     cases_file.write_text(json.dumps({"model": DEFAULT_MODEL, "stop_token_ids": stops,
                                       "cases": [c.to_json() for c in cases]}))
     policies = [p for p in args.policies if p != "full"]
+    kvpress = start_kvpress(args, cases_file, cache_dir(), out_dir) if args.kvpress_python else None
     start = time.perf_counter()
-    records = run_entropykv(model, cases, policies, args.budgets, args.settings, stops)
+    try:
+        records = run_entropykv(model, cases, policies, args.budgets, args.settings, stops)
+    except BaseException:
+        if kvpress:
+            kvpress[0].kill()
+        raise
     meta = {"environment": environment(args.device), "model": DEFAULT_MODEL, "dtype": args.dtype,
             "seed": args.seed, "cases_per_task_and_length": args.cases, "lengths": args.lengths,
             "budgets": args.budgets, "tasks": args.tasks, "settings": args.settings, "full_grid_command": FULL_GRID_COMMAND,
             "prompt_tokens": {f"{c.task}/{c.length}/{c.index}": c.prompt_tokens for c in cases},
             "entropykv_seconds": round(time.perf_counter() - start, 1)}
-    del model  # the kvpress process loads its own copy
-    if args.kvpress_python:
-        kv = run_kvpress(args, cases_file, cache_dir(), out_dir)
+    del model
+    if kvpress:
+        kv = finish_kvpress(*kvpress)
         records += kv["records"]
         meta["kvpress"] = {k: v for k, v in kv.items() if k != "records"}
     score(records, cases, tokenizer)
