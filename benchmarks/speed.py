@@ -24,7 +24,6 @@ import json
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 # The repository root instead of this folder, whose kernels.py would shadow the `kernels` package transformers probes.
@@ -36,26 +35,8 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import entropykv_fx  # noqa: E402
 from entropykv_fx.decode import StaticDecoder  # noqa: E402
-
-SHAPES = {  # Llama-3-8B: 32 layers, 32 query / 8 KV heads of 128, vocabulary 128256
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0),
-}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def seconds(fn, device: torch.device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
+from benchmarks.timing import (SHAPES, copy_bandwidth, eager_decode_ms, peak_gib, reset_peak,  # noqa: E402
+                               seconds, write_markdown)
 
 
 def step_ms(decoder: StaticDecoder, steps: int, device: torch.device) -> float:
@@ -83,43 +64,6 @@ def first_logits(model, caches, token: Tensor) -> Tensor:
     decoder.token.copy_(token)
     with torch.no_grad():
         return decoder.step()
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    if device.type != "cuda":
-        return float("nan")
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.nbytes * 20 / (begin.elapsed_time(end) / 1e3)
-
-
-def peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def eager_decode_ms(model, cache, token: Tensor, n: int, steps: int, device: torch.device) -> tuple[float, Tensor]:
-    """ms/token of `model` called token by token on its own cache (the first call is not timed); first logits."""
-    with torch.no_grad():
-        first = model(token, past_key_values=cache, use_cache=True,
-                      position_ids=torch.full_like(token, n)).logits[:, -1]
-        _, total = seconds(lambda: [model(token, past_key_values=cache, use_cache=True,
-                                          position_ids=torch.full_like(token, n + 1 + i)) for i in range(steps)], device)
-    return total / steps * 1e3, first
 
 
 def main() -> None:
@@ -342,15 +286,6 @@ def batch_sweep(args, model, config, device, graph_row) -> None:
             graph_row("static decode, CUDA graph, random cache (batch sweep)", n, fraction, batch, caches, False,
                       {"largest_batch": batch == largest}, room=0)
             del caches
-
-
-def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
-    lines = [f"# Speed and memory ({env['device']}, {env['shape']}, bf16)", "",
-             " · ".join(f"{k}={v}" for k, v in env.items()), ""]
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def plot(env: dict, rows: list[dict], stem: Path) -> None:
