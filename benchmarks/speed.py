@@ -14,7 +14,7 @@ Per context length (batch 1):
 Next to each CUDA-graph decode: the bandwidth ideal, (weights read + KV read) / copy bandwidth measured in this run.
 Throughput at 32k: the static step over caches of the kept size filled with random values (decode time does not
 depend on the values), from batch 1 up to the largest batch whose cache fits in the free memory.
-kvpress does not run here (it needs transformers < 5.3; see benchmarks/kvpress_env.sh).
+kvpress does not run here (it needs transformers < 5.3): benchmarks/kvpress_speed.py times it in its own venv.
 """
 
 from __future__ import annotations
