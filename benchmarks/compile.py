@@ -149,14 +149,16 @@ def main() -> None:
 
 def aoti_tokens_in_fresh_process(out: Path, ids: torch.Tensor, new: int, tmp: Path) -> tuple[torch.Tensor | None, str | None]:
     """Greedy tokens of the AOTInductor packages loaded by a new Python process (as a deployment would),
-    or the reason it failed (exit status and the last line of its stderr)."""
+    or the reason it failed (exit status; a crash's first lines from faulthandler, else the last line of stderr)."""
     torch.save(ids.cpu(), tmp / "ids.pt")
     code = ("import json, sys, torch\nfrom entropykv_fx.exported import ExportedGenerator\n"
             f"ids = torch.load({str(tmp / 'ids.pt')!r}, weights_only=True)\n"
             f"print(json.dumps(ExportedGenerator({str(out)!r}, kind='aoti').generate(ids, {new}).tolist()))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     if run.returncode != 0:
-        return None, f"exit status {run.returncode}: {(run.stderr.strip().splitlines() or [''])[-1][:300]}"
+        lines = run.stderr.strip().splitlines()
+        crash = [line.strip() for line in lines if line.startswith(("Fatal Python error", "  File"))][:2]
+        return None, f"exit status {run.returncode}: {' / '.join(crash or lines[-1:])[:300]}"
     return torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), None
 
 
