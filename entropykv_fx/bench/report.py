@@ -145,6 +145,7 @@ def plot(records: list[dict], meta: dict, path: Path) -> None:
     settings = [s for s in meta["settings"] if any(r["setting"] == s and "score" in r for r in records)]
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
     for ax, setting in zip(axes[0], settings):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 14+ methods: tab10 would give two methods one color
         acc = _mean_by([r for r in records if r["setting"] == setting], "score", "label", "budget")
         for method in _methods(records):
             points = sorted((b, v[0] * 100) for (m, b), v in acc.items() if m == method)
@@ -160,11 +161,11 @@ def plot(records: list[dict], meta: dict, path: Path) -> None:
         ax.set_title(setting.replace("_", "-"))
         ax.set_xticks(meta["budgets"])
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"{meta['model']} on {meta['environment']['device']}: {meta['cases_per_task_and_length']} cases per "
                  f"task and length, lengths {meta['lengths']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
