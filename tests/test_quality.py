@@ -213,3 +213,17 @@ def test_a_failing_kvpress_run_is_an_error_not_missing_rows(tmp_path, monkeypatc
             quality.finish_kvpress(process, out_file)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_report_rerenders_a_committed_run_with_its_numbers(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from entropykv_fx.bench.report import render
+
+    run = tmp_path / "quality_cpu_grid.json"
+    shutil.copy(Path(__file__).parents[1] / "benchmarks/results/quality_cpu_grid.json", run)
+    markdown = render(run).read_text()
+    assert "| entropykv/uniform | – | 45.8 | 0.0 | 0.0 |" in markdown  # question-aware accuracy at 50/25/10%
+    assert "`matrix_entropy` +0.021 nats (target ≤ 0.03: met)" in markdown
+    assert (tmp_path / "quality_cpu_grid.png").stat().st_size > 10_000
