@@ -14,29 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root: benchmarks.timing
 import torch  # noqa: E402
-from kvpress import (AdaKVPress, ExpectedAttentionPress, KnormPress, PyramidKVPress, SnapKVPress,  # noqa: E402
-                     StreamingLLMPress)
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
-from benchmarks.timing import (SHAPES, copy_bandwidth, eager_decode_ms, peak_gib, reset_peak, seconds,  # noqa: E402
-                               write_markdown)
+from benchmarks.timing import (SHAPES, eager_decode_ms, peak_gib, random_llama, reset_peak, run_environment,  # noqa: E402
+                               seconds, write_markdown)
 
-PRESSES = {
-    "snapkv": lambda ratio: SnapKVPress(compression_ratio=ratio),
-    "pyramidkv": lambda ratio: PyramidKVPress(compression_ratio=ratio),
-    "streamingllm": lambda ratio: StreamingLLMPress(compression_ratio=ratio),
-    "adakv_snapkv": lambda ratio: AdaKVPress(SnapKVPress(compression_ratio=ratio)),
-    "expected_attention": lambda ratio: ExpectedAttentionPress(compression_ratio=ratio),
-    "knorm": lambda ratio: KnormPress(compression_ratio=ratio),
-}
+# kvpress's presses by name, as the quality benchmark's runner builds them (it imports nothing from entropykv_fx).
+sys.path.append(str(Path(__file__).resolve().parents[1] / "entropykv_fx" / "bench"))
+from kvpress_runner import PRESSES  # noqa: E402
 
 
 def main() -> None:
@@ -52,19 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(args.contexts) + 1024)
-    config._attn_implementation = "sdpa"
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
-    bandwidth = copy_bandwidth(device)
-    weight_bytes = sum(p.nbytes for p in model.parameters()) - model.model.embed_tokens.weight.nbytes
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU",
-           "kvpress": version("kvpress"), "torch": torch.__version__, "transformers": version("transformers"),
-           "python": platform.python_version(), "shape": args.shape, "dtype": "bfloat16",
-           "copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "weights_read_per_token_GB": round(weight_bytes / 1e9, 2),
-           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+    model = random_llama(args.shape, device, max(args.contexts))
+    config = model.config
+    env, bandwidth, weight_bytes = run_environment(device, args.shape, model)
+    env.update(kvpress=version("kvpress"), transformers=version("transformers"))
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
     out_file = args.out / f"kvpress_speed_{args.tag}.json"

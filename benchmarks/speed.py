@@ -35,8 +35,8 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import entropykv_fx  # noqa: E402
 from entropykv_fx.decode import StaticDecoder  # noqa: E402
-from benchmarks.timing import (SHAPES, copy_bandwidth, eager_decode_ms, peak_gib, reset_peak,  # noqa: E402
-                               seconds, write_markdown)
+from benchmarks.timing import (SHAPES, eager_decode_ms, peak_gib, random_llama, reset_peak,  # noqa: E402
+                               run_environment, seconds, write_markdown)
 
 
 def step_ms(decoder: StaticDecoder, steps: int, device: torch.device) -> float:
@@ -93,25 +93,16 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(args.contexts) + 1024)
-    config._attn_implementation = "sdpa"
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
+    model = random_llama(args.shape, device, max(args.contexts))
+    config = model.config
     with torch.device("meta"):  # a second model object on the same weights, for optimize()
         optimized = LlamaForCausalLM(config).eval()
     optimized.load_state_dict(model.state_dict(), assign=True)
     optimized.model.rotary_emb = model.model.rotary_emb  # its inv_freq buffer is not in the state dict
     entropykv_fx.optimize(optimized, budget=args.fractions[0])
 
-    bandwidth = copy_bandwidth(device)
-    weight_bytes = sum(p.nbytes for p in model.parameters()) - model.model.embed_tokens.weight.nbytes
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU",
-           "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-           "shape": args.shape, "dtype": "bfloat16", "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
-           "weights_read_per_token_GB": round(weight_bytes / 1e9, 2),
-           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+    env, bandwidth, weight_bytes = run_environment(device, args.shape, model)
+    env["transformers"] = transformers.__version__
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
 

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import json
+import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,30 @@ SHAPES = {  # Llama-3-8B: 32 layers, 32 query / 8 KV heads of 128, vocabulary 12
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0),
 }
+
+
+def random_llama(shape: str, device: torch.device, max_context: int):
+    """The benchmark model: a Llama of SHAPES[shape] with random bf16 weights (seeded by the caller) and SDPA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_context + 1024)
+    config._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def run_environment(device: torch.device, shape: str, model) -> tuple[dict, float, int]:
+    """(what a run's JSON records about the machine and model, copy bandwidth in B/s, weight bytes read per token)."""
+    bandwidth = copy_bandwidth(device)
+    weight_bytes = sum(p.nbytes for p in model.parameters()) - model.model.embed_tokens.weight.nbytes
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU",
+           "torch": torch.__version__, "python": platform.python_version(), "shape": shape, "dtype": "bfloat16",
+           "copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "weights_read_per_token_GB": round(weight_bytes / 1e9, 2),
+           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+    return env, bandwidth, weight_bytes
 
 
 def sync(device: torch.device) -> None:
