@@ -28,6 +28,7 @@ import transformers
 
 import entropykv_fx
 from entropykv_fx import hf
+from entropykv_fx.compat import with_cache
 from entropykv_fx.compress import compress_cache, uncompressed_report
 from entropykv_fx.demo import ANSWER_KEY, needle_prompt
 from entropykv_fx.models import DEFAULT_MODEL, load_default_model, text
@@ -70,7 +71,7 @@ def retrieved(model, cache, first: torch.Tensor, answer: torch.Tensor, key_start
     if first.item() != answer[0, 0].item():  # the model would not even start its usual answer
         return False
     with torch.no_grad():
-        logits = model(answer, past_key_values=cache, use_cache=True).logits
+        logits = model(answer, **with_cache(cache), use_cache=True).logits
     predicted = logits[0, key_start - 1:-1].argmax(-1)  # logits at token j-1 choose token j
     return torch.equal(predicted, answer[0, key_start:])
 

@@ -34,6 +34,7 @@ from torch import Tensor  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import entropykv_fx  # noqa: E402
+from entropykv_fx.compat import cache_of  # noqa: E402
 from entropykv_fx.decode import StaticDecoder  # noqa: E402
 from benchmarks.timing import (SHAPES, eager_decode_ms, peak_gib, random_llama, reset_peak,  # noqa: E402
                                run_environment, seconds, write_markdown)
@@ -132,7 +133,7 @@ def main() -> None:
         for warm in (256, 300):
             ids = torch.randint(0, config.vocab_size, (1, warm), device=device)
             model(ids, use_cache=True, logits_to_keep=1)
-            eager_decode_ms(optimized, optimized(ids, use_cache=True, logits_to_keep=1).past_key_values, ids[:, -1:],
+            eager_decode_ms(optimized, cache_of(optimized(ids, use_cache=True, logits_to_keep=1)), ids[:, -1:],
                             warm, 1, device)
     for n in args.contexts:
         ids = torch.randint(0, config.vocab_size, (1, n), device=device)
@@ -141,7 +142,7 @@ def main() -> None:
         with torch.no_grad():
             out, prefill_s = seconds(lambda: model(ids, use_cache=True, logits_to_keep=1), device)
         full_peak, full_prefill_s = peak_gib(device), prefill_s
-        full_cache = out.past_key_values
+        full_cache = cache_of(out)
         hf_ms, hf_first = eager_decode_ms(model, full_cache, token, n, 3, device)
         record({"kind": "prefill + HF eager decode, full cache", "context": n, "prefill_s": round(prefill_s, 3),
                 "peak_GiB": round(full_peak, 2), "decode_ms": round(hf_ms, 2)})
@@ -165,7 +166,7 @@ def main() -> None:
                 reset_peak(device)
                 out, prefill_s = seconds(lambda: optimized(ids, use_cache=True, logits_to_keep=1), device)
             peak = peak_gib(device)
-            cache = out.past_key_values
+            cache = cache_of(out)
             compressed = [(layer.keys, layer.values, layer.positions) for layer in cache.layers]
             kept = sum(k.shape[2] for k, _, _ in compressed) / (n * len(compressed))
             opt_ms, opt_first = eager_decode_ms(optimized, cache, token, n, 3, device)
@@ -232,7 +233,7 @@ def smollm2_decode(args) -> None:
         want = generate(model, forced=False)(new)  # greedy up to end-of-sequence: what StaticDecoder must match
         out = model(**inputs, use_cache=True)
         first = out.logits[:, -1:].argmax(-1)
-        decoder = StaticDecoder(model, out.past_key_values, max_new_tokens=2 * new)
+        decoder = StaticDecoder(model, cache_of(out), max_new_tokens=2 * new)
 
         def static(k):
             decoder.rewind()

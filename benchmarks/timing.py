@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from entropykv_fx.compat import with_cache
+
 SHAPES = {  # Llama-3-8B: 32 layers, 32 query / 8 KV heads of 128, vocabulary 128256
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
@@ -91,9 +93,9 @@ def reset_peak(device: torch.device) -> None:
 def eager_decode_ms(model, cache, token: Tensor, n: int, steps: int, device: torch.device) -> tuple[float, Tensor]:
     """ms/token of `model` called token by token on its own cache (the first call is not timed); first logits."""
     with torch.no_grad():
-        first = model(token, past_key_values=cache, use_cache=True,
+        first = model(token, **with_cache(cache), use_cache=True,
                       position_ids=torch.full_like(token, n)).logits[:, -1]
-        _, total = seconds(lambda: [model(token, past_key_values=cache, use_cache=True,
+        _, total = seconds(lambda: [model(token, **with_cache(cache), use_cache=True,
                                           position_ids=torch.full_like(token, n + 1 + i)) for i in range(steps)], device)
     return total / steps * 1e3, first
 

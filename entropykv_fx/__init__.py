@@ -13,9 +13,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Imported now (it needs no transformers) so that the function, not the `policies` subpackage, owns the name.
-from .policies import policies
-
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -23,11 +20,14 @@ _EXPORTS = {
     "ConfigError": "config", "EntropyKVConfig": "config", "SUPPORTED_MODELS": "hf", "UnsupportedModelError": "hf",
     "optimize": "hf", "report": "hf", "explain": "passes", "export": "aot",
     "ExportError": "aot", "ExportedGenerator": "exported", "StaticCacheModel": "static", "StaticDecoder": "decode",
+    "EntropyKVError": "errors", "TransformersVersionError": "compat", "UntestedTransformersWarning": "compat",
 }
 __all__ = sorted([*_EXPORTS, "policies"])
 
 
 def __getattr__(name: str) -> Any:
+    if name == "policies":  # the subpackage, callable: entropykv_fx.policies() lists the policies
+        return importlib.import_module(".policies", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module 'entropykv_fx' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -27,15 +27,17 @@ from torch import Tensor, fx, nn
 
 from . import ops
 from .cache import CompressedLayer, EntropyKVCache
+from .compat import with_cache
 from .compress import attention_scores, layer_budgets
 from .config import EntropyKVConfig
+from .errors import EntropyKVError
 from .passes.backend import INDUCTOR_CONFIGS
 from .passes.decompose import decompositions
 from .passes.rewrite_attention import RewriteSettings, rewrite_attention
 from .policies import POLICIES
 
 
-class ExportError(ValueError):
+class ExportError(EntropyKVError, ValueError):
     pass
 
 
@@ -47,7 +49,7 @@ class _Prefill(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, ...]:
         cache = EntropyKVCache(self.num_layers)
         cache.step_positions = positions
-        out = self.forward_fn(input_ids=input_ids, position_ids=positions.clamp(min=0), past_key_values=cache,
+        out = self.forward_fn(input_ids=input_ids, position_ids=positions.clamp(min=0), **with_cache(cache),
                               use_cache=True, logits_to_keep=1)
         return (out.logits[:, -1], *(t for layer in cache.layers for t in (layer.keys, layer.values, layer.positions)))
 
@@ -75,7 +77,7 @@ class _Decode(nn.Module):
         cache = EntropyKVCache(len(self.budgets))
         cache.layers = [_SlotLayer(*flat_cache[3 * i:3 * i + 3], step + budget) for i, budget in enumerate(self.budgets)]
         cache.step_positions = position
-        out = self.forward_fn(input_ids=token, position_ids=position.clamp(min=0), past_key_values=cache,
+        out = self.forward_fn(input_ids=token, position_ids=position.clamp(min=0), **with_cache(cache),
                               use_cache=True)
         return (out.logits[:, -1], *(t for layer in cache.layers for t in (layer.keys, layer.values, layer.positions)))
 

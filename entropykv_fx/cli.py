@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 RUNNABLE_FORMATS = ("tensorrt", "onnx", "aoti", "pt2")  # in the order `run` picks one when a directory holds several
+# The demo shows the policy that keeps the planted fact at 25% and 10% (README, "Quick start").
+DEMO_POLICY = "uniform"
 
 
 def _budget(value: str) -> float | int:
@@ -68,45 +70,59 @@ def _run_exported(directory: str, prompt: str, fmt: str | None, max_new_tokens: 
     return tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="entropykv-fx", description="Entropy-guided KV-cache compression.")
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's options, each with its unit and default (building it imports no torch: `--help` is instant)."""
+    from .bench.arguments import add_arguments
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="entropykv-fx", description="Entropy-guided KV-cache compression.",
+                                     formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="answer a planted fact from a long prompt with full and compressed caches")
-    demo.add_argument("--prompt-tokens", type=int, default=2000, help="length of the text around the fact")
+    demo = sub.add_parser("demo", formatter_class=fmt,
+                          help="answer a planted fact from a long prompt with full and compressed caches")
+    demo.add_argument("--prompt-tokens", type=int, default=2000, help="length of the text around the fact (tokens)")
     demo.add_argument("--budgets", type=_budget, nargs="+", default=[0.25, 0.1],
-                      help="kept fraction of the prompt (<= 1) or tokens per layer (> 1)")
-    demo.add_argument("--policy", default="entropy")
+                      help="kept fraction of the prompt (<= 1) or tokens per layer (> 1), one run each")
+    demo.add_argument("--policy", default=DEMO_POLICY, help="compression policy (entropykv_fx.policies())")
     demo.add_argument("--depth", type=float, default=0.5, help="where the fact sits in the text (0..1)")
     demo.add_argument("--out", default="entropykv_demo", help="folder for the PNG plot")
 
-    cal = sub.add_parser("calibrate", help="static per-layer budgets from sample texts, saved as JSON")
-    cal.add_argument("--texts", nargs="*", default=[], help="plain-text files (default: the committed Austen texts)")
-    cal.add_argument("--prompt-tokens", type=int, default=2000)
-    cal.add_argument("--budget", type=_budget, default=0.25)
-    cal.add_argument("--policy", default="entropy")
+    cal = sub.add_parser("calibrate", formatter_class=fmt,
+                         help="static per-layer budgets from sample texts, saved as JSON")
+    cal.add_argument("--texts", nargs="*", default=[], help="plain-text files (none: the committed Austen texts)")
+    cal.add_argument("--prompt-tokens", type=int, default=2000, help="tokens per calibration sample")
+    cal.add_argument("--budget", type=_budget, default=0.25,
+                     help="kept fraction of the prompt (<= 1) or tokens per layer (> 1)")
+    cal.add_argument("--policy", default="entropy", help="policy whose budgets are measured")
     cal.add_argument("--out", required=True, help="where to write the calibration JSON")
 
-    exp = sub.add_parser("export", help="export SmolLM2 with calibrated budgets to ONNX, TensorRT or AOTInductor "
-                                        "programs")
+    exp = sub.add_parser("export", formatter_class=fmt,
+                         help="export SmolLM2 with calibrated budgets to ONNX, TensorRT or AOTInductor programs")
     exp.add_argument("--format", choices=("onnx", "tensorrt", "aoti"), required=True,
                      help="tensorrt: the ONNX pair checked for TensorRT's parser, then engines (needs TensorRT)")
     exp.add_argument("--calibration", required=True, help="calibration JSON from `entropykv-fx calibrate`")
     exp.add_argument("--out", required=True, help="folder for the programs and layout.json")
-    exp.add_argument("--prompt-length", type=int, required=True, help="static prompt length (shorter prompts are padded)")
-    exp.add_argument("--max-new-tokens", type=int, required=True)
+    exp.add_argument("--prompt-length", type=int, required=True,
+                     help="static prompt length (tokens; shorter prompts are left-padded)")
+    exp.add_argument("--max-new-tokens", type=int, required=True, help="tokens the decode program can append")
 
-    run = sub.add_parser("run", help="greedy generation with programs written by `entropykv-fx export`")
-    run.add_argument("directory")
-    run.add_argument("--prompt", required=True)
-    run.add_argument("--format", choices=RUNNABLE_FORMATS, help="which exported programs to run (default: any held)")
-    run.add_argument("--max-new-tokens", type=int, help="default: the exported maximum")
+    run = sub.add_parser("run", formatter_class=fmt,
+                         help="greedy generation with programs written by `entropykv-fx export`")
+    run.add_argument("directory", help="folder written by `entropykv-fx export`")
+    run.add_argument("--prompt", required=True, help="text to continue")
+    run.add_argument("--format", choices=RUNNABLE_FORMATS, help="which exported programs to run (default: the "
+                                                                "first held, in this order)")
+    run.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the exported maximum)")
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
-    from .bench.quality import add_arguments
+    add_arguments(bench.add_parser("quality", formatter_class=fmt,
+                                   help="long-context accuracy of every policy and budget (+ kvpress)"))
+    return parser
 
-    add_arguments(bench.add_parser("quality", help="long-context accuracy of every policy and budget (+ kvpress)"))
 
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
         from .bench.quality import run_and_report

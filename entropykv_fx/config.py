@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import EntropyKVError
+
 Pooling = Literal["max", "avg", "none"]
 BudgetSource = Literal["dynamic", "calibrated"]
 TierBy = Literal["quantile", "entropy"]
@@ -20,7 +22,7 @@ _TIER_BY = ("quantile", "entropy")
 _MATRIX_STATES = ("query", "key")
 
 
-class ConfigError(ValueError):
+class ConfigError(EntropyKVError, ValueError):
     """An invalid configuration value: the message names the field, the value and what is accepted."""
 
 

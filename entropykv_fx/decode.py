@@ -3,7 +3,7 @@
     model = entropykv_fx.optimize(model, budget=0.25)
     out = model(input_ids, use_cache=True)                          # prefill: scored and compressed
     first = out.logits[:, -1].argmax(-1, keepdim=True)
-    decoder = entropykv_fx.StaticDecoder(model, out.past_key_values, max_new_tokens=128)
+    decoder = entropykv_fx.StaticDecoder(model, cache_of(out), max_new_tokens=128)   # compat.cache_of
     tokens = decoder.generate(first, steps=127)                     # the 127 tokens after `first`
 
 Why: transformers' eager decode is bound by Python and kernel launches, not by bytes (60-75 ms/token for an

@@ -20,8 +20,10 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .cache import EntropyKVCache, PrefillStats
+from .compat import cache_in_call, check_transformers_version
 from .compress import CompressionReport, compress_cache, uncompressed_report
 from .config import EntropyKVConfig
+from .errors import EntropyKVError
 from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteSettings
 from .policies import POLICIES
@@ -32,7 +34,7 @@ ATTN_NAME = "entropykv"
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(EntropyKVError, TypeError):
     pass
 
 
@@ -108,16 +110,16 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     embeds = kwargs.get("inputs_embeds")
     ref = input_ids if input_ids is not None else embeds
     batch, length = ref.shape[0], ref.shape[1]
-    cache = kwargs.get("past_key_values")
+    cache_arg, cache = cache_in_call(kwargs)
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = model.config.use_cache
     if cache is None and use_cache or isinstance(cache, Cache) and not isinstance(cache, EntropyKVCache):
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError(f"entropykv: the optimized model needs an EntropyKVCache, got a {type(cache).__name__} "
-                             "that already holds tokens; pass past_key_values=None to start a new sequence")
+                             f"that already holds tokens; pass {cache_arg}=None to start a new sequence")
         cache = EntropyKVCache(runtime.num_layers)
-        kwargs["past_key_values"] = cache
+        kwargs[cache_arg] = cache
     model_pos, mask_pos = _step_positions(cache, length, batch, kwargs.get("attention_mask"),
                                           kwargs.get("position_ids"), ref.device)
     kwargs["position_ids"] = model_pos
@@ -173,6 +175,7 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     e.g. `optimize(model, policy="entropy", budget=0.25)`. Calling it again on an optimized model changes its
     configuration (overrides apply to its current config unless `config` is given) and recompiles.
     """
+    check_transformers_version()
     if mode is not None and not inductor:
         raise ValueError(f"entropykv_fx.optimize: mode={mode!r} is an Inductor mode; pass inductor=True with it")
     name = type(model).__name__

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
+from .compat import cache_of, with_cache
+
 
 def _check_ids(name: str, ids: Tensor) -> None:
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
@@ -28,8 +30,8 @@ def _check_ids(name: str, ids: Tensor) -> None:
 def compress_context(model: nn.Module, context_ids: Tensor) -> Cache:
     """Prefill `context_ids` [1, n] into a new cache; a model prepared by `optimize()` compresses it."""
     _check_ids("context_ids", context_ids)
-    out = model(input_ids=context_ids.to(model.device), past_key_values=None, use_cache=True, logits_to_keep=1)
-    return out.past_key_values
+    out = model(input_ids=context_ids.to(model.device), **with_cache(None), use_cache=True, logits_to_keep=1)
+    return cache_of(out)
 
 
 @torch.no_grad()
@@ -50,7 +52,7 @@ def continue_greedy(model: nn.Module, cache: Cache, next_logits: Tensor, max_new
         if token in stops or step == max_new_tokens - 1:
             break
         step_ids = torch.tensor([[token]], device=model.device)
-        logits = model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=step_ids, **with_cache(cache), use_cache=True).logits[0, -1]
     return torch.tensor(tokens, dtype=torch.long)
 
 
@@ -60,5 +62,5 @@ def ask(model: nn.Module, cache: Cache, question_ids: Tensor, max_new_tokens: in
     """Greedy answer tokens [n] to `question_ids` [1, m] asked of a copy of `cache` (left unchanged)."""
     _check_ids("question_ids", question_ids)
     working = copy.deepcopy(cache)
-    out = model(input_ids=question_ids.to(model.device), past_key_values=working, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=question_ids.to(model.device), **with_cache(working), use_cache=True, logits_to_keep=1)
     return continue_greedy(model, working, out.logits[0, -1], max_new_tokens, stop_token_ids)

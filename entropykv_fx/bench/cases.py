@@ -19,8 +19,8 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from ..models import text
+from .arguments import TASKS
 
-TASKS = ("single_needle", "multi_key", "multi_value", "variable_tracking", "perplexity")
 QA_TASKS = TASKS[:-1]
 LENGTH_TOLERANCE = 0.01  # prompts land within 1% (or 8 tokens) of the requested length
 CONTINUATION_TOKENS = 128  # tokens scored by the perplexity task

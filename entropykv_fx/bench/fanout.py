@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cache import EntropyKVCache
+from ..compat import with_cache
 from ..compress import CompressionReport, compress_cache
 from ..config import EntropyKVConfig
 from ..hf import optimize
@@ -43,7 +44,7 @@ def scored_prefill(model: nn.Module, input_ids: Tensor, base: EntropyKVConfig | 
 
     handle = model.register_forward_hook(keep_scores, prepend=True)
     try:
-        out = model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids.to(model.device), **with_cache(cache), use_cache=True, logits_to_keep=1)
     finally:
         handle.remove()
     for layer, stats in zip(cache.layers, scores):

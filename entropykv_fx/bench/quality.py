@@ -28,51 +28,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cases import QA_TASKS, TASKS, Case, make_cases, stop_token_ids
+from ..compat import with_cache
+from .arguments import DTYPE_NAMES, KVPRESS_PRESSES, SETTINGS, add_arguments
+from .cases import QA_TASKS, Case, make_cases, stop_token_ids
 from .fanout import compressed_copy, scored_prefill
 from .report import write_outputs
 from .scoring import answer_recall, rouge_l
 
-SETTINGS = ("question_aware", "query_agnostic")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KVPRESS_PRESSES = ("snapkv", "pyramidkv", "streamingllm", "adakv_snapkv", "expected_attention", "knorm")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 RUNNER = Path(__file__).with_name("kvpress_runner.py")
 # The issue's full grid (>= 50 cases per task and length) on a GPU; kvpress venv from benchmarks/kvpress_env.sh.
 FULL_GRID_COMMAND = ("python benchmarks/quality.py --cases 50 --lengths 2048 4096 8192 --budgets 0.5 0.25 0.1 "
                      "--device cuda --dtype bfloat16 --tag gpu --kvpress-python /tmp/kvpress-venv/bin/python")
 
 
-def _fraction(value: str) -> float:
-    number = float(value)
-    if not 0.0 < number < 1.0:
-        raise argparse.ArgumentTypeError(f"budgets are kept fractions in (0, 1), got {value}")
-    return number
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..policies import POLICIES
-
-    parser.add_argument("--cases", type=int, default=5, help="cases per task and length")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096], help="prompt lengths in tokens")
-    parser.add_argument("--budgets", type=_fraction, nargs="+", default=[0.25, 0.1], help="kept fractions")
-    parser.add_argument("--policies", nargs="+", default=[p for p in POLICIES if p != "full"],
-                        help="entropykv policies ('full' always runs as the reference)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results", help="output folder")
-    parser.add_argument("--tag", default="cpu", help="name part of the output files: quality_<tag>.*")
-    parser.add_argument("--kvpress-python", help="python of the kvpress venv (benchmarks/kvpress_env.sh); "
-                                                 "without it kvpress is not run")
-    parser.add_argument("--kvpress-presses", nargs="+", default=list(KVPRESS_PRESSES), choices=KVPRESS_PRESSES)
-
-
 def continuation_nll(model, cache, continuation_ids: torch.Tensor) -> float:
     """Mean negative log-likelihood (nats) of continuation_ids[1:] fed after `cache` (which it extends)."""
     with torch.no_grad():
-        logits = model(input_ids=continuation_ids.to(model.device), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=continuation_ids.to(model.device), **with_cache(cache), use_cache=True).logits
     return float(F.cross_entropy(logits[0, :-1].float(), continuation_ids[0, 1:].to(logits.device)))
 
 
@@ -175,6 +148,10 @@ def run(args: argparse.Namespace) -> Path:
     from ..models import DEFAULT_MODEL, cache_dir, load_default_model
     from ..policies import POLICIES
 
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.policies is None:
+        args.policies = list(POLICIES)
     unknown = sorted(set(args.policies) - set(POLICIES))
     if unknown:
         raise ValueError(f"unknown policies {unknown}; available: {sorted(POLICIES)}")

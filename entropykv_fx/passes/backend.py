@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import types
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
+from ..errors import EntropyKVError
 from .rewrite_attention import RewriteResult, RewriteSettings, rewrite_attention
 from .static_cache import STATE_PREFIX
 
@@ -26,7 +26,7 @@ StatsCallback = Callable[[list[int], Sequence[Tensor]], None]
 INDUCTOR_CONFIGS = {"triton.persistent_reductions": False}
 
 
-class UnrewrittenAttentionError(RuntimeError):
+class UnrewrittenAttentionError(EntropyKVError, RuntimeError):
     """A graph holds attention that the pass could not rewrite, and running it unrewritten would be wrong."""
 
 

@@ -11,6 +11,8 @@ describes each one.
 from __future__ import annotations
 
 import math
+import sys
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -131,8 +133,8 @@ class HeadPlan:
     int8_heads: list[list[bool]]
     scores: list[Tensor]
 
-from . import (adakv, entropy, entropy_head, full, matrix_entropy, pyramidkv, snapkv,  # noqa: E402
-               streaming, uniform)  # (the modules use the helpers above)
+# (the modules use the helpers above)
+from . import adakv, entropy, entropy_head, full, matrix_entropy, pyramidkv, snapkv, streaming, uniform  # noqa: E402
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY, full.POLICY,
@@ -142,3 +144,15 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
 def policies() -> dict[str, str]:
     """Name -> one-line summary of every available policy."""
     return {name: p.summary for name, p in POLICIES.items()}
+
+
+class _PoliciesModule(types.ModuleType):
+    """`entropykv_fx.policies()` lists the policies whether or not this subpackage has been imported yet (importing
+    it rebinds the package attribute `policies` to this module; the package imports it lazily, so that
+    `import entropykv_fx` and `entropykv-fx --help` do not load torch)."""
+
+    def __call__(self) -> dict[str, str]:
+        return policies()
+
+
+sys.modules[__name__].__class__ = _PoliciesModule
