@@ -109,12 +109,12 @@ def main() -> None:
         start = time.perf_counter()
         got = [greedy(model, prompts[0])]
         first = time.perf_counter() - start
-        graphs_first = len(model._entropykv.backend.results)
+        graphs_first = len(model.entropykv.graphs)
         start = time.perf_counter()
         got += [greedy(model, ids) for ids in prompts[1:]]
         rest = (time.perf_counter() - start) / (len(prompts) - 1)
-        recompiles = len(model._entropykv.backend.results) - graphs_first
-        sites = [r.rewritten for r in model._entropykv.backend.results]
+        recompiles = len(model.entropykv.graphs) - graphs_first
+        sites = [r.rewritten for r in model.entropykv.graphs]
         divergence = [first_divergence(w, g) for w, g in zip(want, got)]
         row = {"path": "optimize(inductor=True)" if inductor else "optimize() (backend eager)",
                "first_generate_s": round(first, 2), "later_generate_s": round(rest, 2), "graphs_first_prompt": graphs_first,

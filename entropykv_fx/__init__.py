@@ -18,16 +18,18 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "EntropyKVCache": "cache", "CompressionReport": "compress", "LayerReport": "compress",
     "ConfigError": "config", "EntropyKVConfig": "config", "SUPPORTED_MODELS": "hf", "UnsupportedModelError": "hf",
-    "optimize": "hf", "report": "hf", "explain": "passes", "export": "aot",
+    "optimize": "hf", "report": "hf", "restore": "hf", "compressing": "hf", "optimized": "hf", "Optimized": "hf",
+    "UnsupportedCallError": "hf", "explain": "passes", "export": "aot",
     "ExportError": "aot", "ExportedGenerator": "exported", "StaticCacheModel": "static", "StaticDecoder": "decode",
     "EntropyKVError": "errors", "TransformersVersionError": "compat", "UntestedTransformersWarning": "compat",
 }
-__all__ = sorted([*_EXPORTS, "policies"])
+_SUBMODULES = ("policies", "reuse", "calibrate", "exporters")
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 
 def __getattr__(name: str) -> Any:
-    if name == "policies":  # the subpackage, callable: entropykv_fx.policies() lists the policies
-        return importlib.import_module(".policies", __name__)
+    if name in _SUBMODULES:  # `policies` is callable too: entropykv_fx.policies() lists the policies
+        return importlib.import_module(f".{name}", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module 'entropykv_fx' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

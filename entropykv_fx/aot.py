@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from . import ops
-from .cache import CompressedLayer, EntropyKVCache
+from .cache import CompressedLayer, EntropyKVCache, PrefillStats, pad_slots
 from .compat import with_cache
-from .compress import attention_scores, layer_budgets
+from .compress import kept_slots, layer_budgets
 from .config import EntropyKVConfig
 from .errors import EntropyKVError
 from .passes.backend import INDUCTOR_CONFIGS
@@ -84,20 +84,10 @@ class _Decode(nn.Module):
 
 def _compress_layer(entropy: Tensor, kv_scores: Tensor, layer_scores: Tensor, keys: Tensor, values: Tensor,
                     positions: Tensor, budget: int, capacity: int, config: EntropyKVConfig) -> tuple[Tensor, ...]:
-    """Select + gather one layer's kept slots, then pad to `capacity` with empty slots (position -1)."""
-    from .cache import PrefillStats
-
-    layer = CompressedLayer()
-    layer.keys, layer.values, layer.positions = keys, values, positions
-    layer.stats = PrefillStats(entropy, kv_scores, layer_scores)
-    rank = POLICIES[config.policy].token_scores or attention_scores
-    idx = ops.select(rank(layer, config), positions, budget, config.sink_tokens, config.window)
-    k, v = ops.gather(keys, values, idx)
-    pos = positions.gather(1, idx)
-    free = capacity - pos.shape[1]
-    return (torch.cat([k, k.new_zeros(*k.shape[:2], free, k.shape[-1])], 2),
-            torch.cat([v, v.new_zeros(*v.shape[:2], free, v.shape[-1])], 2),
-            torch.cat([pos, pos.new_full((pos.shape[0], free), -1)], 1))
+    """One layer's kept slots (`compress.kept_slots`), padded to `capacity` with empty slots (position -1)."""
+    layer = CompressedLayer.holding(keys, values, positions, PrefillStats(entropy, kv_scores, layer_scores))
+    k, v, pos = kept_slots(layer, budget, config)
+    return pad_slots(k, capacity, 2, 0), pad_slots(v, capacity, 2, 0), pad_slots(pos, capacity, 1, -1)
 
 
 def _compress_outputs(budgets: list[int], capacities: list[int], config: EntropyKVConfig):
@@ -130,7 +120,7 @@ def _rewritten(module: nn.Module, args: tuple, settings: RewriteSettings, use_sc
 
 def _static_runtime(model: nn.Module) -> tuple[Any, EntropyKVConfig]:
     """The entropykv runtime and config of a model optimized with static (calibrated) layer-wise budgets."""
-    runtime = getattr(model, "_entropykv", None)
+    runtime = model.__dict__.get("entropykv")  # optimize()'s handle
     if runtime is None:
         raise ExportError("export: optimize the model first, e.g. entropykv_fx.optimize(model, "
                           "budget_source='calibrated', calibration_file='budgets.json')")
@@ -165,13 +155,14 @@ def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
     device = next(model.parameters()).device
     ids = torch.zeros(batch, prompt_length, dtype=torch.long, device=device)
     positions = torch.arange(prompt_length, device=device).expand(batch, -1).contiguous()
-    prefill = _rewritten(_Prefill(model, runtime.eager_forward, n), (ids, positions), settings,
-                         _compress_outputs(budgets, capacities, config))
-    with torch.no_grad():
-        cache = prefill.module()(ids, positions)[1:]
-    step = torch.tensor(0, device=device)
-    decode = _rewritten(_Decode(model, runtime.eager_forward, budgets), (ids[:, :1], positions[:, -1:] + 1, step, *cache),
-                        RewriteSettings(None, runtime.sliding_windows))
+    with runtime.eager():  # trace the model's own decoder, not optimize()'s compiled one
+        prefill = _rewritten(_Prefill(model, model.forward, n), (ids, positions), settings,
+                             _compress_outputs(budgets, capacities, config))
+        with torch.no_grad():
+            cache = prefill.module()(ids, positions)[1:]
+        step = torch.tensor(0, device=device)
+        decode = _rewritten(_Decode(model, model.forward, budgets), (ids[:, :1], positions[:, -1:] + 1, step, *cache),
+                            RewriteSettings(None, runtime.sliding_windows))
     k = cache[0]
     layout = {"format": "entropykv-export/1", "model": type(model).__name__, "num_layers": n, "batch": batch,
               "prompt_length": prompt_length, "max_new_tokens": max_new_tokens, "budgets": budgets,

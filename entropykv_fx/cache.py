@@ -27,6 +27,46 @@ class PrefillStats:
     layer_scores: Tensor  # [B, S] token scores summed over all heads
     head_statistic: Tensor | None = None  # [B, H] a policy's own per-head measure (`Policy.prefill_statistic`)
 
+    @classmethod
+    def unflatten(cls, layers: list[int], tensors: list[Tensor]) -> dict[int, PrefillStats]:
+        """The per-layer statistics from the flat tensors a prefill graph returns (`per layer` tensors each, in
+        field order, layer after layer): the one place that knows that layout."""
+        per_layer = len(tensors) // max(len(layers), 1)
+        return {layer: cls(*tensors[per_layer * i:per_layer * (i + 1)]) for i, layer in enumerate(layers)}
+
+    def row(self, b: int, keep: Tensor) -> PrefillStats:
+        """Row `b`'s statistics over its slots `keep` [S] (bool), as a batch of one."""
+        head = None if self.head_statistic is None else self.head_statistic[b:b + 1]
+        return PrefillStats(self.entropy[b:b + 1], self.kv_scores[b:b + 1, :, keep], self.layer_scores[b:b + 1, keep],
+                            head)
+
+
+def pad_slots(t: Tensor, length: int, dim: int, fill: float) -> Tensor:
+    """`t` extended along `dim` to `length` with `fill` (empty slots: position -1, zero payload)."""
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_full(shape, fill)], dim)
+
+
+def kept_slot_index(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """(idx [B, n], valid [B, n]) for a slot mask `keep` [B, S]: each row's kept slots in order, n the most any
+    row keeps; `valid` is False where a row keeps fewer (idx there points at a dropped slot)."""
+    counts = keep.sum(-1, keepdim=True)
+    n = int(counts.max())
+    idx = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[:, :n]
+    return idx, torch.arange(n, device=keep.device) < counts
+
+
+def take_slots(t: Tensor, idx: Tensor) -> Tensor:
+    """The slots `idx` [B, n] of `t`: [B, S] (positions, scores) or [B, H, S, ...] (keys, values, scales)."""
+    if t.dim() == 2:
+        return t.gather(1, idx)
+    index = idx.view(idx.shape[0], 1, idx.shape[1], *([1] * (t.dim() - 3)))
+    return t.gather(2, index.expand(t.shape[0], t.shape[1], idx.shape[1], *t.shape[3:]))
+
 
 class CompressedLayer(DynamicLayer):
     """A dynamic layer whose slots carry logical positions and which can be shrunk in place."""
@@ -35,6 +75,31 @@ class CompressedLayer(DynamicLayer):
         super().__init__()
         self.positions: Tensor | None = None
         self.stats: PrefillStats | None = None
+
+    @classmethod
+    def holding(cls, keys: Tensor, values: Tensor, positions: Tensor, stats: PrefillStats | None = None) -> CompressedLayer:
+        """A layer holding these slots (keys/values [B, Hkv, S, D], positions [B, S])."""
+        layer = cls()
+        layer.is_initialized, layer.dtype, layer.device = True, keys.dtype, keys.device
+        layer.replace(keys, values, positions)
+        layer.stats = stats
+        return layer
+
+    def row(self, b: int) -> CompressedLayer:
+        """Row `b` alone (a batch of one) without its pad slots: what a prefill of that sequence alone holds."""
+        keep = self.positions[b] >= 0
+        stats = None if self.stats is None else self.stats.row(b, keep)
+        return CompressedLayer.holding(self.keys[b:b + 1, :, keep], self.values[b:b + 1, :, keep],
+                                       self.positions[b:b + 1, keep], stats)
+
+    @classmethod
+    def stack_rows(cls, rows: list[CompressedLayer]) -> CompressedLayer:
+        """One batch from single-row layers of different lengths: shorter rows end in empty slots (position -1,
+        never attended), so each row attends exactly what it holds alone."""
+        n = max(row.get_seq_length() for row in rows)
+        return cls.holding(torch.cat([pad_slots(row.keys, n, 2, 0) for row in rows]),
+                           torch.cat([pad_slots(row.values, n, 2, 0) for row in rows]),
+                           torch.cat([pad_slots(row.positions, n, 1, -1) for row in rows]))
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -55,6 +120,26 @@ class CompressedLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return 0 if self.positions is None else self.positions.shape[-1]
+
+    def layout_key(self) -> tuple:
+        """What a graph over this layer depends on besides shapes (a graph is compiled per distinct key)."""
+        return ("dense",)
+
+    def keep_reachable(self, floor: Tensor) -> None:
+        """Drop every slot whose position is <= floor [B] (a sliding window has passed it), prefill statistics
+        included; rows that keep fewer slots end in empty ones."""
+        if self.positions is None:
+            return
+        keep = self.positions > floor[:, None]
+        if bool(keep.all()):
+            return
+        idx, valid = kept_slot_index(keep)
+        self.replace(take_slots(self.keys, idx), take_slots(self.values, idx),
+                     take_slots(self.positions, idx).masked_fill(~valid, -1))
+        if self.stats is not None:
+            st = self.stats
+            self.stats = PrefillStats(st.entropy, take_slots(st.kv_scores, idx), take_slots(st.layer_scores, idx),
+                                      st.head_statistic)
 
     @property
     def nbytes(self) -> int:
@@ -98,6 +183,28 @@ class EntropyKVCache(Cache):
         self.seen_tokens = 0
         self.next_positions: Tensor | None = None
         self.step_positions: Tensor | None = None
+
+    @classmethod
+    def of_layers(cls, layers: list[CompressedLayer]) -> EntropyKVCache:
+        """A cache holding these (prefilled) layers."""
+        cache = cls(len(layers))
+        cache.layers = layers
+        cache.seen_tokens = int((layers[0].positions >= 0).sum(-1).max()) if layers else 0
+        return cache
+
+
+    def drop_unreachable(self, windows: tuple[int, ...]) -> None:
+        """Sliding-window layers (window w > 0) drop the slots no later query can attend: a query at position
+        p >= next sees keys with p - position < w, so only positions > next - w stay."""
+        if self.next_positions is None:
+            return
+        for layer, window in zip(self.layers, windows):
+            if window > 0:
+                layer.keep_reachable(self.next_positions - window)
+
+    def prompt_lengths(self) -> list[int]:
+        """Tokens of each row fed by the last step (pads excluded): a prefill's prompt lengths."""
+        return (self.step_positions >= 0).sum(-1).tolist()
 
     def begin_step(self, positions: Tensor) -> None:
         """Record the positions [B, L] (-1 for pads) of the tokens the coming forward appends."""

@@ -10,14 +10,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
 from .cache import CompressedLayer, EntropyKVCache
 from .config import EntropyKVConfig
 from .headwise import HeadwiseLayer, calibrated_plan
-from .policies import HeadPlan, POLICIES, pool_scores
+from .policies import POLICIES, HeadPlan, pool_scores
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,9 @@ class CompressionReport:
     """What the last prefill did to the cache, layer by layer."""
 
     policy: str
-    prompt_tokens: int
+    prompt_tokens: int  # the longest row's, for a batch
     layers: list[LayerReport] = field(default_factory=list)
+    rows: tuple[CompressionReport, ...] = ()  # for a batch: each row's own report (as if it had run alone)
 
     @property
     def bytes_before(self) -> int:
@@ -91,14 +91,52 @@ def attention_scores(layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
     return pool_scores(layer.stats.layer_scores, config.pooling, config.pool_kernel)
 
 
+def kept_slots(layer: CompressedLayer, budget: int, config: EntropyKVConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """select -> gather: (keys, values, positions) of the `budget` slots the policy keeps in a scored layer.
+
+    The one place where tokens are chosen and copied: the eager cache (`compress_cache`), static buffers
+    (`StaticCacheModel`) and exported prefill programs (`aot`) each store the result their own way."""
+    rank = POLICIES[config.policy].token_scores or attention_scores
+    idx = ops.select(rank(layer, config), layer.positions, budget, config.sink_tokens, config.window)
+    keys, values = ops.gather(layer.keys, layer.values, idx)
+    return keys, values, layer.positions.gather(1, idx)
+
+
 def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig) -> CompressionReport:
-    """Shrink every layer of a just-prefilled `cache` to the policy's budget; returns the per-layer report."""
+    """Shrink every layer of a just-prefilled `cache` to the policy's budgets; returns the report.
+
+    Each row of a batch is compressed on its own, exactly as if it had been prefilled alone (its pads dropped,
+    budgets from its own length and statistics), then the rows are stacked again, shorter ones ending in empty
+    slots: no statistic, budget or selection mixes rows. `report.rows` has each row's own report.
+    """
+    lengths = cache.prompt_lengths()
+    batch = len(lengths)
+    if batch == 1:
+        return _compress_sequence(cache, config, lengths[0])
+    before = [(layer.get_seq_length(), layer.nbytes) for layer in cache.layers]
+    rows = [EntropyKVCache.of_layers([layer.row(b) for layer in cache.layers]) for b in range(batch)]
+    row_reports = [_compress_sequence(row, config, n) for row, n in zip(rows, lengths)]
+    if all(r.slots_after == r.slots_before for row in row_reports for r in row.layers) and all(
+            type(layer) is CompressedLayer for row in rows for layer in row.layers):
+        for layer in cache.layers:  # nothing evicted: the batch stays as it is (pads are never attended)
+            layer.stats = None
+    else:
+        cache.layers = [type(row_layers[0]).stack_rows(row_layers) for row_layers in zip(*(row.layers for row in rows))]
+    layers = []
+    for i, (layer, (slots, nbytes)) in enumerate(zip(cache.layers, before)):
+        per_row = [r.layers[i] for r in row_reports]
+        layers.append(LayerReport(i, sum(r.entropy for r in per_row) / batch, max(r.budget for r in per_row), slots,
+                                  layer.get_seq_length(), nbytes, layer.nbytes))
+    return CompressionReport(config.policy, max(r.prompt_tokens for r in row_reports), layers, tuple(row_reports))
+
+
+def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens: int) -> CompressionReport:
+    """`compress_cache` for a batch of one sequence of `n_tokens` prompt tokens."""
     policy = POLICIES[config.policy]
     layers = cache.layers
     unscored = [i for i, layer in enumerate(layers) if layer.stats is None]
     if policy.needs_scores and unscored:
         raise RuntimeError(f"entropykv: layers {unscored} were not scored during prefill; cannot allocate budgets")
-    n_tokens = int((layers[0].positions >= 0).sum(-1).max())
     entropies = [float(layer.stats.entropy.mean()) if layer.stats is not None else math.nan for layer in layers]
     if policy.headwise:
         plan = policy.plan_heads(layers, n_tokens, config)
@@ -106,14 +144,11 @@ def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig) -> Compressio
             plan = calibrated_plan(plan, n_tokens, config)
         return compress_heads(cache, plan, config, n_tokens, entropies)
     budgets = layer_budgets(entropies, n_tokens, config)
-    rank = policy.token_scores or attention_scores
     reports = []
     for i, (layer, budget, ent) in enumerate(zip(layers, budgets, entropies)):
         slots, nbytes = layer.get_seq_length(), layer.nbytes
         if budget < slots:
-            idx = ops.select(rank(layer, config), layer.positions, budget, config.sink_tokens, config.window)
-            keys, values = ops.gather(layer.keys, layer.values, idx)
-            layer.replace(keys, values, layer.positions.gather(1, idx))
+            layer.replace(*kept_slots(layer, budget, config))
         layer.stats = None
         reports.append(LayerReport(i, ent, budget, slots, layer.get_seq_length(), nbytes, layer.nbytes))
     return CompressionReport(config.policy, n_tokens, reports)
@@ -142,7 +177,7 @@ def compress_heads(cache: EntropyKVCache, plan: HeadPlan, config: EntropyKVConfi
 
 def uncompressed_report(cache: EntropyKVCache, config: EntropyKVConfig) -> CompressionReport:
     """Report for a prefill that evicted nothing (policy 'full' or a prompt within the budget)."""
-    n_tokens = int((cache.layers[0].positions >= 0).sum(-1).max())
+    n_tokens = max(cache.prompt_lengths())
     return CompressionReport(config.policy, n_tokens, [
         LayerReport(i, float("nan"), n_tokens, layer.get_seq_length(), layer.get_seq_length(), layer.nbytes, layer.nbytes)
         for i, layer in enumerate(cache.layers)])

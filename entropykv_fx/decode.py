@@ -31,7 +31,7 @@ from . import ops
 CacheLayers = Sequence[tuple[Tensor, Tensor, Tensor]]  # per layer: keys, values [B, Hkv, S, D], positions [B, S]
 
 
-def _cache_layers(cache) -> CacheLayers:
+def _cache_layers(cache, attention_mask: Tensor | None, position_ids: Tensor | None) -> CacheLayers:
     layers = []
     for i, layer in enumerate(getattr(cache, "layers", ())):
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -40,13 +40,34 @@ def _cache_layers(cache) -> CacheLayers:
                              "accepted: optimize()'s layer-wise cache or a DynamicCache (head-wise policies are not "
                              "supported)")
         positions = getattr(layer, "positions", None)
-        if positions is None:  # a plain cache: slot i holds position i
-            positions = torch.arange(keys.shape[2], device=keys.device).expand(keys.shape[0], -1)
+        if positions is None:  # a plain cache: its slots hold the prefill's last tokens
+            positions = _plain_positions(keys, attention_mask, position_ids)
         layers.append((keys, values, positions))
     if not layers:
         raise ValueError(f"StaticDecoder: expected a cache with layers (EntropyKVCache or DynamicCache), got "
                          f"{type(cache).__name__}")
     return layers
+
+
+def _plain_positions(keys: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
+    """Logical positions [B, S] of a plain cache's slots: the prefill's `position_ids` (default: 0..S-1, what a
+    transformers forward without them uses), pads (attention_mask 0) -1. Without a mask, only a batch of one is
+    unambiguous."""
+    b, s = keys.shape[0], keys.shape[2]
+    if attention_mask is None and b > 1:
+        raise ValueError("StaticDecoder: a plain cache of a batch does not record which slots are padding; pass "
+                         "the prefill's attention_mask=[batch, length] (rows of equal length: all ones)")
+    given = [t for t in (attention_mask, position_ids) if t is not None]
+    total = given[0].shape[-1] if given else s  # tokens prefilled: a sliding-window layer holds the last s of them
+    for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if t is not None and (t.dim() != 2 or t.shape[1] != total or t.shape[1] < s or t.shape[0] not in (1, b)):
+            raise ValueError(f"StaticDecoder: {name} must be [batch, prefilled tokens] (>= the {s} cached), the same "
+                             f"length for both; got {tuple(t.shape)}")
+    positions = torch.arange(total, device=keys.device)[None] if position_ids is None else position_ids.to(keys.device)
+    positions = positions[:, total - s:].expand(b, s)
+    if attention_mask is None:
+        return positions
+    return positions.masked_fill(~attention_mask[:, total - s:].to(keys.device).bool(), -1)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -64,15 +85,19 @@ class StaticDecoder:
     """Greedy decode of `model` continuing from `cache` (see the module docstring).
 
     copy=False uses the cache tensors themselves as the buffers (bf16/fp storage only; their empty slots, position
-    -1, must come last): for callers that allocated the room already.
+    -1, must come last): for callers that allocated the room already. For a plain `DynamicCache` (optimize()'s
+    caches carry their positions), attention_mask [B, S] is the prefill's mask, needed for a batch (it tells the
+    pads apart), and position_ids [B, S] the prefill's positions if it was given any (default 0..S-1).
+    Raises ValueError for a cache or mask it cannot decode correctly.
     """
 
     def __init__(self, model: nn.Module, cache, max_new_tokens: int, *, int8: bool = False, copy: bool = True,
-                 inductor: bool = False) -> None:
+                 inductor: bool = False, attention_mask: Tensor | None = None,
+                 position_ids: Tensor | None = None) -> None:
         from .hf import _sliding_windows
 
         blocks = _decoder_layers(model)
-        layers = list(cache) if isinstance(cache, (list, tuple)) else _cache_layers(cache)
+        layers = list(cache) if isinstance(cache, (list, tuple)) else _cache_layers(cache, attention_mask, position_ids)
         if len(layers) != len(blocks):
             raise ValueError(f"StaticDecoder: the cache has {len(layers)} layers, the model {len(blocks)}")
         if max_new_tokens < 1 and copy:

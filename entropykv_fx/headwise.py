@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .cache import CompressedLayer
+from .cache import CompressedLayer, kept_slot_index, pad_slots, take_slots
 from .policies import HeadPlan
 
 
@@ -68,6 +68,38 @@ class HeadSlots:
             return ops.attention_int8(query, self.keys, self.key_scales, self.values, self.value_scales, q_pos,
                                       self.positions, scale, sliding_window)
         return ops.attention(query, self.keys, self.values, q_pos, self.positions, scale, sliding_window)
+
+    def dequantized(self, dtype: torch.dtype) -> HeadSlots:
+        """The same slots in `dtype` (int8 payloads dequantized: the values the int8 attention computes with)."""
+        if not self.int8:
+            return self
+        return HeadSlots(ops.dequantize_int8(self.keys, self.key_scales).to(dtype),
+                         ops.dequantize_int8(self.values, self.value_scales).to(dtype), self.positions)
+
+    @staticmethod
+    def stack_rows(rows: list[HeadSlots], dtype: torch.dtype) -> HeadSlots:
+        """One head's slots of several single-row caches as one batch, shorter rows padded with empty slots. Rows
+        that disagree on int8 storage are all stored in `dtype`, the int8 ones dequantized, so every row keeps the
+        values it had alone."""
+        if len({row.int8 for row in rows}) > 1:
+            rows = [row.dequantized(dtype) for row in rows]
+        n = max(row.positions.shape[-1] for row in rows)
+
+        def stacked(name: str, dim: int, fill: float) -> Tensor | None:
+            parts = [getattr(row, name) for row in rows]
+            return None if parts[0] is None else torch.cat([pad_slots(t, n, dim, fill) for t in parts])
+
+        return HeadSlots(stacked("keys", 2, 0), stacked("values", 2, 0), stacked("positions", 1, -1),
+                         stacked("key_scales", 2, 0), stacked("value_scales", 2, 0))
+
+    def keep_reachable(self, floor: Tensor) -> None:
+        """Drop the slots whose position is <= floor [B] (see `CompressedLayer.keep_reachable`)."""
+        keep = self.positions > floor[:, None]
+        if bool(keep.all()):
+            return
+        idx, valid = kept_slot_index(keep)
+        self.map(lambda t: take_slots(t, idx))
+        self.positions = self.positions.masked_fill(~valid, -1)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> None:
         """Apply a batch-axis operation (reorder, repeat, select) to everything this head holds."""
@@ -136,6 +168,13 @@ class HeadwiseLayer(CompressedLayer):
                  for h, (idx, int8) in enumerate(zip(kept, int8_heads))]
         return cls(heads, layer.keys.dtype)
 
+    @classmethod
+    def stack_rows(cls, rows: list[HeadwiseLayer]) -> HeadwiseLayer:
+        """One batch from single-row head-wise layers (see `HeadSlots.stack_rows`)."""
+        dtype = rows[0].dtype
+        return cls([HeadSlots.stack_rows([row.heads[h] for row in rows], dtype) for h in range(len(rows[0].heads))],
+                   dtype)
+
     def update(self, key_states: Tensor, value_states: Tensor, positions: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         for h, head in enumerate(self.heads):
             head.append(key_states[:, h:h + 1], value_states[:, h:h + 1], positions)
@@ -149,6 +188,13 @@ class HeadwiseLayer(CompressedLayer):
     def attention(self, query: Tensor, q_pos: Tensor, scale: float, sliding_window: int) -> Tensor:
         """query [B, Hq, L, D] over every head's own slots -> [B, Hq, L, Dv]."""
         return attend_heads(query, *self.slots(), q_pos, scale, sliding_window)
+
+    def layout_key(self) -> tuple:
+        return ("heads", tuple(head.int8 for head in self.heads))
+
+    def keep_reachable(self, floor: Tensor) -> None:
+        for head in self.heads:
+            head.keep_reachable(floor)
 
     def head_lengths(self) -> list[int]:
         return [head.positions.shape[-1] for head in self.heads]

@@ -1,16 +1,31 @@
-"""Hugging Face integration: `optimize(model)` for Llama, Qwen2, Qwen3 and Mistral causal LMs.
+"""The runtime: `optimize(model)` for Llama, Qwen2, Qwen3 and Mistral causal LMs, and the handle it leaves.
 
-The model keeps transformers' own SDPA attention, and its cache becomes an `EntropyKVCache`, whose updates are
-`entropykv::append` ops. The forward is compiled through the entropykv Dynamo backend, whose graph pass
-(`passes.rewrite_attention`) turns each attention call into `entropykv::attention` over its layer's cache and,
-on prefill graphs, adds `entropykv::score`. Two hooks frame each forward: before it, the cache is installed and
-the positions of the new tokens are recorded; after a prefill, `compress_cache` shrinks the cache to the
-policy's budgets from the scores the graph returned.
+What happens to one prefill, in the order it runs (all of it in `Optimized.forward`):
+
+1. `optimize()` registers transformers' own SDPA attention under the name "entropykv" without a mask function
+   (masks come from positions) and puts `Optimized.forward` in place of the *decoder's* forward
+   (`model.model.forward`); the causal-LM head, the loss and `generate()` stay transformers' own code.
+2. A call arrives with the cache under either argument name (`compat.cache_in_call`). The inputs are checked
+   before any work (`_check_call`), an `EntropyKVCache` is put in place of a missing or empty cache, and the
+   logical positions of the new tokens (-1 for left padding) are recorded on the cache (`begin_step`), whose
+   `entropykv::append` op carries them into the graph.
+3. The decoder runs compiled by the entropykv Dynamo backend: its graph pass pairs each attention call with its
+   cache update and rewrites it into `entropykv::attention`; on a prefill graph it adds `entropykv::score`, whose
+   results come back typed (`PrefillStats`, one per layer) onto the cache's layers.
+4. After a prefill, `compress.compress_cache` turns the statistics into budgets (the policy), selects and
+   gathers each row's kept slots and stacks the rows again; after every step, sliding-window layers drop the
+   slots no later query can attend.
+
+Compiled graphs are kept per call *kind* (prefill or continuation, one token or several, batch of one or more,
+cache layout, hidden-state output), each under its own code object, so any sequence of valid calls runs on a
+small, bounded set of graphs, and a new budget or policy never recompiles. `restore(model)` undoes everything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,59 +35,244 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .cache import EntropyKVCache, PrefillStats
-from .compat import cache_in_call, check_transformers_version
+from .compat import cache_in_call, check_transformers_version, with_cache
 from .compress import CompressionReport, compress_cache, uncompressed_report
 from .config import EntropyKVConfig
 from .errors import EntropyKVError
 from .passes.backend import EntropyKVBackend, own_code
-from .passes.rewrite_attention import RewriteSettings
+from .passes.rewrite_attention import RewriteResult, RewriteSettings
 from .policies import POLICIES
 
-# transformers' SDPA attention under our name: registering no mask function for it makes transformers pass
-# attention_mask=None, since masks come from positions after the rewrite (layers hold different lengths).
+logger = logging.getLogger("entropykv_fx")
+
 ATTN_NAME = "entropykv"
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+# Keywords of the decoder's forward that select an output or a code path, hence a graph of their own.
+_GRAPH_FLAGS = ("output_hidden_states",)
+# Keywords that the rewritten decoder ignores: positions come from the cache (`begin_step`).
+_IGNORED = ("cache_position", "return_dict")
 
 
 class UnsupportedModelError(EntropyKVError, TypeError):
     pass
 
 
-@dataclass
-class Runtime:
-    """Per-model state shared by the hooks and the compiled forward."""
+class UnsupportedCallError(EntropyKVError, ValueError):
+    """A call the optimized model cannot run correctly; raised before any work, naming what to change."""
 
-    config: EntropyKVConfig
-    num_layers: int
-    eager_forward: Any  # the model's own forward, which the compiled one wraps
-    sliding_windows: tuple[int, ...]
-    cache: EntropyKVCache | None = None
-    step_positions: Tensor | None = None  # positions of the tokens of the running forward, -1 for pads
-    last_report: CompressionReport | None = None
-    inductor: bool = False  # compile the rewritten graphs with Inductor (else run them eagerly)
-    mode: str | None = None  # Inductor mode, e.g. "reduce-overhead" (CUDA graphs)
-    sites_run: int = 0  # attention sites the rewritten graphs ran in the current forward
-    backend: EntropyKVBackend | None = None
-    hooks: list[Any] = field(default_factory=list)
 
-    def receive_stats(self, layers: list[int], tensors: list[Tensor]) -> None:
-        k = len(tensors) // max(len(layers), 1)
-        for i, layer in enumerate(layers):
-            self.cache.layers[layer].stats = PrefillStats(*tensors[k * i:k * i + k])
+class Optimized:
+    """What `optimize()` did to a model: its `config`, the `last_report`, `explain()`, `restore()`.
 
-    def count_sites(self, n: int) -> None:
-        self.sites_run += n
+    `model.entropykv` holds it (the functions `entropykv_fx.report/explain/restore(model)` read it from there).
+    """
 
-    def compile(self, model: nn.Module, statistic_of: str | None = None) -> None:
-        """(Re)build the compiled forward for the current config; `statistic_of` names a policy whose prefill
-        statistic to compute instead of this policy's own (a shared prefill serving several policies)."""
-        policy = POLICIES[self.config.policy]
-        measure = POLICIES[statistic_of or policy.name].prefill_statistic
-        statistic = _statistic(measure, self.config) if measure is not None else None
-        settings = RewriteSettings(self.config.window if policy.needs_scores else None, self.sliding_windows, statistic)
-        self.backend = EntropyKVBackend(settings, self.inductor, self.mode, on_stats=self.receive_stats,
-                                        on_run=self.count_sites)
-        model.forward = torch.compile(own_code(self.eager_forward), backend=self.backend, dynamic=True)
+    def __init__(self, model: nn.Module, config: EntropyKVConfig, inductor: bool, mode: str | None) -> None:
+        self.model, self.config, self.inductor, self.mode = model, config, inductor, mode
+        self.decoder: nn.Module = model.model
+        self.num_layers = len(self.decoder.layers)
+        self.sliding_windows = _sliding_windows(model, self.decoder.layers)
+        self.last_report: CompressionReport | None = None
+        self.graphs: list[RewriteResult] = []  # what the pass did to every graph compiled for this model
+        self._eager_forward = self.decoder.forward  # the decoder's own (bound) forward
+        self._attn_implementation = model.config._attn_implementation
+        self._compiled: dict[tuple, Any] = {}
+        self._stats_sink: EntropyKVCache | None = None  # the cache of the running prefill
+        self._sites_run = 0
+        self._keep_stats = False  # scored_prefill: leave the prefill uncompressed, statistics on its layers
+        self._statistic_of: str | None = None  # scored_prefill: a policy whose own statistic to compute too
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def install(self) -> None:
+        AttentionInterface.register(ATTN_NAME, sdpa_attention_forward)
+        self.model.set_attn_implementation(ATTN_NAME)
+        self.decoder.forward = self.forward  # an instance attribute: `restore` deletes it
+        self.model.entropykv = self
+        logger.info("entropykv_fx: optimized %s (%d layers, sliding windows %s): %s", type(self.model).__name__,
+                    self.num_layers, sorted(set(self.sliding_windows)), self.config)
+
+    def restore(self) -> nn.Module:
+        """Undo `optimize()`: the decoder's own forward and attention, compiled graphs dropped. Returns the model."""
+        self._compiled.clear()
+        self.decoder.__dict__.pop("forward", None)
+        self.model.set_attn_implementation(self._attn_implementation)
+        self.model.__dict__.pop("entropykv", None)
+        logger.info("entropykv_fx: restored %s", type(self.model).__name__)
+        return self.model
+
+    def reconfigure(self, config: EntropyKVConfig, inductor: bool, mode: str | None) -> None:
+        if (inductor, mode) != (self.inductor, self.mode):
+            self._compiled.clear()  # other compilers: the graphs are rebuilt on first use
+        self.config, self.inductor, self.mode = config, inductor, mode
+        logger.info("entropykv_fx: reconfigured: %s", config)
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[nn.Module]:
+        """The decoder's own forward (uncompiled, attention still unmasked SDPA) for the block: what export traces."""
+        self.decoder.__dict__.pop("forward", None)
+        try:
+            yield self.model
+        finally:
+            self.decoder.forward = self.forward
+
+    # ------------------------------------------------------------------------------------------ one call
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                use_cache: bool | None = None, **kwargs: Any) -> Any:
+        """The decoder's forward, rewritten (see the module docstring). Same arguments and outputs as transformers'."""
+        cache_arg, cache = cache_in_call(kwargs)
+        for name in ("cache", "past_key_values", *_IGNORED):
+            kwargs.pop(name, None)
+        ref = self._check_call(input_ids, inputs_embeds, attention_mask, position_ids, kwargs)
+        use_cache = self.decoder.config.use_cache if use_cache is None else use_cache
+        if not use_cache and cache is None:  # nothing to keep, nothing to compress: the unmodified model
+            return self._plain(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+        cache = self._entropykv_cache(cache, cache_arg, ref.shape[0])
+        prefill = cache.seen_tokens == 0
+        model_pos, mask_pos = _step_positions(cache, ref.shape[1], ref.shape[0], attention_mask, position_ids,
+                                              ref.device)
+        embeds = inputs_embeds if inputs_embeds is not None else self.decoder.embed_tokens(input_ids)
+        forward = self._graph_for(prefill, embeds.shape[0], embeds.shape[1], cache, kwargs)
+        cache.begin_step(mask_pos)
+        self._stats_sink, self._sites_run = cache, 0
+        try:
+            out = forward(inputs_embeds=embeds, position_ids=model_pos, use_cache=True, **with_cache(cache), **kwargs)
+        finally:
+            self._stats_sink = None
+        if self._sites_run != self.num_layers:
+            raise RuntimeError(f"entropykv: only {self._sites_run} of {self.num_layers} attention layers ran through "
+                               "the rewritten graph in this forward, so its results are not trustworthy")
+        with torch.no_grad():
+            # Sliding-window layers first drop what no later query can attend, so no budget is spent on it.
+            cache.drop_unreachable(self.sliding_windows)
+            if prefill and not self._keep_stats:
+                self.last_report = self._compress(cache)
+        return out
+
+    def _check_call(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
+                    position_ids: Tensor | None, kwargs: dict) -> Tensor:
+        """Refuse, before any work, what this runtime would get wrong; returns the ids or embeddings."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise UnsupportedCallError("entropykv: pass exactly one of input_ids [batch, length] or inputs_embeds "
+                                       "[batch, length, hidden]")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref.dim() != (2 if input_ids is not None else 3) or ref.shape[0] == 0 or ref.shape[1] == 0:
+            raise UnsupportedCallError(f"entropykv: input_ids must be [batch, length] and inputs_embeds [batch, "
+                                       f"length, hidden], both non-empty; got {tuple(ref.shape)}")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != ref.shape[0]
+                                           or attention_mask.shape[1] < ref.shape[1]):
+            raise UnsupportedCallError(f"entropykv: attention_mask must be 2-D [batch, past + new tokens] "
+                                       f"({ref.shape[0]} rows, >= {ref.shape[1]} columns); got "
+                                       f"{tuple(attention_mask.shape)}")
+        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[-1] != ref.shape[1]
+                                         or position_ids.shape[0] not in (1, ref.shape[0])):
+            raise UnsupportedCallError(f"entropykv: position_ids must be [batch or 1, {ref.shape[1]}]; got "
+                                       f"{tuple(position_ids.shape)}")
+        if kwargs.get("output_attentions"):
+            raise UnsupportedCallError("entropykv: output_attentions=True is not supported: the rewritten attention "
+                                       "never forms the attention matrix; restore(model) to inspect attention")
+        dropout = float(getattr(self.decoder.config, "attention_dropout", 0.0) or 0.0)
+        if self.model.training and dropout > 0 and torch.is_grad_enabled():
+            raise UnsupportedCallError(f"entropykv: attention dropout ({dropout}) is not supported (the compressed "
+                                       "attention has none); call model.eval() or run under torch.no_grad()")
+        return ref
+
+    def _entropykv_cache(self, cache: Any, cache_arg: str, batch: int) -> EntropyKVCache:
+        if isinstance(cache, EntropyKVCache):
+            if len(cache.layers) != self.num_layers:
+                raise UnsupportedCallError(f"entropykv: the cache has {len(cache.layers)} layers, the model "
+                                           f"{self.num_layers}")
+            if cache.next_positions is not None and cache.next_positions.shape[0] != batch:
+                raise UnsupportedCallError(f"entropykv: batch size changed from {cache.next_positions.shape[0]} to "
+                                           f"{batch} on a cache that already holds tokens; start a new cache")
+            return cache
+        if cache is not None and not isinstance(cache, Cache):
+            raise UnsupportedCallError(f"entropykv: {cache_arg} must be a transformers Cache, got "
+                                       f"{type(cache).__name__}")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise UnsupportedCallError(f"entropykv: the optimized model needs an EntropyKVCache, got a "
+                                       f"{type(cache).__name__} that already holds tokens; pass {cache_arg}=None "
+                                       "to start a new sequence")
+        return EntropyKVCache(self.num_layers)
+
+    def _plain(self, **kwargs: Any) -> Any:
+        """The decoder's own forward with the model's own attention implementation (masks included)."""
+        self.model.set_attn_implementation(self._attn_implementation)
+        try:
+            return self._eager_forward(**kwargs)
+        finally:
+            self.model.set_attn_implementation(ATTN_NAME)
+
+    def _compress(self, cache: EntropyKVCache) -> CompressionReport:
+        if POLICIES[self.config.policy].evicts:
+            report = compress_cache(cache, self.config)
+        else:
+            report = uncompressed_report(cache, self.config)
+            for layer in cache.layers:
+                layer.stats = None
+        logger.debug("entropykv_fx: prefill of %d tokens: budgets %s", report.prompt_tokens,
+                     [r.budget for r in report.layers])
+        return report
+
+    # ------------------------------------------------------------------------------------------ graphs
+    def _settings(self, prefill: bool) -> tuple[RewriteSettings, tuple]:
+        """Rewrite settings of a graph and the part of the config they depend on (the key of its graphs).
+
+        Prefill graphs always score (a policy change then needs no new graph); only a policy with a statistic
+        of its own (matrix entropy) adds it, or the statistic `scored_prefill` asks for."""
+        if not prefill:
+            return RewriteSettings(None, self.sliding_windows), ()
+        policy = POLICIES[self._statistic_of or self.config.policy]
+        cfg = self.config
+        if policy.prefill_statistic is None:
+            return RewriteSettings(cfg.window, self.sliding_windows), (cfg.window,)
+        return (RewriteSettings(cfg.window, self.sliding_windows, _statistic(policy.prefill_statistic, cfg)),
+                (cfg.window, policy.name, cfg.matrix_states, cfg.matrix_rank))
+
+    def _graph_for(self, prefill: bool, batch: int, length: int, cache: EntropyKVCache, kwargs: dict) -> Any:
+        settings, depends_on = self._settings(prefill)
+        layout = tuple(layer.layout_key() for layer in cache.layers) if not prefill else ()
+        flags = tuple(bool(kwargs.get(name)) for name in _GRAPH_FLAGS)
+        key = (prefill, batch == 1, length == 1, layout, flags, depends_on)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            backend = EntropyKVBackend(settings, self.inductor, self.mode, results=self.graphs,
+                                       on_stats=self._receive_stats if prefill else None, on_run=self._count_sites)
+            compiled = torch.compile(own_code(self._eager_forward), backend=backend, dynamic=True)
+            self._compiled[key] = compiled
+            logger.info("entropykv_fx: new graph kind #%d: %s, %s tokens, batch %s%s", len(self._compiled),
+                        "prefill" if prefill else "continuation", "one" if length == 1 else "several",
+                        "1" if batch == 1 else "> 1", f", flags {flags}" if any(flags) else "")
+        return compiled
+
+    def _receive_stats(self, layers: list[int], tensors: list[Tensor]) -> None:
+        for layer, stats in PrefillStats.unflatten(layers, tensors).items():
+            self._stats_sink.layers[layer].stats = stats
+
+    def _count_sites(self, n: int) -> None:
+        self._sites_run += n
+
+    # ------------------------------------------------------------------------------------------ tools
+    def graphs_of(self, run: Any) -> list[RewriteResult]:
+        """What the pass does to each graph that `run()` compiles, starting from no compiled graphs (explain)."""
+        self._compiled.clear()
+        start = len(self.graphs)
+        run()
+        return self.graphs[start:]
+
+    @torch.no_grad()
+    def scored_prefill(self, input_ids: Tensor, statistic_of: str | None = None) -> tuple[EntropyKVCache, Tensor]:
+        """(the uncompressed cache of a prefill of `input_ids` [B, L] with every layer's `PrefillStats`, logits of
+        the last position [B, V]); `statistic_of` names a policy whose own statistic to compute as well. For
+        compressing one prefill several ways (`compress.compress_cache` on copies)."""
+        cache = EntropyKVCache(self.num_layers)
+        self._keep_stats, self._statistic_of = True, statistic_of
+        try:
+            out = self.model(input_ids=input_ids, **with_cache(cache), use_cache=True, logits_to_keep=1)
+        finally:
+            self._keep_stats, self._statistic_of = False, None
+        return cache, out.logits[:, -1]
 
 
 def _statistic(fn: Any, config: EntropyKVConfig) -> Any:
@@ -83,72 +283,23 @@ def _statistic(fn: Any, config: EntropyKVConfig) -> Any:
     return prefill_statistic
 
 
-def _step_positions(cache: EntropyKVCache | None, length: int, batch: int,
-                    attention_mask: Tensor | None, position_ids: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+def _step_positions(cache: EntropyKVCache, length: int, batch: int, attention_mask: Tensor | None,
+                    position_ids: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
     """(positions for the model with pads clamped to 0, positions for masking with pads = -1)."""
     if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise ValueError(f"entropykv: attention_mask must be 2-D [batch, length] (got {attention_mask.dim()}-D); "
-                             "masks are built per layer from positions")
         valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
         if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
-            raise ValueError("entropykv: right padding (or a hole in attention_mask) is not supported; "
-                             "pad on the left (tokenizer.padding_side = 'left')")
+            raise UnsupportedCallError("entropykv: right padding (or a hole in attention_mask) is not supported; "
+                                       "pad on the left (tokenizer.padding_side = 'left')")
     else:
         valid = torch.ones(batch, length, dtype=torch.bool, device=device)
     if position_ids is None:
-        start = cache.next_positions if cache is not None and cache.next_positions is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        start = cache.next_positions if cache.next_positions is not None else torch.zeros(batch, dtype=torch.long,
+                                                                                           device=device)
         position_ids = start[:, None] + valid.long().cumsum(-1) - 1
         position_ids = position_ids.clamp(min=0)
     position_ids = position_ids.to(device).expand(batch, length)
     return position_ids, position_ids.masked_fill(~valid, -1)
-
-
-def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    runtime: Runtime = model._entropykv
-    input_ids = args[0] if args else kwargs.get("input_ids")
-    embeds = kwargs.get("inputs_embeds")
-    ref = input_ids if input_ids is not None else embeds
-    batch, length = ref.shape[0], ref.shape[1]
-    cache_arg, cache = cache_in_call(kwargs)
-    use_cache = kwargs.get("use_cache")
-    if use_cache is None:
-        use_cache = model.config.use_cache
-    if cache is None and use_cache or isinstance(cache, Cache) and not isinstance(cache, EntropyKVCache):
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError(f"entropykv: the optimized model needs an EntropyKVCache, got a {type(cache).__name__} "
-                             f"that already holds tokens; pass {cache_arg}=None to start a new sequence")
-        cache = EntropyKVCache(runtime.num_layers)
-        kwargs[cache_arg] = cache
-    model_pos, mask_pos = _step_positions(cache, length, batch, kwargs.get("attention_mask"),
-                                          kwargs.get("position_ids"), ref.device)
-    kwargs["position_ids"] = model_pos
-    if cache is not None:
-        cache.begin_step(mask_pos)
-    runtime.cache, runtime.step_positions, runtime.sites_run = cache, mask_pos, 0
-    return args, kwargs
-
-
-def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    runtime: Runtime = model._entropykv
-    if runtime.sites_run != runtime.num_layers:
-        raise RuntimeError(f"entropykv: only {runtime.sites_run} of {runtime.num_layers} attention layers ran through "
-                           "the rewritten graph in this forward, so its results are not trustworthy; usually "
-                           "torch.compile fell back to eager (see its recompile warnings; torch._dynamo.reset() "
-                           "clears old graphs)")
-    cache = runtime.cache
-    prefill = cache is not None and cache.seen_tokens == cache.step_positions.shape[1] > 0  # first forward
-    if prefill and POLICIES[runtime.config.policy].evicts:
-        with torch.no_grad():
-            runtime.last_report = compress_cache(cache, runtime.config)
-    elif prefill:
-        runtime.last_report = uncompressed_report(cache, runtime.config)
-    runtime.cache = runtime.step_positions = None
-    return output
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers
 
 
 def _sliding_windows(model: nn.Module, layers: nn.ModuleList) -> tuple[int, ...]:
@@ -169,11 +320,15 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
              mode: str | None = None, **overrides: Any) -> nn.Module:
     """Make `model.generate()` (and plain forwards) compress the KV cache after prefill. Returns `model`.
 
-    The forward is compiled with the entropykv Dynamo backend (see the module docstring); the rewritten
-    graphs run eagerly, or through Inductor with `inductor=True` (`mode` as in torch.compile, e.g.
-    "reduce-overhead"). `config` defaults to `EntropyKVConfig()`; keyword overrides replace single fields,
-    e.g. `optimize(model, policy="entropy", budget=0.25)`. Calling it again on an optimized model changes its
-    configuration (overrides apply to its current config unless `config` is given) and recompiles.
+    The decoder is compiled with the entropykv Dynamo backend (see the module docstring); the rewritten graphs
+    run eagerly, or through Inductor with `inductor=True` (`mode` as in torch.compile, e.g. "reduce-overhead").
+    `config` defaults to `EntropyKVConfig()`; keyword overrides replace single fields, e.g.
+    `optimize(model, policy="entropy", budget=0.25)`. Calling it again on an optimized model changes its
+    configuration (overrides apply to its current config unless `config` is given) without recompiling.
+    `model.entropykv` is the handle (`Optimized`); `restore(model)` undoes it.
+
+    Raises UnsupportedModelError (another architecture), ConfigError (a bad field), TransformersVersionError (a
+    known-broken transformers release).
     """
     check_transformers_version()
     if mode is not None and not inductor:
@@ -182,31 +337,53 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     if name not in SUPPORTED_MODELS:
         raise UnsupportedModelError(f"entropykv_fx.optimize: {name} is not supported; supported models: "
                                     f"{', '.join(SUPPORTED_MODELS)}")
-    existing: Runtime | None = getattr(model, "_entropykv", None)
+    if config is not None and not isinstance(config, EntropyKVConfig):
+        raise TypeError(f"entropykv_fx.optimize: config must be an EntropyKVConfig, got {type(config).__name__} "
+                        f"({config!r}); pass fields as keywords instead, e.g. optimize(model, policy='entropy')")
+    existing: Optimized | None = model.__dict__.get("entropykv")
     base = config or (existing.config if existing is not None else EntropyKVConfig())
     cfg = base.replace(**overrides) if overrides else base
     if cfg.budget_source == "calibrated":
-        cfg.layer_fractions(len(_decoder_layers(model)))  # a file made for another model fails here, not mid-generate
+        cfg.layer_fractions(len(model.model.layers))  # a file made for another model fails here, not mid-generate
     if existing is not None:
-        existing.config, existing.inductor, existing.mode = cfg, inductor, mode
-        existing.compile(model)
-        return model
-    AttentionInterface.register(ATTN_NAME, sdpa_attention_forward)
-    layers = _decoder_layers(model)
-    runtime = Runtime(cfg, len(layers), model.forward, _sliding_windows(model, layers), inductor=inductor, mode=mode)
-    model.set_attn_implementation(ATTN_NAME)
-    model._entropykv = runtime
-    runtime.compile(model)
-    runtime.hooks = [model.register_forward_pre_hook(_before_forward, with_kwargs=True),
-                     model.register_forward_hook(_after_forward, with_kwargs=True)]
+        existing.reconfigure(cfg, inductor, mode)
+    else:
+        Optimized(model, cfg, inductor, mode).install()
     return model
+
+
+def optimized(model: nn.Module) -> Optimized:
+    """The handle `optimize()` left on `model`; ValueError if there is none."""
+    handle = model.__dict__.get("entropykv") if isinstance(model, nn.Module) else None
+    if handle is None:
+        raise ValueError("entropykv_fx: this model was not prepared by entropykv_fx.optimize()")
+    return handle
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo `optimize(model)`: the model's own forward and attention again, compiled graphs released."""
+    return optimized(model).restore()
+
+
+@contextlib.contextmanager
+def compressing(model: nn.Module, config: EntropyKVConfig | None = None, **overrides: Any) -> Iterator[nn.Module]:
+    """`with compressing(model, policy="uniform", budget=0.25): model.generate(...)`: optimized inside the block
+    only; afterwards the model is as before (restored, or back to its previous configuration)."""
+    previous = model.__dict__.get("entropykv")
+    state = (previous.config, previous.inductor, previous.mode) if previous is not None else None
+    optimize(model, config, **overrides)
+    try:
+        yield model
+    finally:
+        if state is None:
+            restore(model)
+        else:
+            previous.reconfigure(*state)
 
 
 def report(model: nn.Module) -> CompressionReport:
     """The per-layer report (entropy, budget, slots, bytes) of the optimized model's last prefill."""
-    runtime: Runtime | None = getattr(model, "_entropykv", None)
-    if runtime is None:
-        raise ValueError("entropykv_fx.report: this model was not prepared by entropykv_fx.optimize()")
-    if runtime.last_report is None:
+    handle = optimized(model)
+    if handle.last_report is None:
         raise ValueError("entropykv_fx.report: no prefill has run on this model yet")
-    return runtime.last_report
+    return handle.last_report

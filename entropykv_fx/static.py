@@ -9,9 +9,9 @@ attention masked by positions) followed by `passes.rewrite_attention` (attention
 multi-token calls). After a prefill, each layer's kept tokens are packed at the start of its buffers (positions
 -1 after them), so later tokens follow them. The buffers keep their size: the model allocated them; what
 compression buys here is room, since `max_seq_len` now bounds the kept tokens, not all tokens seen.
-Call `reset()` before a new sequence. Layer-wise policies only; shapes are static, so a new prompt length
-compiles a new prefill graph, and the decode graph suits CUDA graphs: `StaticCacheModel(gpt, inductor=True,
-mode="reduce-overhead")`.
+A call whose positions start again at 0 begins a new sequence (`reset()` does the same by hand). Layer-wise
+policies only; shapes are static, so a new prompt length compiles a new prefill graph, and the decode graph suits
+CUDA graphs: `StaticCacheModel(gpt, inductor=True, mode="reduce-overhead")`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .compress import layer_budgets
+from .cache import CompressedLayer, PrefillStats
+from .compress import kept_slots, layer_budgets
 from .config import EntropyKVConfig
 from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteSettings
 from .passes.static_cache import StaticLayer, rewrite_static_caches
-from .policies import POLICIES, pool_scores
+from .policies import POLICIES
 
 
 class StaticCacheModel:
@@ -43,7 +43,7 @@ class StaticCacheModel:
                              "pyramidkv, streaming, full)")
         self.model, self.config = model, cfg
         self.layers: list[StaticLayer] = []
-        self.stats: dict[int, tuple[Tensor, ...]] = {}
+        self.stats: dict[int, PrefillStats] = {}
         policy = POLICIES[cfg.policy]
         self.backend = EntropyKVBackend(RewriteSettings(cfg.window if policy.needs_scores else None),
                                         inductor=inductor, mode=mode, on_stats=self._receive)
@@ -72,7 +72,7 @@ class StaticCacheModel:
         return self.backend(gm, example_inputs)
 
     def _receive(self, layers: list[int], tensors: list[Tensor]) -> None:
-        self.stats = {layer: tuple(tensors[3 * i:3 * i + 3]) for i, layer in enumerate(layers)}
+        self.stats = PrefillStats.unflatten(layers, tensors)
 
     def reset(self) -> None:
         """Forget the sequence: every slot empty."""
@@ -81,6 +81,11 @@ class StaticCacheModel:
             layer.slot.zero_()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model; positions (`input_pos`, the second argument) starting again at 0 begin a new sequence."""
+        input_pos = kwargs.get("input_pos", args[1] if len(args) > 1 else None)
+        if isinstance(input_pos, Tensor) and input_pos.numel() and int(input_pos.min()) == 0 and any(
+                int(layer.slot) for layer in self.layers):
+            self.reset()
         self.stats = {}
         with torch.no_grad():
             out = self.compiled(*args, **kwargs)
@@ -94,14 +99,13 @@ class StaticCacheModel:
     def _compress(self) -> None:
         cfg = self.config
         n_tokens = int((self.layers[0].positions >= 0).sum(-1).max())
-        entropies = [float(self.stats[i][0].mean()) if i in self.stats else math.nan for i in range(len(self.layers))]
-        for layer, budget, i in zip(self.layers, layer_budgets(entropies, n_tokens, cfg), range(len(self.layers))):
-            scores = pool_scores(self.stats[i][2], cfg.pooling, cfg.pool_kernel)
-            idx = ops.select(scores, layer.positions, budget, cfg.sink_tokens, cfg.window)
-            keys, values = ops.gather(layer.keys, layer.values, idx)
-            kept = idx.shape[-1]
+        entropies = [float(self.stats[i].entropy.mean()) if i in self.stats else math.nan for i in range(len(self.layers))]
+        for i, (layer, budget) in enumerate(zip(self.layers, layer_budgets(entropies, n_tokens, cfg))):
+            view = CompressedLayer.holding(layer.keys, layer.values, layer.positions, self.stats.get(i))
+            keys, values, positions = kept_slots(view, budget, cfg)
+            kept = positions.shape[-1]
             layer.keys[:, :, :kept], layer.values[:, :, :kept] = keys, values
             layer.keys[:, :, kept:], layer.values[:, :, kept:] = 0, 0
-            layer.positions[:, :kept] = layer.positions.gather(1, idx)
+            layer.positions[:, :kept] = positions
             layer.positions[:, kept:] = -1
             layer.slot.fill_(kept)

@@ -55,9 +55,13 @@ def kv_bytes(b: int, slots: int, dtype: torch.dtype) -> int:
 
 
 def check_kept_slots(pre: Prefilled, sinks: int, window: int) -> None:
-    """Every layer's slots hold original tokens, sorted by position, sinks and last window included, no pads."""
+    """Every layer's slots hold original tokens, sorted by position, sinks and last window included, no pads; a
+    row that keeps fewer slots than the layer holds ends in empty ones (-1)."""
     for i, layer in enumerate(pre.cache.layers):
         for bi, (row, n) in enumerate(zip(layer.positions.tolist(), pre.n_valid())):
+            empty = len(row) - len([p for p in row if p >= 0])
+            assert row[len(row) - empty:] == [-1] * empty, "empty slots only at the end"
+            row = row[:len(row) - empty]
             assert row == sorted(set(row)), "kept slots stay in temporal order, each once"
             assert all(0 <= p < n for p in row), "only valid positions of the row (no pads when enough tokens)"
             assert set(range(min(sinks, n))) <= set(row) and set(range(n - window, n)) <= set(row)
@@ -69,10 +73,10 @@ def check_kept_slots(pre: Prefilled, sinks: int, window: int) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_entropy_compression_bytes_positions_and_report(dtype):
-    pre = Prefilled(n_layers=3, b=2, s=64, dtype=dtype, seed=1)
+    pre = Prefilled(n_layers=3, b=1, s=64, dtype=dtype, seed=1)
     cache = pre.cache
     before = cache.nbytes
-    assert before == 3 * kv_bytes(2, 64, dtype)
+    assert before == 3 * kv_bytes(1, 64, dtype)
     cfg = EntropyKVConfig(policy="entropy", budget=0.25, window=4, sink_tokens=2, min_layer_budget=0.25)
     report = compress_cache(cache, cfg)
     budgets = [r.budget for r in report.layers]
@@ -82,17 +86,17 @@ def test_entropy_compression_bytes_positions_and_report(dtype):
     assert [r.slots_before for r in report.layers] == [64] * 3
     assert [r.entropy for r in report.layers] == pytest.approx(pre.entropy)
     for r, layer in zip(report.layers, cache.layers):
-        assert r.bytes_before == kv_bytes(2, 64, dtype) and r.bytes_after == layer.nbytes == kv_bytes(2, r.budget, dtype)
-        assert layer.keys.shape == (2, HKV, r.budget, D) and layer.keys.dtype == dtype
-        assert layer.index_nbytes == 2 * r.budget * 8
+        assert r.bytes_before == kv_bytes(1, 64, dtype) and r.bytes_after == layer.nbytes == kv_bytes(1, r.budget, dtype)
+        assert layer.keys.shape == (1, HKV, r.budget, D) and layer.keys.dtype == dtype
+        assert layer.index_nbytes == r.budget * 8
         assert layer.stats is None  # the scores are dropped once used
-    assert cache.nbytes == report.bytes_after == kv_bytes(2, sum(budgets), dtype) == before // 4
+    assert cache.nbytes == report.bytes_after == kv_bytes(1, sum(budgets), dtype) == before // 4
     assert report.bytes_before == before and report.kept_fraction == pytest.approx(0.25)
     assert report.prompt_tokens == 64 and report.policy == "entropy"
     text = str(report)
     assert "25.0% kept" in text and len(text.splitlines()) == 2 + 3
     check_kept_slots(pre, sinks=2, window=4)
-    assert cache.get_seq_length() == 64 and cache.next_positions.tolist() == [64, 64]  # logical length
+    assert cache.get_seq_length() == 64 and cache.next_positions.tolist() == [64]  # logical length
 
 
 def test_uniform_compression_shrinks_every_layer_alike():
@@ -104,11 +108,16 @@ def test_uniform_compression_shrinks_every_layer_alike():
     check_kept_slots(pre, sinks=2, window=4)
 
 
-def test_padded_batch_keeps_no_pads_and_continues_each_row():
+def test_padded_batch_rows_are_compressed_on_their_own_and_continue():
+    """Rows of 40, 30 and 18 tokens at 25%: each keeps a quarter of its own length (at least sinks + window),
+    shorter rows end in empty slots, no pad is kept."""
     pre = Prefilled(n_layers=2, b=3, s=40, dtype=torch.float16, pads=[0, 10, 22], seed=3)
     assert pre.cache.next_positions.tolist() == [40, 30, 18]
     report = compress_cache(pre.cache, EntropyKVConfig(policy="uniform", budget=0.25, window=4, sink_tokens=2))
+    assert [row.prompt_tokens for row in report.rows] == [40, 30, 18]
+    assert [[r.budget for r in row.layers] for row in report.rows] == [[10, 10], [8, 8], [6, 6]]
     assert report.prompt_tokens == 40 and [r.budget for r in report.layers] == [10, 10]
+    assert [(layer.positions >= 0).sum(-1).tolist() for layer in pre.cache.layers] == [[10, 8, 6]] * 2
     assert pre.cache.physical_lengths() == [10, 10] and pre.cache.nbytes == 2 * kv_bytes(3, 10, torch.float16)
     check_kept_slots(pre, sinks=2, window=4)  # per row: its own sinks and its own last window
     assert pre.cache.get_seq_length() == 40 and pre.cache.next_positions.tolist() == [40, 30, 18]
@@ -141,7 +150,7 @@ def test_decode_after_compression_appends_and_attends_the_kept_tokens():
         out = ops.attention(q, keys, values, step, layer.positions, D ** -0.5, 0)
         for bi in range(2):  # float64 reference over the original tokens this layer kept, plus the new one
             pad = 32 - pre.n_valid()[bi]
-            slots = [pad + p for p in kept[bi].tolist()]
+            slots = [pad + p for p in kept[bi].tolist() if p >= 0]
             k_ref = torch.cat([pre.keys[i][bi][:, slots], new_k[i][bi]], 1).double()
             v_ref = torch.cat([pre.values[i][bi][:, slots], new_v[i][bi]], 1).double()
             k_ref, v_ref = k_ref.repeat_interleave(HQ // HKV, 0), v_ref.repeat_interleave(HQ // HKV, 0)

@@ -29,7 +29,7 @@ def test_full_budget_reproduces_unmodified_tokens(arch, full):
     assert rep.bytes_after == rep.bytes_before
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"mistral"}))  # window layers: test_sliding_window.py
 def test_compressed_cache_holds_only_kept_bytes(arch):
     model = entropykv_fx.optimize(tiny_model(arch), budget=0.5, window=8, sink_tokens=2)
     ids = random_prompt(64)
@@ -181,7 +181,7 @@ def test_streaming_keeps_sinks_and_the_most_recent_tokens():
         out = model(random_prompt(60), use_cache=True)
     expected = list(range(4)) + list(range(44, 60))
     assert all(layer.positions[0].tolist() == expected for layer in out.past_key_values.layers)
-    assert all(r.entropy != r.entropy for r in entropykv_fx.report(model).layers)  # nothing scored: nan
+    assert [r.budget for r in entropykv_fx.report(model).layers] == [20, 20, 20]
 
 
 @pytest.mark.parametrize("policy", ["pyramidkv", "streaming", "uniform", "entropy"])

@@ -44,7 +44,7 @@ def test_every_policy_is_listed_with_a_summary():
     assert set(HEADWISE) == {"snapkv", "adakv", "entropy_head", "matrix_entropy"}
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"mistral"}))  # window layers: test_sliding_window.py
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_policy_end_to_end_budget_and_bytes(arch, policy):
     model = entropykv_fx.optimize(tiny_model(arch), policy=policy, budget=BUDGET, window=WINDOW, sink_tokens=SINKS)
@@ -87,7 +87,9 @@ def test_headwise_full_budget_reproduces_unmodified_tokens(arch, policy):
     model = entropykv_fx.optimize(tiny_model(arch), policy=policy, budget=1.0, window=WINDOW)
     assert torch.equal(greedy(model, ids, n=12), expected)
     rep = entropykv_fx.report(model)
-    assert rep.bytes_after == rep.bytes_before and all(h.slots == 80 for r in rep.layers for h in r.heads)
+    held = [min(80, w - 1) if w else 80 for w in model.entropykv.sliding_windows]  # a window layer: what it can see
+    assert rep.bytes_after == rep.bytes_before
+    assert all(h.slots == n for r, n in zip(rep.layers, held) for h in r.heads)
 
 
 def test_entropy_head_at_full_rate_keeps_every_token_and_stores_middle_heads_int8():

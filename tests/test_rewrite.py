@@ -118,9 +118,9 @@ def test_inductor_full_budget_reproduces_tokens_across_prompt_lengths_without_re
         ids = random_prompt(length, seed=length)
         assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
                            ref.generate(ids, max_new_tokens=8, do_sample=False))
-    graphs = len(model._entropykv.backend.results)
+    graphs = len(model.entropykv.graphs)
     model.generate(random_prompt(100, seed=3), max_new_tokens=8, do_sample=False)
-    assert len(model._entropykv.backend.results) == graphs, "a new prompt length must not recompile"
+    assert len(model.entropykv.graphs) == graphs, "a new prompt length must not recompile"
 
 
 def test_mode_without_inductor_is_refused():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..compat import with_cache
-from .arguments import DTYPE_NAMES, KVPRESS_PRESSES, SETTINGS, add_arguments
+from .arguments import DTYPE_NAMES, add_arguments
 from .cases import QA_TASKS, Case, make_cases, stop_token_ids
 from .fanout import compressed_copy, scored_prefill
 from .report import write_outputs
@@ -49,7 +49,7 @@ def continuation_nll(model, cache, continuation_ids: torch.Tensor) -> float:
     return float(F.cross_entropy(logits[0, :-1].float(), continuation_ids[0, 1:].to(logits.device)))
 
 
-def run_entropykv(model, cases: list[Case], policies: list[str], budgets: list[float], settings: list[str],
+def run_policies(model, cases: list[Case], policies: list[str], budgets: list[float], settings: list[str],
                   stops: dict[str, list[int]]) -> list[dict]:
     """Generations / NLLs of every (policy, budget) plus the full cache, one shared prefill per prompt."""
     from ..config import EntropyKVConfig
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> Path:
     kvpress = start_kvpress(args, cases_file, cache_dir(), out_dir) if args.kvpress_python else None
     start = time.perf_counter()
     try:
-        records = run_entropykv(model, cases, policies, args.budgets, args.settings, stops)
+        records = run_policies(model, cases, policies, args.budgets, args.settings, stops)
     except BaseException:
         if kvpress:
             kvpress[0].kill()

@@ -69,12 +69,11 @@ def explain(obj: Any, *example_args: Any, **example_kwargs: Any) -> list[GraphRe
     if not example_args and not example_kwargs:
         raise ValueError("explain(module): pass example inputs, e.g. explain(model, input_ids), so the module "
                          "can be captured; or pass an fx.GraphModule / torch.export.ExportedProgram")
-    runtime = getattr(obj, "_entropykv", None)
+    handle = obj.__dict__.get("entropykv")  # the handle of entropykv_fx.optimize(), if any
     with torch.no_grad():
-        if runtime is not None:  # a fresh backend records the prefill and decode graphs of this model
-            runtime.compile(obj)
-            obj.generate(*example_args, **example_kwargs, max_new_tokens=2, do_sample=False)
-            results = runtime.backend.results
+        if handle is not None:  # the prefill and decode graphs of this model, compiled afresh
+            results = handle.graphs_of(lambda: obj.generate(*example_args, **example_kwargs, max_new_tokens=2,
+                                                            do_sample=False))
         else:
             backend = EntropyKVBackend(strict=False)
             torch.compile(own_code(obj.__call__), backend=backend, dynamic=False)(*example_args, **example_kwargs)

@@ -21,8 +21,10 @@ ALPHA = 0.2
 
 
 def head_budgets(ranked: Tensor, mean: int, floor: int) -> Tensor:
-    """[B, Hkv] budgets summing to Hkv x mean per row: `floor` each, the rest by one top-k over the layer."""
+    """[B, Hkv] budgets summing to Hkv x mean per row: `floor` each, the rest by one top-k over the layer. A layer
+    holding fewer slots than `mean` (a sliding window's) keeps them all."""
     b, hkv, s = ranked.shape
+    mean, floor = min(mean, s), min(floor, s)
     rest = ranked.sort(dim=-1, descending=True).values[:, :, floor:]  # what each head has beyond its floor
     top = rest.reshape(b, -1).topk(hkv * (mean - floor), dim=-1).indices
     won = torch.zeros(b, hkv, dtype=torch.int64, device=ranked.device)

@@ -1,0 +1,49 @@
+"""Sliding-window layers (Mistral) hold only what a query can still attend, in prefill and all through decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import random_prompt, tiny_model
+
+import entropykv_fx
+from entropykv_fx import compat
+
+pytestmark = pytest.mark.filterwarnings("ignore:entropykv. budget")
+WINDOW = 24  # tiny_models' Mistral
+
+
+@pytest.mark.parametrize("settings", [dict(policy="full"), dict(budget=0.25), dict(policy="snapkv", budget=0.25),
+                                      dict(policy="uniform", budget=20)])
+def test_window_layers_never_hold_more_than_the_window_and_tokens_match(settings):
+    """200-token prompt, 50 new tokens: every layer holds at most window - 1 slots after each step (what HF's own
+    sliding-window cache holds), and with the full policy the tokens are the unmodified model's."""
+    plain = tiny_model("mistral")
+    model = entropykv_fx.optimize(tiny_model("mistral"), window=8, sink_tokens=2, **settings)
+    ids = random_prompt(200)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = compat.cache_of(out)
+        prefill_bytes = cache.nbytes
+        tokens = [out.logits[:, -1:].argmax(-1)]
+        for _ in range(50):
+            for layer in cache.layers:
+                lengths = layer.head_lengths() if hasattr(layer, "heads") else [layer.get_seq_length()]
+                assert max(lengths) <= WINDOW - 1
+            step = model(tokens[-1], **compat.with_cache(cache), use_cache=True)
+            tokens.append(step.logits[:, -1:].argmax(-1))
+    report = entropykv_fx.report(model)
+    assert all(r.slots_after <= WINDOW - 1 for r in report.layers)
+    assert report.bytes_after == prefill_bytes  # the report counts what is held
+    if settings.get("policy") == "full":
+        expected = plain.generate(ids, max_new_tokens=51, do_sample=False)[:, 200:]
+        assert torch.equal(torch.cat(tokens, 1), expected)
+
+
+def test_a_window_layers_budget_is_not_spent_on_tokens_it_can_never_attend():
+    """At a budget above the window, a window layer keeps exactly the window - 1 reachable tokens (the last ones)."""
+    model = entropykv_fx.optimize(tiny_model("mistral"), budget=0.5, window=8, sink_tokens=4)
+    with torch.no_grad():
+        cache = compat.cache_of(model(random_prompt(200), use_cache=True))
+    for layer in cache.layers:
+        assert layer.positions[0].tolist() == list(range(200 - WINDOW + 1, 200))
