@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-machine checks, as run through the `device` tool (logs under OUT_DIR), one device call per phase:
 #   bash scripts/gpu_checks.sh OUT_DIR tests      # kernels' opcheck; static models, StaticDecoder, head-wise layout
+#   bash scripts/gpu_checks.sh OUT_DIR runtime    # optimize()'s runtime on CUDA tensors: rows vs batch, call patterns
 #   bash scripts/gpu_checks.sh OUT_DIR policies   # every policy end to end on the tiny configs, CUDA tensors
 #   bash scripts/gpu_checks.sh OUT_DIR smollm2    # the real model on CUDA: planted fact, explain(), every policy
 #                                                 # (SMOLLM2_POLICIES="streaming or uniform": a -k subset of them)
@@ -12,7 +13,7 @@
 # Every step has a time limit (and every test one); on expiry SIGABRT makes faulthandler print where Python was.
 # Each phase fits in one 10-minute call.
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|policies|smollm2|onnx|aoti|compile_smollm2|speed [ARGS]}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|runtime|policies|smollm2|onnx|aoti|compile_smollm2|speed [ARGS]}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 mkdir -p "$out"
 pytest_opts="-p no:cacheprovider --tb=short -rfE --timeout 200"  # pytest-timeout is installed on the GPU machine
@@ -35,6 +36,12 @@ tests)
     ENTROPYKV_TEST_DEVICE=cuda step static 200 python3 -m pytest -q $pytest_opts tests/test_static_decode.py tests/test_static.py
     ENTROPYKV_TEST_DEVICE=cuda step headwise 240 python3 -m pytest -q $pytest_opts tests/test_headwise.py \
         tests/test_headwise_policies.py
+    ;;
+runtime)
+    ENTROPYKV_TEST_DEVICE=cuda step runtime_hf 200 python3 -m pytest -q $pytest_opts tests/test_compat.py \
+        tests/test_hf.py tests/test_sliding_window.py
+    ENTROPYKV_TEST_DEVICE=cuda step runtime 340 python3 -m pytest -q $pytest_opts --timeout 300 tests/test_runtime.py \
+        -k "${RUNTIME_TESTS:-}"
     ;;
 policies)
     ENTROPYKV_TEST_DEVICE=cuda step policies 560 python3 -m pytest -q $pytest_opts tests/test_policies_e2e.py

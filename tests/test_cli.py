@@ -60,3 +60,26 @@ def test_run_with_tensorrt_programs_needs_tensorrt(tmp_path, capsys, monkeypatch
     (tmp_path / "layout.json").write_text(json.dumps({"programs": {"tensorrt": ["prefill.engine", "decode.engine"]}}))
     assert main(["run", str(tmp_path), "--prompt", "hi"]) == 2  # tensorrt is picked first when held
     assert "TensorRT is not installed" in capsys.readouterr().err
+
+
+def test_help_imports_no_torch_and_documents_every_option():
+    """`entropykv-fx --help` must not load torch (seconds), and every option says what it is."""
+    import argparse
+    import subprocess
+
+    probe = ("import sys, entropykv_fx.cli as cli; cli.build_parser(); "
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    from entropykv_fx.cli import build_parser
+
+    parsers = [build_parser()]
+    undocumented = []
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                undocumented.append(f"{parser.prog} {action.dest}")
+    assert undocumented == []
