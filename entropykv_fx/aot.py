@@ -17,6 +17,7 @@ budget_i + t. Budgets must be static, so they come from a calibration file (`ent
 from __future__ import annotations
 
 import json
+import logging
 import math
 import operator
 from pathlib import Path
@@ -35,6 +36,9 @@ from .passes.backend import INDUCTOR_CONFIGS
 from .passes.decompose import decompositions
 from .passes.rewrite_attention import RewriteSettings, rewrite_attention
 from .policies import POLICIES
+
+
+logger = logging.getLogger("entropykv_fx")
 
 
 class ExportError(EntropyKVError, ValueError):
@@ -156,11 +160,13 @@ def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
     ids = torch.zeros(batch, prompt_length, dtype=torch.long, device=device)
     positions = torch.arange(prompt_length, device=device).expand(batch, -1).contiguous()
     with runtime.eager():  # trace the model's own decoder, not optimize()'s compiled one
+        logger.info("entropykv_fx: tracing the prefill program (%d tokens, %d layers)", prompt_length, n)
         prefill = _rewritten(_Prefill(model, model.forward, n), (ids, positions), settings,
                              _compress_outputs(budgets, capacities, config))
         with torch.no_grad():
             cache = prefill.module()(ids, positions)[1:]
         step = torch.tensor(0, device=device)
+        logger.info("entropykv_fx: tracing the decode program (%d new tokens)", max_new_tokens)
         decode = _rewritten(_Decode(model, model.forward, budgets), (ids[:, :1], positions[:, -1:] + 1, step, *cache),
                             RewriteSettings(None, runtime.sliding_windows))
     k = cache[0]
@@ -190,6 +196,7 @@ def write_programs(prefill: torch.export.ExportedProgram, decode: torch.export.E
     torch.export.save(decode, out / "decode.pt2")
     if aoti:
         for name, ep in (("prefill", prefill), ("decode", decode)):
+            logger.info("entropykv_fx: compiling the %s program with AOTInductor", name)
             torch._inductor.aoti_compile_and_package(ep.run_decompositions(decompositions()),
                                                      package_path=str(out / f"{name}.aoti.pt2"),
                                                      inductor_configs=INDUCTOR_CONFIGS)

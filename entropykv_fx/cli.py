@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -124,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The library's progress lines (export phases, new compiled graphs): one line each on stderr.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    library = logging.getLogger("entropykv_fx")
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
     if args.command == "bench":
         from .bench.quality import run_and_report
 

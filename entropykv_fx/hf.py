@@ -327,7 +327,7 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     configuration (overrides apply to its current config unless `config` is given) without recompiling.
     `model.entropykv` is the handle (`Optimized`); `restore(model)` undoes it.
 
-    Raises UnsupportedModelError (another architecture), ConfigError (a bad field), TransformersVersionError (a
+    Raises UnsupportedModelError (another architecture, or weights sharded by tensor parallelism), ConfigError (a bad field), TransformersVersionError (a
     known-broken transformers release).
     """
     check_transformers_version()
@@ -337,6 +337,11 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     if name not in SUPPORTED_MODELS:
         raise UnsupportedModelError(f"entropykv_fx.optimize: {name} is not supported; supported models: "
                                     f"{', '.join(SUPPORTED_MODELS)}")
+    sharded = _tensor_parallel_size(model)
+    if sharded > 1:
+        raise UnsupportedModelError(f"entropykv_fx.optimize: {name} is sharded by tensor parallelism ({sharded} "
+                                    "ranks); each rank sees only its heads' statistics and would keep other tokens "
+                                    "than its peers, so this is refused; load the model on one device")
     if config is not None and not isinstance(config, EntropyKVConfig):
         raise TypeError(f"entropykv_fx.optimize: config must be an EntropyKVConfig, got {type(config).__name__} "
                         f"({config!r}); pass fields as keywords instead, e.g. optimize(model, policy='entropy')")
@@ -350,6 +355,17 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     else:
         Optimized(model, cfg, inductor, mode).install()
     return model
+
+
+def _tensor_parallel_size(model: nn.Module) -> int:
+    """Ranks the model's weights are sharded over by transformers' tensor parallelism (1: not sharded)."""
+    size = getattr(model, "tp_size", None) or 1
+    if size == 1 and torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            size = max(size, torch.distributed.get_world_size())
+    return int(size)
 
 
 def optimized(model: nn.Module) -> Optimized:

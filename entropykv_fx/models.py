@@ -46,22 +46,29 @@ def gguf_path() -> Path:
 
 @contextmanager
 def progress(message: str):
-    """Print `message` with an elapsed-seconds counter on stderr while the block runs."""
+    """`message` on stderr while the block runs: an elapsed-seconds counter on a terminal, else (a log) one line
+    when it starts and one when it ends."""
     done = threading.Event()
     start = time.perf_counter()
+    live = sys.stderr.isatty()
 
     def tick() -> None:
         while not done.wait(0.5):
             print(f"\r{message} {time.perf_counter() - start:4.0f}s", end="", file=sys.stderr, flush=True)
 
     thread = threading.Thread(target=tick, daemon=True)
-    thread.start()
+    if live:
+        thread.start()
+    else:
+        print(f"{message} ...", file=sys.stderr, flush=True)
     try:
         yield
     finally:
         done.set()
-        thread.join()
-        print(f"\r{message} done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        if live:
+            thread.join()
+        back = "\r" if live else ""  # a terminal: over the counter
+        print(f"{back}{message} done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
 
 
 def _convert_gguf(target: Path) -> None:

@@ -58,10 +58,13 @@ def test_issue_instance_a_padded_row_keeps_and_generates_what_it_does_alone():
     assert torch.equal(batched[1], alone[0])
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("policy", ["entropy", "pyramidkv", "uniform", "streaming", "snapkv", "adakv",
-                                    "entropy_head", "matrix_entropy"])
-@pytest.mark.parametrize("budget", [0.3, 24])
+EVICTING = ["entropy", "pyramidkv", "uniform", "streaming", "snapkv", "adakv", "entropy_head", "matrix_entropy"]
+# Every policy x both budget kinds on one architecture, one layer-wise and one head-wise policy on the others.
+ROW_CASES = [("qwen3", policy, budget) for policy in EVICTING for budget in (0.3, 24)] + [
+    (arch, policy, 0.3) for arch in sorted(set(ARCHS) - {"qwen3"}) for policy in ("entropy", "adakv")]
+
+
+@pytest.mark.parametrize("arch, policy, budget", ROW_CASES)
 def test_every_row_equals_its_single_run(arch, policy, budget):
     """Kept positions, budgets and greedy tokens of each row of a left-padded batch equal that prompt's own run,
     for every evicting policy and both budget kinds (fraction of the row's own length, tokens per layer)."""
@@ -359,6 +362,15 @@ def test_bad_calls_get_a_clear_error_before_any_work(call, match):
     with pytest.raises(UnsupportedCallError, match=match):
         call(model)
     assert not model.entropykv._compiled, "refused before compiling anything"
+
+
+def test_a_tensor_parallel_model_is_refused_before_any_change(monkeypatch):
+    """Each rank would see only its heads' statistics and keep other tokens than its peers: refused (issue 20)."""
+    model = tiny_model("llama")
+    monkeypatch.setattr(type(model), "tp_size", property(lambda self: 2))
+    with pytest.raises(entropykv_fx.UnsupportedModelError, match=r"tensor parallelism \(2 ranks\)"):
+        entropykv_fx.optimize(model)
+    assert "entropykv" not in model.__dict__ and "forward" not in model.model.__dict__
 
 
 def test_a_cache_of_another_batch_size_is_refused():

@@ -12,6 +12,7 @@ I/O names follow onnxruntime-genai / optimum: per layer i the compressed cache i
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from .runner import BufferedGenerator, load_layout
 OPSET = 18
 TENSOR_KINDS = ("key", "value", "positions")
 _CACHE_DTYPES = ("float32", "float16")  # those with a numpy equivalent, which IOBinding needs
+
+logger = logging.getLogger("entropykv_fx")
 
 
 def select_with_topk(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window: int) -> Tensor:
@@ -66,6 +69,8 @@ def write_onnx(prefill: torch.export.ExportedProgram, decode: torch.export.Expor
     table = decompositions()
     table[torch.ops.entropykv.select.default] = select_with_topk
     for name, program in (("prefill", prefill), ("decode", decode)):
+        logger.info("entropykv_fx: translating the %s program to ONNX (%s; minutes for a real model)", name,
+                    out / f"{name}.onnx")
         torch.onnx.export(program.run_decompositions(table), f=out / f"{name}.onnx", dynamo=True, external_data=True,
                           opset_version=OPSET, input_names=names[name]["inputs"],
                           output_names=names[name]["outputs"], verbose=False)
