@@ -139,7 +139,7 @@ def main() -> None:
             if fraction == 1.0:
                 d = first_divergence(want[-1], expected)
                 row.update(unmodified_vs_optimized_divergence=d, reference_top2_margin_there=margin_at(reference, ids, want[-1], d))
-            tokens = ExportedGenerator(out, kind="pt2").generate(ids, new).to(device)
+            tokens = ExportedGenerator(out, kind="pt2", trust_code=True).generate(ids, new).to(device)
             row["pt2_vs_optimized_divergence"] = first_divergence(expected, tokens)
             if not args.no_aoti:
                 tokens, error = aoti_tokens_in_fresh_process(out, ids, new, Path(tmp))
@@ -153,7 +153,7 @@ def aoti_tokens_in_fresh_process(out: Path, ids: torch.Tensor, new: int, tmp: Pa
     torch.save(ids.cpu(), tmp / "ids.pt")
     code = ("import json, sys, torch\nfrom entropykv_fx.exported import ExportedGenerator\n"
             f"ids = torch.load({str(tmp / 'ids.pt')!r}, weights_only=True)\n"
-            f"print(json.dumps(ExportedGenerator({str(out)!r}, kind='aoti').generate(ids, {new}).tolist()))")
+            f"print(json.dumps(ExportedGenerator({str(out)!r}, kind='aoti', trust_code=True).generate(ids, {new}).tolist()))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     if run.returncode != 0:
         lines = run.stderr.strip().splitlines()

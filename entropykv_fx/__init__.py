@@ -20,7 +20,7 @@ _EXPORTS = {
     "ConfigError": "config", "EntropyKVConfig": "config", "SUPPORTED_MODELS": "hf", "UnsupportedModelError": "hf",
     "optimize": "hf", "report": "hf", "restore": "hf", "compressing": "hf", "optimized": "hf", "Optimized": "hf",
     "UnsupportedCallError": "hf", "explain": "passes", "export": "aot",
-    "ExportError": "aot", "ExportedGenerator": "exported", "StaticCacheModel": "static", "StaticDecoder": "decode",
+    "ExportError": "errors", "ExportedGenerator": "exported", "StaticCacheModel": "static", "StaticDecoder": "decode",
     "EntropyKVError": "errors", "TransformersVersionError": "compat", "UntestedTransformersWarning": "compat",
 }
 _SUBMODULES = ("policies", "reuse", "calibrate", "exporters")

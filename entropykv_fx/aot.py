@@ -16,7 +16,6 @@ budget_i + t. Budgets must be static, so they come from a calibration file (`ent
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import operator
@@ -31,7 +30,8 @@ from .cache import CompressedLayer, EntropyKVCache, PrefillStats, pad_slots
 from .compat import with_cache
 from .compress import kept_slots, layer_budgets
 from .config import EntropyKVConfig
-from .errors import EntropyKVError
+from .errors import ExportError
+from .exported import LAYOUT_FORMAT, prepare_export_dir, writable_path, write_layout
 from .passes.backend import INDUCTOR_CONFIGS
 from .passes.decompose import decompositions
 from .passes.rewrite_attention import RewriteSettings, rewrite_attention
@@ -39,10 +39,8 @@ from .policies import POLICIES
 
 
 logger = logging.getLogger("entropykv_fx")
-
-
-class ExportError(EntropyKVError, ValueError):
-    pass
+PT2_FILES = ["prefill.pt2", "decode.pt2"]
+AOTI_FILES = ["prefill.aoti.pt2", "decode.aoti.pt2"]
 
 
 class _Prefill(nn.Module):
@@ -170,7 +168,7 @@ def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
         decode = _rewritten(_Decode(model, model.forward, budgets), (ids[:, :1], positions[:, -1:] + 1, step, *cache),
                             RewriteSettings(None, runtime.sliding_windows))
     k = cache[0]
-    layout = {"format": "entropykv-export/1", "model": type(model).__name__, "num_layers": n, "batch": batch,
+    layout = {"format": LAYOUT_FORMAT, "model": type(model).__name__, "num_layers": n, "batch": batch,
               "prompt_length": prompt_length, "max_new_tokens": max_new_tokens, "budgets": budgets,
               "capacities": capacities, "kv_heads": k.shape[1], "head_dim": k.shape[-1],
               "dtype": str(k.dtype).removeprefix("torch."), "device": device.type,
@@ -181,7 +179,10 @@ def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
 
 def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new_tokens: int, batch: int = 1,
            aoti: bool = True) -> Path:
-    """Export an optimized model (calibrated budgets) to `out_dir`; returns the path of `layout.json`."""
+    """Export an optimized model (calibrated budgets) to `out_dir`; returns the path of `layout.json`.
+
+    Raises ExportError before any tracing for a model it cannot export or a directory it cannot write safely."""
+    prepare_export_dir(out_dir, PT2_FILES + (AOTI_FILES if aoti else []))
     prefill, decode, layout = build_programs(model, prompt_length=prompt_length, max_new_tokens=max_new_tokens,
                                              batch=batch)
     return write_programs(prefill, decode, layout, out_dir, aoti=aoti)
@@ -190,18 +191,14 @@ def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new
 def write_programs(prefill: torch.export.ExportedProgram, decode: torch.export.ExportedProgram, layout: dict,
                    out_dir: str | Path, aoti: bool = True) -> Path:
     """Save programs from `build_programs` (and their AOTInductor packages) to `out_dir`; returns the layout path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.export.save(prefill, out / "prefill.pt2")
-    torch.export.save(decode, out / "decode.pt2")
+    out = prepare_export_dir(out_dir, PT2_FILES + (AOTI_FILES if aoti else []))
+    for file, ep in zip(PT2_FILES, (prefill, decode)):
+        torch.export.save(ep, writable_path(out, file))
     if aoti:
-        for name, ep in (("prefill", prefill), ("decode", decode)):
-            logger.info("entropykv_fx: compiling the %s program with AOTInductor", name)
+        for file, ep in zip(AOTI_FILES, (prefill, decode)):
+            logger.info("entropykv_fx: compiling %s with AOTInductor", file)
             torch._inductor.aoti_compile_and_package(ep.run_decompositions(decompositions()),
-                                                     package_path=str(out / f"{name}.aoti.pt2"),
+                                                     package_path=str(writable_path(out, file)),
                                                      inductor_configs=INDUCTOR_CONFIGS)
-    layout = {**layout, "programs": {"pt2": ["prefill.pt2", "decode.pt2"],
-                                     "aoti": ["prefill.aoti.pt2", "decode.aoti.pt2"] if aoti else []}}
-    path = out / "layout.json"
-    path.write_text(json.dumps(layout, indent=1))
-    return path
+    return write_layout(out, {**layout, "format": LAYOUT_FORMAT,
+                              "programs": {"pt2": PT2_FILES, "aoti": AOTI_FILES if aoti else []}})

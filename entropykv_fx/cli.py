@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .errors import EntropyKVError  # needs no torch: --help stays instant
+
 RUNNABLE_FORMATS = ("tensorrt", "onnx", "aoti", "pt2")  # in the order `run` picks one when a directory holds several
 # The demo shows the policy that keeps the planted fact at 25% and 10% (README, "Quick start").
 DEMO_POLICY = "uniform"
@@ -42,15 +44,20 @@ def _export_default_model(fmt: str, calibration: str, out: str, prompt_length: i
     return entropykv_fx.export(model, out, prompt_length=prompt_length, max_new_tokens=max_new_tokens)
 
 
-def _run_exported(directory: str, prompt: str, fmt: str | None, max_new_tokens: int | None) -> str:
+def _run_exported(directory: str, prompt: str, fmt: str | None, max_new_tokens: int | None,
+                  trust_code: bool = False) -> str:
     """`entropykv-fx run`: greedy continuation of `prompt` with the programs exported to `directory`."""
-    layout_path = Path(directory) / "layout.json"
-    if not layout_path.is_file():
-        raise FileNotFoundError(f"{layout_path} not found: give a directory written by `entropykv-fx export`")
-    available = [f for f in RUNNABLE_FORMATS if json.loads(layout_path.read_text())["programs"].get(f)]
-    if not available or (fmt is not None and fmt not in available):
-        raise ValueError(f"{directory} holds no {fmt or 'runnable'} programs (format mismatch); it holds: {available}")
-    fmt = fmt or available[0]
+    from .exported import CODE_FORMATS, read_layout
+
+    layout = read_layout(directory)
+    available = [f for f in RUNNABLE_FORMATS if layout["programs"].get(f)]
+    allowed = [f for f in available if trust_code or f not in CODE_FORMATS]
+    if fmt is not None and fmt not in available:
+        raise ValueError(f"{directory} holds no {fmt} programs; it holds: {available}")
+    if fmt is None and not allowed:
+        raise ValueError(f"{directory} holds only {available} programs, which can run code when loaded; pass "
+                         "--trust-code if you made this directory or trust who did")
+    fmt = fmt or allowed[0]
     if fmt == "onnx":
         from .exporters.onnx import OrtGenerator
 
@@ -58,11 +65,11 @@ def _run_exported(directory: str, prompt: str, fmt: str | None, max_new_tokens: 
     elif fmt == "tensorrt":
         from .exporters.tensorrt import TrtGenerator
 
-        generator = TrtGenerator(directory)
+        generator = TrtGenerator(directory, trust_code=trust_code)
     else:
         from .exported import ExportedGenerator
 
-        generator = ExportedGenerator(directory, kind=fmt)
+        generator = ExportedGenerator(directory, kind=fmt, trust_code=trust_code)
     from .models import load_default_model
 
     _, tokenizer = load_default_model()
@@ -115,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=RUNNABLE_FORMATS, help="which exported programs to run (default: the "
                                                                 "first held, in this order)")
     run.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the exported maximum)")
+    run.add_argument("--trust-code", action="store_true",
+                     help="allow programs that run code when loaded (pt2, aoti, tensorrt); without it only ONNX runs")
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
     add_arguments(bench.add_parser("quality", formatter_class=fmt,
@@ -145,13 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                                          args.max_new_tokens)
             print(f"{args.format} programs and {path.name} written to {path.parent}")
         elif args.command == "run":
-            print(_run_exported(args.directory, args.prompt, args.format, args.max_new_tokens))
+            print(_run_exported(args.directory, args.prompt, args.format, args.max_new_tokens, args.trust_code))
         else:
             from .calibrate import calibrate_default_model
 
             path = calibrate_default_model(args.texts, args.out, args.prompt_tokens, policy=args.policy, budget=args.budget)
             print(f"calibration written to {path}")
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+    except (EntropyKVError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"entropykv-fx {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class EntropyKVError(Exception):
     """Base class of entropykv_fx's own errors."""
+
+
+class ExportError(EntropyKVError, ValueError):
+    """An export that cannot be written or an export directory that cannot be loaded safely."""

@@ -36,10 +36,25 @@ def test_run_rejects_a_directory_without_layout(tmp_path, capsys):
     assert "layout.json not found" in capsys.readouterr().err
 
 
+def fake_layout(directory, programs: dict) -> None:
+    """A layout.json that passes validation, listing `programs` (the files need not exist)."""
+    layout = {"format": "entropykv-export/1", "num_layers": 1, "batch": 1, "prompt_length": 8, "max_new_tokens": 2,
+              "budgets": [4], "capacities": [6], "kv_heads": 1, "head_dim": 4, "dtype": "float32", "device": "cpu",
+              "vocab_size": 10, "programs": programs}
+    (directory / "layout.json").write_text(json.dumps(layout))
+
+
 def test_run_reports_a_format_mismatch(tmp_path, capsys):
-    (tmp_path / "layout.json").write_text(json.dumps({"programs": {"pt2": ["p.pt2", "d.pt2"], "aoti": []}}))
+    fake_layout(tmp_path, {"pt2": ["p.pt2", "d.pt2"], "aoti": []})
     assert main(["run", str(tmp_path), "--prompt", "hi", "--format", "onnx"]) == 2
-    assert "holds no onnx programs (format mismatch); it holds: ['pt2']" in capsys.readouterr().err
+    assert "holds no onnx programs; it holds: ['pt2']" in capsys.readouterr().err
+
+
+def test_run_refuses_code_carrying_programs_without_trust_code(tmp_path, capsys):
+    fake_layout(tmp_path, {"pt2": ["p.pt2", "d.pt2"]})
+    assert main(["run", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "can run code when loaded; pass --trust-code" in err and len(err.strip().splitlines()) == 1
 
 
 def test_export_tensorrt_without_tensorrt_exits_2_and_keeps_the_checked_onnx(tmp_path, capsys, monkeypatch):
@@ -57,8 +72,8 @@ def test_export_tensorrt_without_tensorrt_exits_2_and_keeps_the_checked_onnx(tmp
 
 def test_run_with_tensorrt_programs_needs_tensorrt(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    (tmp_path / "layout.json").write_text(json.dumps({"programs": {"tensorrt": ["prefill.engine", "decode.engine"]}}))
-    assert main(["run", str(tmp_path), "--prompt", "hi"]) == 2  # tensorrt is picked first when held
+    fake_layout(tmp_path, {"tensorrt": ["prefill.engine", "decode.engine"]})
+    assert main(["run", str(tmp_path), "--prompt", "hi", "--trust-code"]) == 2  # tensorrt is picked first when held
     assert "TensorRT is not installed" in capsys.readouterr().err
 
 

@@ -91,7 +91,7 @@ def test_onnx_export_and_runner_errors(tmp_path):
         export_onnx(entropykv_fx.optimize(tiny_model("llama")), tmp_path, prompt_length=8, max_new_tokens=2)
     entropykv_fx.export(calibrated(tmp_path, "llama", [0.5] * 3), tmp_path / "pt2", prompt_length=16,
                         max_new_tokens=2, aoti=False)
-    with pytest.raises(ValueError, match=r"no ONNX programs here .*available: \['pt2'\]"):
+    with pytest.raises(ValueError, match=r"no onnx programs in .*available: \['pt2'\]"):
         OrtGenerator(tmp_path / "pt2")
     with pytest.raises(FileNotFoundError, match="not a directory written by"):
         OrtGenerator(tmp_path)

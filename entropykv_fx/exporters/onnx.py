@@ -11,7 +11,6 @@ I/O names follow onnxruntime-genai / optimum: per layer i the compressed cache i
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..aot import build_programs
+from ..exported import prepare_export_dir, writable_path, write_layout
 from ..passes.decompose import decompositions
 from .runner import BufferedGenerator, load_layout
 
@@ -28,6 +28,8 @@ TENSOR_KINDS = ("key", "value", "positions")
 _CACHE_DTYPES = ("float32", "float16")  # those with a numpy equivalent, which IOBinding needs
 
 logger = logging.getLogger("entropykv_fx")
+# What an ONNX export writes (weights as external data beside each graph).
+ONNX_FILES = ["prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data"]
 
 
 def select_with_topk(scores: Tensor, k_pos: Tensor, budget: int, sink_tokens: int, window: int) -> Tensor:
@@ -53,6 +55,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, prompt_length: int, ma
                 batch: int = 1) -> Path:
     """Write `prefill.onnx`, `decode.onnx` (weights as external data) and `layout.json`; returns the layout path.
     Same preconditions and errors as `entropykv_fx.export` (an optimized model with calibrated budgets)."""
+    prepare_export_dir(out_dir, ONNX_FILES)
     programs = build_programs(model, prompt_length=prompt_length, max_new_tokens=max_new_tokens, batch=batch)
     return write_onnx(*programs, out_dir)
 
@@ -63,21 +66,19 @@ def write_onnx(prefill: torch.export.ExportedProgram, decode: torch.export.Expor
     if layout["dtype"] not in _CACHE_DTYPES:
         raise ValueError(f"export_onnx: cache dtype {layout['dtype']} has no numpy equivalent for ONNX Runtime; "
                          f"optimize a model in one of {_CACHE_DTYPES}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_export_dir(out_dir, ONNX_FILES)
     names = io_names(layout["num_layers"])
     table = decompositions()
     table[torch.ops.entropykv.select.default] = select_with_topk
     for name, program in (("prefill", prefill), ("decode", decode)):
         logger.info("entropykv_fx: translating the %s program to ONNX (%s; minutes for a real model)", name,
                     out / f"{name}.onnx")
-        torch.onnx.export(program.run_decompositions(table), f=out / f"{name}.onnx", dynamo=True, external_data=True,
+        torch.onnx.export(program.run_decompositions(table), f=writable_path(out, f"{name}.onnx"), dynamo=True,
+                          external_data=True,
                           opset_version=OPSET, input_names=names[name]["inputs"],
                           output_names=names[name]["outputs"], verbose=False)
-    layout = {**layout, "programs": {"onnx": ["prefill.onnx", "decode.onnx"]}, "onnx": {"opset": OPSET, **names}}
-    path = out / "layout.json"
-    path.write_text(json.dumps(layout, indent=1))
-    return path
+    return write_layout(out, {**layout, "programs": {"onnx": ["prefill.onnx", "decode.onnx"]},
+                              "onnx": {"opset": OPSET, **names}}, companions=ONNX_FILES)
 
 
 class OrtGenerator(BufferedGenerator):
@@ -95,7 +96,7 @@ class OrtGenerator(BufferedGenerator):
         layout, files = load_layout(self.name, self.dir, "onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: ORT's default (one per physical core)
-        self.prefill, self.decode = (ort.InferenceSession(str(self.dir / f), options,
+        self.prefill, self.decode = (ort.InferenceSession(str(f), options,
                                                           providers=["CPUExecutionProvider"]) for f in files)
         super().__init__(layout, torch.device("cpu"), pad_token_id)
 

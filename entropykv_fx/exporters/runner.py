@@ -7,29 +7,20 @@ alias an input with an output), so no step allocates cache memory.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..exported import check_new_tokens, left_padded
-
-_NAMES = {"onnx": "ONNX", "tensorrt": "TensorRT"}
+from ..exported import check_new_tokens, left_padded, program_files, read_layout
 
 
-def load_layout(runner: str, directory: Path, fmt: str) -> tuple[dict, list[str]]:
-    """layout.json of an exporter's directory and the program files of format `fmt` it lists."""
-    path = directory / "layout.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a directory written by an entropykv_fx exporter")
-    layout = json.loads(path.read_text())
-    files = layout["programs"].get(fmt)
-    if not files:
-        raise ValueError(f"{runner}: no {_NAMES.get(fmt, fmt)} programs here ({directory}); available: "
-                         f"{[k for k, v in layout['programs'].items() if v]}")
-    return layout, files
+def load_layout(runner: str, directory: Path, fmt: str, trust_code: bool = False) -> tuple[dict, list[Path]]:
+    """The validated layout.json of an exporter's directory and the verified paths of its `fmt` programs
+    (`exported.read_layout`, `exported.program_files`)."""
+    layout = read_layout(directory)
+    return layout, program_files(directory, layout, fmt, runner, trust_code)
 
 
 def cache_shapes(layout: dict) -> list[tuple[tuple[int, ...], bool]]:

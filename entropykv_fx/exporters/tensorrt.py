@@ -12,15 +12,16 @@ lazily: importing it never needs TensorRT.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..aot import ExportError, build_programs, static_budgets
-from .onnx import write_onnx
+from ..aot import build_programs, static_budgets
+from ..errors import ExportError
+from ..exported import prepare_export_dir, read_layout, writable_path, write_layout
+from .onnx import ONNX_FILES, write_onnx
 from .runner import BufferedGenerator, load_layout
 
 TOPK_LIMIT = 3840  # TensorRT's TopK layer takes k <= 3840 (TensorRT operator documentation, TopK)
@@ -186,20 +187,21 @@ def export_tensorrt(model: nn.Module, out_dir: str | Path, *, prompt_length: int
     """Write and check the ONNX pair (`export_onnx`), then build `prefill.engine` and `decode.engine`; returns the
     layout path. Without TensorRT, raises TensorRTNotInstalled after the checked ONNX files are written."""
     check_topk_budgets(static_budgets(model, prompt_length))  # before the slow export
-    out = Path(out_dir)
-    layout_path = write_onnx(*build_programs(model, prompt_length=prompt_length, max_new_tokens=max_new_tokens,
-                                             batch=batch), out)
+    out = prepare_export_dir(out_dir, [*ONNX_FILES, *ENGINE_FILES])
+    write_onnx(*build_programs(model, prompt_length=prompt_length, max_new_tokens=max_new_tokens, batch=batch), out)
     for name in ("prefill", "decode"):
         check_tensorrt_graph(out / f"{name}.onnx")
     trt = _tensorrt(f"the checked ONNX files are in {out} and can be built with `trtexec --onnx={out}/prefill.onnx "
                     f"--saveEngine={out}/prefill.engine` (and the same for decode)")
-    for name in ("prefill", "decode"):
-        _build_engine(trt, out / f"{name}.onnx", out / f"{name}.engine", fp16, workspace_gib)
-    layout = json.loads(layout_path.read_text())
-    layout["programs"]["tensorrt"] = ["prefill.engine", "decode.engine"]
+    for name, engine in zip(("prefill", "decode"), ENGINE_FILES):
+        _build_engine(trt, out / f"{name}.onnx", writable_path(out, engine), fp16, workspace_gib)
+    layout = read_layout(out)
+    layout["programs"]["tensorrt"] = ENGINE_FILES
     layout["tensorrt"] = {"version": trt.__version__, "fp16": fp16, "workspace_gib": workspace_gib}
-    layout_path.write_text(json.dumps(layout, indent=1))
-    return layout_path
+    return write_layout(out, layout)
+
+
+ENGINE_FILES = ["prefill.engine", "decode.engine"]
 
 
 class TrtGenerator(BufferedGenerator):
@@ -211,10 +213,12 @@ class TrtGenerator(BufferedGenerator):
 
     name = "TrtGenerator"
 
-    def __init__(self, directory: str | Path, pad_token_id: int = 0, device: str | torch.device = "cuda") -> None:
+    def __init__(self, directory: str | Path, pad_token_id: int = 0, device: str | torch.device = "cuda", *,
+                 trust_code: bool = False) -> None:
+        """trust_code: engines are compiled code (and may carry plugins); without it they are refused."""
         trt = _tensorrt("TrtGenerator runs engines built by export_tensorrt; OrtGenerator runs the ONNX files")
         self.dir = Path(directory)
-        layout, files = load_layout(self.name, self.dir, "tensorrt")
+        layout, files = load_layout(self.name, self.dir, "tensorrt", trust_code)
         if not torch.cuda.is_available():
             raise RuntimeError("TrtGenerator: TensorRT engines run on an NVIDIA GPU, but torch sees no CUDA device")
         super().__init__(layout, torch.device(device), pad_token_id)
@@ -223,9 +227,9 @@ class TrtGenerator(BufferedGenerator):
         self._runtime = trt.Runtime(self._logger)
         engines = {}
         for graph, file in zip(("prefill", "decode"), files):
-            engines[graph] = self._runtime.deserialize_cuda_engine((self.dir / file).read_bytes())
+            engines[graph] = self._runtime.deserialize_cuda_engine(file.read_bytes())
             if engines[graph] is None:
-                raise ValueError(f"TrtGenerator: could not load {self.dir / file} (built by another TensorRT "
+                raise ValueError(f"TrtGenerator: could not load {file} (built by another TensorRT "
                                  "version or for another GPU? rebuild it with export_tensorrt)")
             self._check_io(trt, graph, engines[graph])
         self._engines = engines  # the contexts need their engines alive
