@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import EntropyKVError  # needs no torch: --help stays instant
 
 RUNNABLE_FORMATS = ("tensorrt", "onnx", "aoti", "pt2")  # in the order `run` picks one when a directory holds several
-# The demo shows the policy that keeps the planted fact at 25% and 10% (README, "Quick start").
+# The demo's policy: layer-wise (the fast decode path) and the one that keeps its planted fact at 25% (README).
 DEMO_POLICY = "uniform"
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import __version__, optimize, report
@@ -113,8 +112,9 @@ def run_demo(prompt_tokens: int = 2000, budgets: tuple[float, ...] = (0.25, 0.1)
     plan = [("full cache", {"policy": "full"}),
             *((f"{policy} {b:.0%}" if b <= 1 else f"{policy} {b}", {"policy": policy, "budget": b}) for b in budgets)]
     # One progress line per setting on stderr: the first warm-up compiles (about a minute on 2 CPU cores).
-    for label, settings in tqdm(plan, desc="demo", unit="setting", file=sys.stderr, leave=False):
-        tqdm.write(f"{label}: compile + warm-up, then timed generation", file=sys.stderr)
+    for i, (label, settings) in enumerate(plan, 1):
+        print(f"[{i}/{len(plan)}] {label}: warm-up (compiles on first use), then timed generation", file=sys.stderr,
+              flush=True)
         optimize(model, **settings)
         _warm_up(model, tokenizer, inputs)
         runs.append(timed_generate(model, tokenizer, inputs, label, max_new_tokens))

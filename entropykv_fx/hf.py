@@ -88,8 +88,9 @@ class Optimized:
         self.model.set_attn_implementation(ATTN_NAME)
         self.decoder.forward = self.forward  # an instance attribute: `restore` deletes it
         self.model.entropykv = self
-        logger.info("entropykv_fx: optimized %s (%d layers, sliding windows %s): %s", type(self.model).__name__,
-                    self.num_layers, sorted(set(self.sliding_windows)), self.config)
+        logger.info("entropykv_fx: optimized %s (%d layers, sliding windows %s), policy %s, budget %s",
+                    type(self.model).__name__, self.num_layers, sorted(set(self.sliding_windows)), self.config.policy,
+                    self.config.budget)
 
     def restore(self) -> nn.Module:
         """Undo `optimize()`: the decoder's own forward and attention, compiled graphs dropped. Returns the model."""
@@ -104,7 +105,7 @@ class Optimized:
         if (inductor, mode) != (self.inductor, self.mode):
             self._compiled.clear()  # other compilers: the graphs are rebuilt on first use
         self.config, self.inductor, self.mode = config, inductor, mode
-        logger.info("entropykv_fx: reconfigured: %s", config)
+        logger.debug("entropykv_fx: reconfigured: %s", config)
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[nn.Module]:
