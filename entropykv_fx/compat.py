@@ -7,6 +7,8 @@ Supported and tested: transformers `OLDEST_TESTED` to `NEWEST_TESTED` (the fast 
   `cache` (the old name still works there, with a deprecation warning, until 5.40). `generate()` passes the
   new name. `cache_in_call` reads whichever a call used, `cache_of` reads it from an output, `with_cache`
   builds the keyword for the installed release.
+- transformers' GGUF loader draws a tqdm bar that its progress-bar switch does not govern
+  (`gguf_progress_bar_off`).
 - 5.24 passes `kwargs=` to `Cache.update` (our caches accept and ignore extra arguments) and dropped
   `DynamicLayer.dtype` (our layers read dtypes from their tensors).
 
@@ -15,8 +17,11 @@ Nothing else in the library compares transformers versions.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import transformers
@@ -73,3 +78,16 @@ def with_cache(cache: Any) -> dict[str, Any]:
 def cache_of(output: Any) -> Any:
     """The cache a model forward returned (`output.cache` from 5.24 on, `output.past_key_values` before)."""
     return output[CACHE_ARG] if CACHE_ARG in output else None
+
+
+@contextlib.contextmanager
+def gguf_progress_bar_off() -> Iterator[None]:
+    """Silence the GGUF loader's own tqdm bar for the block (e.g. when stderr is a log file)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+
+    bar = gguf_loading.tqdm
+    gguf_loading.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = bar

@@ -242,8 +242,8 @@ class Optimized:
                                        on_stats=self._receive_stats if prefill else None, on_run=self._count_sites)
             compiled = torch.compile(own_code(self._eager_forward), backend=backend, dynamic=True)
             self._compiled[key] = compiled
-            logger.info("entropykv_fx: new graph kind #%d: %s, %s tokens, batch %s%s", len(self._compiled),
-                        "prefill" if prefill else "continuation", "one" if length == 1 else "several",
+            logger.info("entropykv_fx: new graph kind #%d: %s, %s, batch %s%s", len(self._compiled),
+                        "prefill" if prefill else "continuation", "one token" if length == 1 else "several tokens",
                         "1" if batch == 1 else "> 1", f", flags {flags}" if any(flags) else "")
         return compiled
 

@@ -78,7 +78,11 @@ def _convert_gguf(target: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     src = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    from .compat import gguf_progress_bar_off
+
+    # transformers' own GGUF bar would share one line with ours in a log; on a terminal it redraws in place
+    with gguf_progress_bar_off() if not sys.stderr.isatty() else nullcontext():
+        gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     config = gguf_model.config
     del config.quantization_config  # the weights are plain fp32 tensors now
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
