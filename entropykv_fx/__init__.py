@@ -19,7 +19,7 @@ _EXPORTS = {
     "EntropyKVCache": "cache", "CompressionReport": "compress", "LayerReport": "compress",
     "ConfigError": "config", "EntropyKVConfig": "config", "SUPPORTED_MODELS": "hf", "UnsupportedModelError": "hf",
     "optimize": "hf", "report": "hf", "restore": "hf", "compressing": "hf", "optimized": "hf", "Optimized": "hf",
-    "UnsupportedCallError": "hf", "explain": "passes", "export": "aot",
+    "UnsupportedCallError": "hf", "NotOptimizedError": "hf", "explain": "passes", "export": "aot",
     "ExportError": "errors", "ExportedGenerator": "exported", "StaticCacheModel": "static", "StaticDecoder": "decode",
     "EntropyKVError": "errors", "TransformersVersionError": "compat", "UntestedTransformersWarning": "compat",
 }

@@ -78,21 +78,35 @@ def _run_exported(directory: str, prompt: str, fmt: str | None, max_new_tokens: 
     return tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it is required, has none, or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's options, each with its unit and default (building it imports no torch: `--help` is instant)."""
     from .bench.arguments import add_arguments
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(prog="entropykv-fx", description="Entropy-guided KV-cache compression.",
                                      formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", formatter_class=fmt,
-                          help="answer a planted fact from a long prompt with full and compressed caches")
+                          help="answer a planted fact from a long prompt with full and compressed caches",
+                          description="Plant a fact in a long Jane Austen passage, ask for it with the full cache and "
+                                      "with compressed ones, print answers, times and KV bytes, and plot the budgets.")
     demo.add_argument("--prompt-tokens", type=int, default=2000, help="length of the text around the fact (tokens)")
     demo.add_argument("--budgets", type=_budget, nargs="+", default=[0.25, 0.1],
                       help="kept fraction of the prompt (<= 1) or tokens per layer (> 1), one run each")
-    demo.add_argument("--policy", default=DEMO_POLICY, help="compression policy (entropykv_fx.policies())")
+    demo.add_argument("--policy", default=DEMO_POLICY,
+                      help="compression policy: entropy, uniform, pyramidkv, streaming, snapkv, adakv, entropy_head or "
+                           "matrix_entropy (entropykv_fx.policies() describes them)")
     demo.add_argument("--depth", type=float, default=0.5, help="where the fact sits in the text (0..1)")
     demo.add_argument("--out", default="entropykv_demo", help="folder for the PNG plot")
 
@@ -108,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", formatter_class=fmt,
                          help="export SmolLM2 with calibrated budgets to ONNX, TensorRT or AOTInductor programs")
     exp.add_argument("--format", choices=("onnx", "tensorrt", "aoti"), required=True,
-                     help="tensorrt: the ONNX pair checked for TensorRT's parser, then engines (needs TensorRT)")
+                     help="onnx: prefill.onnx + decode.onnx for ONNX Runtime; tensorrt: that pair checked for "
+                          "TensorRT's parser, then engines (needs TensorRT); aoti: torch.export programs and their "
+                          "AOTInductor packages")
     exp.add_argument("--calibration", required=True, help="calibration JSON from `entropykv-fx calibrate`")
     exp.add_argument("--out", required=True, help="folder for the programs and layout.json")
     exp.add_argument("--prompt-length", type=int, required=True,

@@ -57,6 +57,10 @@ class UnsupportedModelError(EntropyKVError, TypeError):
     pass
 
 
+class NotOptimizedError(EntropyKVError, ValueError):
+    """A function that needs `optimize()`'s handle got a model without one (never optimized, or restored)."""
+
+
 class UnsupportedCallError(EntropyKVError, ValueError):
     """A call the optimized model cannot run correctly; raised before any work, naming what to change."""
 
@@ -88,9 +92,9 @@ class Optimized:
         self.model.set_attn_implementation(ATTN_NAME)
         self.decoder.forward = self.forward  # an instance attribute: `restore` deletes it
         self.model.entropykv = self
-        logger.info("entropykv_fx: optimized %s (%d layers, sliding windows %s), policy %s, budget %s",
-                    type(self.model).__name__, self.num_layers, sorted(set(self.sliding_windows)), self.config.policy,
-                    self.config.budget)
+        windows = sorted(set(self.sliding_windows) - {0})
+        logger.info("entropykv_fx: optimized %s: %d layers, %s; graphs compile on first use", type(self.model).__name__,
+                    self.num_layers, f"sliding windows of {windows} tokens" if windows else "no sliding window")
 
     def restore(self) -> nn.Module:
         """Undo `optimize()`: the decoder's own forward and attention, compiled graphs dropped. Returns the model."""
@@ -373,7 +377,8 @@ def optimized(model: nn.Module) -> Optimized:
     """The handle `optimize()` left on `model`; ValueError if there is none."""
     handle = model.__dict__.get("entropykv") if isinstance(model, nn.Module) else None
     if handle is None:
-        raise ValueError("entropykv_fx: this model was not prepared by entropykv_fx.optimize()")
+        raise NotOptimizedError("entropykv_fx: this model was not prepared by entropykv_fx.optimize() (or it was "
+                                "restored); call entropykv_fx.optimize(model) first")
     return handle
 
 
@@ -399,8 +404,10 @@ def compressing(model: nn.Module, config: EntropyKVConfig | None = None, **overr
 
 
 def report(model: nn.Module) -> CompressionReport:
-    """The per-layer report (entropy, budget, slots, bytes) of the optimized model's last prefill."""
+    """The per-layer report (entropy, budget, slots, bytes) of the optimized model's last prefill (with the config
+    it ran under: `report.policy`; a later optimize() shows in the next prefill's report). NotOptimizedError
+    without a prefill."""
     handle = optimized(model)
     if handle.last_report is None:
-        raise ValueError("entropykv_fx.report: no prefill has run on this model yet")
+        raise NotOptimizedError("entropykv_fx.report: no prefill has run on this model since optimize()")
     return handle.last_report

@@ -315,7 +315,7 @@ def test_restore_gives_back_the_unmodified_model():
     assert "entropykv" not in model.__dict__ and "forward" not in model.model.__dict__
     assert model.config._attn_implementation != attn
     assert torch.equal(greedy(model, ids), expected)
-    with pytest.raises(ValueError, match="not prepared by entropykv_fx.optimize"):
+    with pytest.raises(entropykv_fx.NotOptimizedError, match="not prepared by entropykv_fx.optimize"):
         entropykv_fx.report(model)
 
 
