@@ -36,7 +36,7 @@ from .passes.backend import INDUCTOR_CONFIGS
 from .passes.decompose import decompositions
 from .passes.rewrite_attention import RewriteSettings, rewrite_attention
 from .policies import POLICIES
-
+from .scorers import SCORERS
 
 logger = logging.getLogger("entropykv_fx")
 PT2_FILES = ["prefill.pt2", "decode.pt2"]
@@ -153,7 +153,7 @@ def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
     n = runtime.num_layers
     budgets = static_budgets(model, prompt_length)
     capacities = [b + max_new_tokens for b in budgets]
-    settings = RewriteSettings(config.window, runtime.sliding_windows)
+    settings = RewriteSettings(config.window, runtime.sliding_windows, rank_queries=SCORERS[config.scorer].rank_queries)
     device = next(model.parameters()).device
     ids = torch.zeros(batch, prompt_length, dtype=torch.long, device=device)
     positions = torch.arange(prompt_length, device=device).expand(batch, -1).contiguous()

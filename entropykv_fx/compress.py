@@ -16,7 +16,8 @@ from . import ops
 from .cache import CompressedLayer, EntropyKVCache
 from .config import EntropyKVConfig
 from .headwise import HeadwiseLayer, calibrated_plan
-from .policies import POLICIES, HeadPlan, pool_scores
+from .policies import POLICIES, HeadPlan
+from .scorers import SCORERS
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,9 @@ def layer_budgets(entropies: list[float], n_tokens: int, config: EntropyKVConfig
     return POLICIES[config.policy].allocate(entropies, n_tokens, config)
 
 
-def attention_scores(layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
-    """The default token ranking: window attention mass summed over the layer's heads, pooled."""
-    return pool_scores(layer.stats.layer_scores, config.pooling, config.pool_kernel)
+def layer_token_scores(layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
+    """The ranking [B, S] shared by all heads of a layer, by the configured scorer (`entropykv_fx.scorers`)."""
+    return SCORERS[config.scorer].layer_scores(layer, config)
 
 
 def kept_slots(layer: CompressedLayer, budget: int, config: EntropyKVConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -96,7 +97,7 @@ def kept_slots(layer: CompressedLayer, budget: int, config: EntropyKVConfig) -> 
 
     The one place where tokens are chosen and copied: the eager cache (`compress_cache`), static buffers
     (`StaticCacheModel`) and exported prefill programs (`aot`) each store the result their own way."""
-    rank = POLICIES[config.policy].token_scores or attention_scores
+    rank = POLICIES[config.policy].token_scores or layer_token_scores
     idx = ops.select(rank(layer, config), layer.positions, budget, config.sink_tokens, config.window)
     keys, values = ops.gather(layer.keys, layer.values, idx)
     return keys, values, layer.positions.gather(1, idx)

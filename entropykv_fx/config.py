@@ -44,8 +44,11 @@ class EntropyKVConfig:
 
     budget: a float in (0, 1] is the fraction of the prompt kept per layer on average; an int >= 1 is a token
         count per layer on average (capped at the prompt length).
-    window: the last `window` prompt queries score the tokens (SnapKV-style observation window); those
-        `window` tokens are always kept.
+    scorer: how tokens are ranked inside each budget (`entropykv_fx.scorers`): "window" (attention from the
+        observation window, SnapKV), "last_query" (attention from the last prompt query, TOVA) or "key_norm"
+        (negated key norm, Knorm). Policies that rank by position (streaming) or keep everything ignore it.
+    window: the last `window` prompt queries measure attention entropy (and score tokens, for the "window"
+        scorer); those `window` tokens are always kept.
     sink_tokens: the first tokens of each sequence, always kept (attention sinks).
     pooling / pool_kernel: smoothing of token scores along the sequence before top-k, so neighbours of an
         important token survive with it.
@@ -81,12 +84,17 @@ class EntropyKVConfig:
     matrix_rank: int = 32
     head_groups: int = 2
     layer_groups: int = 2
+    scorer: str = "window"  # last: fields keep their positions
 
     def __post_init__(self) -> None:
         from .policies import POLICIES  # late import: policies import the config module
 
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
             _fail("policy", self.policy, f"one of {sorted(POLICIES)}")
+        from .scorers import SCORERS
+
+        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
+            _fail("scorer", self.scorer, f"one of {sorted(SCORERS)}")
         b = self.budget
         if _is_int(b):
             if b < 1:

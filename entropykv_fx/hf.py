@@ -42,6 +42,7 @@ from .errors import EntropyKVError
 from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteResult, RewriteSettings
 from .policies import POLICIES
+from .scorers import SCORERS
 
 logger = logging.getLogger("entropykv_fx")
 
@@ -142,7 +143,11 @@ class Optimized:
         cache.begin_step(mask_pos)
         self._stats_sink, self._sites_run = cache, 0
         try:
-            out = forward(inputs_embeds=embeds, position_ids=model_pos, use_cache=True, **with_cache(cache), **kwargs)
+            # No duck sizing: layers whose lengths happen to be equal would otherwise get equality guards, and the
+            # next prompt, with other coincidences, a 10-30 s recompile.
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                out = forward(inputs_embeds=embeds, position_ids=model_pos, use_cache=True, **with_cache(cache),
+                              **kwargs)
         finally:
             self._stats_sink = None
         if self._sites_run != self.num_layers:
@@ -230,10 +235,11 @@ class Optimized:
             return RewriteSettings(None, self.sliding_windows), ()
         policy = POLICIES[self._statistic_of or self.config.policy]
         cfg = self.config
+        rank_queries = SCORERS[cfg.scorer].rank_queries
         if policy.prefill_statistic is None:
-            return RewriteSettings(cfg.window, self.sliding_windows), (cfg.window,)
-        return (RewriteSettings(cfg.window, self.sliding_windows, _statistic(policy.prefill_statistic, cfg)),
-                (cfg.window, policy.name, cfg.matrix_states, cfg.matrix_rank))
+            return RewriteSettings(cfg.window, self.sliding_windows, rank_queries=rank_queries), (cfg.window, rank_queries)
+        return (RewriteSettings(cfg.window, self.sliding_windows, _statistic(policy.prefill_statistic, cfg), rank_queries),
+                (cfg.window, rank_queries, policy.name, cfg.matrix_states, cfg.matrix_rank))
 
     def _graph_for(self, prefill: bool, batch: int, length: int, cache: EntropyKVCache, kwargs: dict) -> Any:
         settings, depends_on = self._settings(prefill)

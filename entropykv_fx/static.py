@@ -29,6 +29,7 @@ from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteSettings
 from .passes.static_cache import StaticLayer, rewrite_static_caches
 from .policies import POLICIES
+from .scorers import SCORERS
 
 
 class StaticCacheModel:
@@ -45,7 +46,8 @@ class StaticCacheModel:
         self.layers: list[StaticLayer] = []
         self.stats: dict[int, PrefillStats] = {}
         policy = POLICIES[cfg.policy]
-        self.backend = EntropyKVBackend(RewriteSettings(cfg.window if policy.needs_scores else None),
+        self.backend = EntropyKVBackend(RewriteSettings(cfg.window if policy.needs_scores else None,
+                                                        rank_queries=SCORERS[cfg.scorer].rank_queries),
                                         inductor=inductor, mode=mode, on_stats=self._receive)
         self.compiled = torch.compile(own_code(model.__call__), backend=self._compile, dynamic=False)
 

@@ -38,11 +38,14 @@ class RewriteSettings:
     sliding_windows: per-layer sliding window (0 = full attention); layers not listed use 0.
     prefill_statistic: (query [B,Hq,L,D], keys, query positions) -> a per-head statistic, computed beside the
         scores on prefill graphs (a policy's own measure, e.g. matrix entropy).
+    rank_queries: when set, the token scores come from the last `rank_queries` queries (a second, smaller
+        `entropykv::score`) while the entropies still come from the `score_window` ones (`scorers.last_query`).
     """
 
     score_window: int | None = None
     sliding_windows: tuple[int, ...] = ()
     prefill_statistic: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+    rank_queries: int | None = None
 
     def sliding_window(self, layer: int) -> int:
         return self.sliding_windows[layer] if layer < len(self.sliding_windows) else 0
@@ -154,12 +157,16 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
                                       (site.query, keys, values, q_pos, positions, scale, window))
         out.meta.update(site.output.meta)
         if score:
-            w = settings.score_window
-            q_win = graph.call_function(aten.slice.Tensor, (site.query, 2, -w, _END))
-            pos_win = graph.call_function(aten.slice.Tensor, (q_pos, 1, -w, _END))
-            scored = graph.call_function(torch.ops.entropykv.score.default,
-                                         (q_win, keys, pos_win, positions, scale, window))
-            stats = tuple(graph.call_function(operator.getitem, (scored, i)) for i in range(3))
+            def score_last(w: int) -> fx.Node:
+                q_win = graph.call_function(aten.slice.Tensor, (site.query, 2, -w, _END))
+                pos_win = graph.call_function(aten.slice.Tensor, (q_pos, 1, -w, _END))
+                return graph.call_function(torch.ops.entropykv.score.default,
+                                           (q_win, keys, pos_win, positions, scale, window))
+
+            scored = score_last(settings.score_window)
+            ranked = scored if settings.rank_queries is None else score_last(settings.rank_queries)
+            stats = (graph.call_function(operator.getitem, (scored, 0)),
+                     *(graph.call_function(operator.getitem, (ranked, i)) for i in (1, 2)))
             if settings.prefill_statistic is not None:
                 stats += (graph.call_function(settings.prefill_statistic, (site.query, keys, q_pos)),)
             stats += (keys, values, positions)

@@ -120,8 +120,11 @@ def pool_scores(scores: Tensor, pooling: str, kernel: int) -> Tensor:
 
 
 def pooled_head_scores(layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
-    """The default ranking of a head's tokens: its window attention mass (GQA group summed), pooled."""
-    return pool_scores(layer.stats.kv_scores, config.pooling, config.pool_kernel)
+    """The ranking of each KV head's tokens [B, Hkv, S] by the configured scorer (`entropykv_fx.scorers`); for
+    the default `window` scorer, its window attention mass (GQA group summed), pooled."""
+    from ..scorers import SCORERS
+
+    return SCORERS[config.scorer].head_scores(layer, config)
 
 
 @dataclass

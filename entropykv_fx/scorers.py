@@ -1,0 +1,68 @@
+"""Token scorers: which prompt tokens a layer (or a KV head) keeps, independent of how many it keeps.
+
+A policy decides budgets (the allocation, per layer or per KV head); a scorer ranks the tokens inside each budget.
+Any policy that ranks tokens composes with any scorer: `optimize(model, policy="uniform", scorer="last_query")`.
+Scores are float32, higher = kept first; the sinks and the last `window` prompt tokens are always kept whatever
+the scorer says (`ops.select`).
+
+| name | scores a token by | source |
+|---|---|---|
+| `window` | attention mass it receives from the last `window` prompt queries, pooled | SnapKV, arXiv 2404.14469 |
+| `last_query` | attention it receives from the last prompt query (mean over heads), unpooled | TOVA, arXiv 2401.06104 |
+| `key_norm` | the negated L2 norm of its key (low-norm keys draw attention), unpooled | Devoto et al., arXiv 2406.11430 |
+
+`window` and `last_query` are computed inside the prefill graph by `entropykv::score`, the second over one query
+(`RewriteSettings.rank_queries`); `key_norm` needs only the cached keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .cache import CompressedLayer
+    from .config import EntropyKVConfig
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One way to rank a layer's prompt tokens.
+
+    rank_queries: how many of the last prompt queries produce the attention scores (None: the `window` queries,
+        the same ones that measure entropy; the graph then scores once).
+    from_keys: the scores are the negated key norms instead of attention.
+    pooled: scores are smoothed along the sequence (`pooling`, `pool_kernel`) before top-k.
+    """
+
+    name: str
+    summary: str
+    rank_queries: int | None = None
+    from_keys: bool = False
+    pooled: bool = True
+
+    def head_scores(self, layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
+        """[B, Hkv, S] per-KV-head scores of a scored prefill layer."""
+        from .policies import pool_scores
+
+        raw = -layer.keys.float().norm(dim=-1) if self.from_keys else layer.stats.kv_scores
+        return pool_scores(raw, config.pooling, config.pool_kernel) if self.pooled else raw
+
+    def layer_scores(self, layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
+        """[B, S] scores shared by every head of the layer (one token set per layer)."""
+        from .policies import pool_scores
+
+        if self.from_keys:
+            return self.head_scores(layer, config).sum(1)
+        return pool_scores(layer.stats.layer_scores, config.pooling, config.pool_kernel) if self.pooled \
+            else layer.stats.layer_scores
+
+
+SCORERS: dict[str, Scorer] = {s.name: s for s in (
+    Scorer("window", "attention mass from the last `window` prompt queries, pooled (SnapKV)"),
+    Scorer("last_query", "attention from the last prompt query, mean over heads, unpooled (TOVA)",
+           rank_queries=1, pooled=False),
+    Scorer("key_norm", "negated L2 norm of the key, unpooled (Knorm)", from_keys=True, pooled=False),
+)}
