@@ -150,7 +150,8 @@ def check_export(model: nn.Module, prompt_length: int, max_new_tokens: int, batc
     _static_runtime(model)
     for name, value in (("prompt_length", prompt_length), ("max_new_tokens", max_new_tokens), ("batch", batch)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOKENS:
-            raise ExportError(f"export: {name}={short_repr(value)} is invalid: expected an int in 1..{MAX_TOKENS}")
+            raise ExportError(f"export: {name}={short_repr(value)} is invalid: it must be >= 1 (an int, at most "
+                              f"{MAX_TOKENS})")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and prompt_length + max_new_tokens > positions:
         raise ExportError(f"export: prompt_length + max_new_tokens = {prompt_length + max_new_tokens} is invalid: "

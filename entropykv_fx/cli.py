@@ -22,9 +22,10 @@ DEMO_POLICY = "uniform"
 
 
 def _budget(value: str) -> float | int:
-    """A kept fraction in (0, 1] or a token count >= 1 written as an integer (e.g. 512): never truncated."""
+    """A kept fraction in (0, 1] or a token count > 1 written as an integer (e.g. 512): never truncated; "1" is the
+    whole prompt, as before."""
     try:
-        return int(value) if int(value) >= 1 else _fraction(value)
+        return int(value) if int(value) > 1 else _fraction(value)
     except ValueError:
         return _fraction(value)
 
@@ -36,7 +37,7 @@ def _fraction(value: str) -> float:
         number = math.nan
     if not 0.0 < number <= 1.0:
         raise argparse.ArgumentTypeError(f"{value!r} is not a budget: expected a fraction in (0, 1] or a token "
-                                         "count >= 1 written as an integer")
+                                         "count > 1 written as an integer")
     return number
 
 
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "with compressed ones, print answers, times and KV bytes, and plot the budgets.")
     demo.add_argument("--prompt-tokens", type=_positive_int, default=2000, help="length of the text around the fact (tokens)")
     demo.add_argument("--budgets", type=_budget, nargs="+", default=[0.25, 0.1],
-                      help="kept fraction of the prompt (<= 1) or tokens per layer (> 1), one run each")
+                      help="kept fraction of the prompt in (0, 1], or tokens per layer as an integer > 1; one run each")
     demo.add_argument("--policy", default=DEMO_POLICY,
                       help="compression policy: entropy, uniform, pyramidkv, streaming, snapkv, adakv, entropy_head or "
                            "matrix_entropy (entropykv_fx.policies() describes them)")
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--texts", nargs="*", default=[], help="plain-text files (none: the committed Austen texts)")
     cal.add_argument("--prompt-tokens", type=_positive_int, default=2000, help="tokens per calibration sample")
     cal.add_argument("--budget", type=_budget, default=0.25,
-                     help="kept fraction of the prompt in (0, 1], or tokens per layer as an integer >= 1")
+                     help="kept fraction of the prompt in (0, 1], or tokens per layer as an integer > 1")
     cal.add_argument("--policy", default="entropy", help="policy whose budgets are measured")
     cal.add_argument("--out", required=True, help="where to write the calibration JSON")
 

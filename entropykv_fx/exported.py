@@ -246,16 +246,16 @@ def check_new_tokens(runner: str, max_new_tokens: int, layout: ExportLayout) -> 
     """InputError unless 1 <= max_new_tokens <= the exported maximum."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
             or not 1 <= max_new_tokens <= layout.max_new_tokens:
-        raise InputError(f"{runner}: max_new_tokens={short_repr(max_new_tokens)} is invalid: expected an int in "
-                         f"1..{layout.max_new_tokens} (the exported cache capacity)")
+        raise InputError(f"{runner}: max_new_tokens must be in 1..{layout.max_new_tokens} (an int; the exported "
+                         f"cache capacity), got {short_repr(max_new_tokens)}")
 
 
 def left_pad_count(runner: str, shape: tuple[int, ...], layout: ExportLayout) -> int:
     """How many pad tokens an unpadded prompt batch of `shape` needs to fill the exported prompt length."""
     length, batch = layout.prompt_length, layout.batch
     if len(shape) != 2 or shape[0] != batch or not 1 <= shape[1] <= length:
-        raise InputError(f"{runner}: input_ids must be [{batch}, 1..{length}] (the exported batch and "
-                         f"prompt length), got {tuple(shape)}")
+        raise InputError(f"{runner}: input_ids must be [{batch}, <= {length}] (the exported batch and "
+                         f"prompt length; at least one token), got {tuple(shape)}")
     return length - shape[1]
 
 

@@ -372,8 +372,9 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
                          f"{_INDUCTOR_MODES}")
     name = type(model).__name__
     if not isinstance(model, nn.Module) or name not in SUPPORTED_MODELS:
-        raise UnsupportedModelError(f"entropykv_fx.optimize: model={short_repr(model)} ({name}) is not supported: "
-                                    f"expected a transformers model of one of {', '.join(SUPPORTED_MODELS)}")
+        shown = name if isinstance(model, nn.Module) else short_repr(model)
+        raise UnsupportedModelError(f"entropykv_fx.optimize: {shown} is not supported: model must be a transformers "
+                                    f"model of one of {', '.join(SUPPORTED_MODELS)}")
     sharded = _tensor_parallel_size(model)
     if sharded > 1:
         raise UnsupportedModelError(f"entropykv_fx.optimize: {name} is sharded by tensor parallelism ({sharded} "
