@@ -296,7 +296,9 @@ class ExportedGenerator:
         self.pad_token_id = pad_token_id
 
     def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy continuation of an unpadded prompt batch [B, n]; returns the new tokens [B, max_new_tokens]."""
+        """Greedy continuation of an unpadded prompt batch [B, n]; returns the new tokens [B, max_new_tokens].
+        InputError, before the prefill runs, for a batch, length, dtype or token id the export cannot take, or
+        max_new_tokens outside 1..the exported maximum."""
         check_new_tokens("ExportedGenerator", max_new_tokens, self.layout)
         device = torch.device(self.layout.device)
         ids, positions = (t.to(device) for t in left_padded("ExportedGenerator", input_ids, self.layout,

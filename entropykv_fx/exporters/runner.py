@@ -51,7 +51,8 @@ class BufferedGenerator:
         raise NotImplementedError
 
     def generate(self, input_ids, max_new_tokens: int) -> np.ndarray:
-        """Greedy continuation of an unpadded prompt batch [B, n] (numpy or tensor); returns [B, max_new_tokens]."""
+        """Greedy continuation of an unpadded prompt batch [B, n] (numpy or tensor); returns [B, max_new_tokens].
+        InputError before the prefill runs, as `ExportedGenerator.generate`."""
         check_new_tokens(self.name, max_new_tokens, self.layout)
         ids, positions = (t.to(self.device) for t in left_padded(self.name, input_ids, self.layout, self.pad_token_id))
         current, spare = self._caches
