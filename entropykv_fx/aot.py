@@ -152,10 +152,6 @@ def check_export(model: nn.Module, prompt_length: int, max_new_tokens: int, batc
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOKENS:
             raise ExportError(f"export: {name}={short_repr(value)} is invalid: it must be >= 1 (an int, at most "
                               f"{MAX_TOKENS})")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and prompt_length + max_new_tokens > positions:
-        raise ExportError(f"export: prompt_length + max_new_tokens = {prompt_length + max_new_tokens} is invalid: "
-                          f"expected at most the model's max_position_embeddings = {positions}")
 
 
 def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
