@@ -143,7 +143,7 @@ def main() -> None:
     report = {
         "model": "SmolLM2-135M-Instruct", "dtype": "float32", "prompt_length": int(ids.shape[1]),
         "new_tokens": args.new_tokens, "repeats": args.repeats, "fraction": args.fraction,
-        "budgets": layout["budgets"], "export_s": {k: round(v, 1) for k, v in export_s.items()},
+        "budgets": list(layout.budgets), "export_s": {k: round(v, 1) for k, v in export_s.items()},
         "environment": {"command": " ".join(["python", *sys.argv]), "cpu": cpu_name(), "threads": args.threads,
                         "pytorch_device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                         "torch": torch.__version__, "transformers": transformers.__version__,

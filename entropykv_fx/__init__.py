@@ -21,7 +21,8 @@ _EXPORTS = {
     "optimize": "hf", "report": "hf", "restore": "hf", "compressing": "hf", "optimized": "hf", "Optimized": "hf",
     "UnsupportedCallError": "hf", "NotOptimizedError": "hf", "explain": "passes", "export": "aot",
     "ExportError": "errors", "ExportedGenerator": "exported", "StaticCacheModel": "static", "StaticDecoder": "decode",
-    "EntropyKVError": "errors", "TransformersVersionError": "compat", "UntestedTransformersWarning": "compat",
+    "EntropyKVError": "errors", "InputError": "errors", "ArgumentTypeError": "errors", "Calibration": "config",
+    "ExportLayout": "exported", "BudgetFloorWarning": "errors", "TransformersVersionError": "compat", "UntestedTransformersWarning": "compat",
 }
 _SUBMODULES = ("policies", "reuse", "calibrate", "exporters")
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,9 @@ from . import ops
 from .cache import CompressedLayer, EntropyKVCache, PrefillStats, pad_slots
 from .compat import with_cache
 from .compress import kept_slots, layer_budgets
-from .config import EntropyKVConfig
-from .errors import ExportError
-from .exported import LAYOUT_FORMAT, prepare_export_dir, writable_path, write_layout
+from .config import MAX_TOKENS, EntropyKVConfig
+from .errors import ExportError, short_repr
+from .exported import ExportLayout, prepare_export_dir, writable_path, write_layout
 from .passes.backend import INDUCTOR_CONFIGS
 from .passes.decompose import decompositions
 from .passes.rewrite_attention import RewriteSettings, rewrite_attention
@@ -138,18 +139,28 @@ def _static_runtime(model: nn.Module) -> tuple[Any, EntropyKVConfig]:
 
 
 def static_budgets(model: nn.Module, prompt_length: int) -> list[int]:
-    """Per-layer kept-token counts the exported prefill will select (cheap: no tracing), e.g. to check limits."""
+    """Per-layer kept-token counts the exported prefill will select (cheap: no tracing), e.g. to check limits.
+    Warns (BudgetFloorWarning) where the always-kept sink_tokens + window override the calibrated budgets."""
     runtime, config = _static_runtime(model)
     return layer_budgets([math.nan] * runtime.num_layers, prompt_length, config)
 
 
+def check_export(model: nn.Module, prompt_length: int, max_new_tokens: int, batch: int) -> None:
+    """What every exporter checks before touching the output directory or tracing: an optimized model with
+    calibrated layer-wise budgets and sizes that are ints >= 1 (ExportError naming the argument)."""
+    _static_runtime(model)
+    for name, value in (("prompt_length", prompt_length), ("max_new_tokens", max_new_tokens), ("batch", batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOKENS:
+            raise ExportError(f"export: {name}={short_repr(value)} is invalid: it must be >= 1 (an int, at most "
+                              f"{MAX_TOKENS})")
+
+
 def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
-                   batch: int = 1) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, dict]:
-    """The rewritten (prefill, decode) programs of an optimized model (calibrated budgets) and their cache layout."""
+                   batch: int = 1) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, ExportLayout]:
+    """The rewritten (prefill, decode) programs of an optimized model (calibrated budgets) and their cache layout
+    (without programs: the writers add theirs)."""
+    check_export(model, prompt_length, max_new_tokens, batch)
     runtime, config = _static_runtime(model)
-    if prompt_length < 1 or max_new_tokens < 1 or batch < 1:
-        raise ExportError(f"export: prompt_length, max_new_tokens and batch must be >= 1, got {prompt_length}, "
-                          f"{max_new_tokens}, {batch}")
     n = runtime.num_layers
     budgets = static_budgets(model, prompt_length)
     capacities = [b + max_new_tokens for b in budgets]
@@ -168,12 +179,13 @@ def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
         decode = _rewritten(_Decode(model, model.forward, budgets), (ids[:, :1], positions[:, -1:] + 1, step, *cache),
                             RewriteSettings(None, runtime.sliding_windows))
     k = cache[0]
-    layout = {"format": LAYOUT_FORMAT, "model": type(model).__name__, "num_layers": n, "batch": batch,
-              "prompt_length": prompt_length, "max_new_tokens": max_new_tokens, "budgets": budgets,
-              "capacities": capacities, "kv_heads": k.shape[1], "head_dim": k.shape[-1],
-              "dtype": str(k.dtype).removeprefix("torch."), "device": device.type,
-              "vocab_size": model.config.vocab_size, "policy": config.policy, "window": config.window,
-              "sink_tokens": config.sink_tokens, "calibration_file": str(config.calibration_file)}
+    layout = ExportLayout(
+        num_layers=n, batch=batch, prompt_length=prompt_length, max_new_tokens=max_new_tokens, budgets=tuple(budgets),
+        capacities=tuple(capacities), kv_heads=k.shape[1], head_dim=k.shape[-1],
+        dtype=str(k.dtype).removeprefix("torch."), device=device.type, vocab_size=model.config.vocab_size,
+        model=type(model).__name__, tokenizer=getattr(model.config, "name_or_path", None) or None,
+        policy=config.policy, window=config.window, sink_tokens=config.sink_tokens,
+        calibration_file=str(config.calibration_file))
     return prefill, decode, layout
 
 
@@ -181,14 +193,17 @@ def export(model: nn.Module, out_dir: str | Path, *, prompt_length: int, max_new
            aoti: bool = True) -> Path:
     """Export an optimized model (calibrated budgets) to `out_dir`; returns the path of `layout.json`.
 
-    Raises ExportError before any tracing for a model it cannot export or a directory it cannot write safely."""
+    Raises ExportError before any tracing for a model it cannot export (not optimized, dynamic budgets, head-wise
+    policy), a bad size, or a directory it cannot write safely. Warns (BudgetFloorWarning) when `prompt_length`
+    is so short that sink_tokens + window override some layers' calibrated budgets."""
+    check_export(model, prompt_length, max_new_tokens, batch)
     prepare_export_dir(out_dir, PT2_FILES + (AOTI_FILES if aoti else []))
     prefill, decode, layout = build_programs(model, prompt_length=prompt_length, max_new_tokens=max_new_tokens,
                                              batch=batch)
     return write_programs(prefill, decode, layout, out_dir, aoti=aoti)
 
 
-def write_programs(prefill: torch.export.ExportedProgram, decode: torch.export.ExportedProgram, layout: dict,
+def write_programs(prefill: torch.export.ExportedProgram, decode: torch.export.ExportedProgram, layout: ExportLayout,
                    out_dir: str | Path, aoti: bool = True) -> Path:
     """Save programs from `build_programs` (and their AOTInductor packages) to `out_dir`; returns the layout path."""
     out = prepare_export_dir(out_dir, PT2_FILES + (AOTI_FILES if aoti else []))
@@ -200,5 +215,5 @@ def write_programs(prefill: torch.export.ExportedProgram, decode: torch.export.E
             torch._inductor.aoti_compile_and_package(ep.run_decompositions(decompositions()),
                                                      package_path=str(writable_path(out, file)),
                                                      inductor_configs=INDUCTOR_CONFIGS)
-    return write_layout(out, {**layout, "format": LAYOUT_FORMAT,
-                              "programs": {"pt2": PT2_FILES, "aoti": AOTI_FILES if aoti else []}})
+    return write_layout(out, replace(layout, programs={"pt2": tuple(PT2_FILES),
+                                                       "aoti": tuple(AOTI_FILES) if aoti else ()}))

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import EntropyKVConfig
+from .errors import InputError
 from .hf import optimize, report
 
 
@@ -25,10 +26,15 @@ def calibrate(model: nn.Module, samples: Iterable[torch.Tensor], path: str | Pat
     """Prefill each sample (input ids [1, n]) with dynamic budgets; write the mean kept fraction per layer.
 
     The fractions are rescaled so their mean equals the mean measured over the samples (rounding aside),
-    and the JSON also records the policy, the budget, the number of samples and their lengths.
-    For a head-wise policy it also stores the grouping: each KV head's mean kept fraction (`head_fractions`) and
-    whether it was stored int8 in most samples (`int8_heads`).
+    and the JSON also records the policy, the budget, the number of samples and their lengths, and the model it
+    was measured on (class name, layer, KV-head and attention-head counts: `optimize()` refuses the file for
+    another model). For a head-wise policy it also stores the grouping: each KV head's mean kept fraction
+    (`head_fractions`) and whether it was stored int8 in most samples (`int8_heads`).
+
+    Raises, before any prefill: InputError for an output path that cannot be written (a directory, a symbolic
+    link, a missing parent that cannot be created), ConfigError for a bad field.
     """
+    out = writable_output(path, "calibrate")
     cfg = (config or EntropyKVConfig()).replace(budget_source="dynamic", calibration_file=None, **overrides)
     optimize(model, cfg)
     per_sample: list[list[float]] = []
@@ -45,17 +51,34 @@ def calibrate(model: nn.Module, samples: Iterable[torch.Tensor], path: str | Pat
                 int8_votes.append([[h.storage == "int8" for h in lr.heads] for lr in rep.layers])
             lengths.append(rep.prompt_tokens)
     if not per_sample:
-        raise ValueError("calibrate: no samples were given")
+        raise InputError("calibrate: no samples were given; expected at least one [1, n] tensor of token ids")
     fractions = [min(1.0, sum(col) / len(col)) for col in zip(*per_sample)]
     record = {"layer_fractions": fractions, "policy": cfg.policy, "budget": cfg.budget, "window": cfg.window,
               "sink_tokens": cfg.sink_tokens, "samples": len(lengths), "prompt_tokens": lengths,
-              "model": type(model).__name__}
+              "model": type(model).__name__, "num_layers": model.config.num_hidden_layers,
+              "num_kv_heads": getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads,
+              "num_attention_heads": model.config.num_attention_heads}
     if per_head:
         record["head_fractions"] = [[min(1.0, sum(col) / len(col)) for col in zip(*layer)] for layer in zip(*per_head)]
         record["int8_heads"] = [[2 * sum(col) > len(col) for col in zip(*layer)] for layer in zip(*int8_votes)]
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
+    return out
+
+
+def writable_output(path: str | Path, who: str) -> Path:
+    """`path` as a file `who` can write (parent created), checked before any work: InputError names it."""
+    import os
+
+    out = Path(path)
+    if out.is_dir() or out.is_symlink():
+        raise InputError(f"{who}: out={str(path)!r} is {'a directory' if out.is_dir() else 'a symbolic link'}; "
+                         "expected the path of a JSON file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{who}: out={str(path)!r}: cannot create its folder ({err.strerror})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK) or out.exists() and not os.access(out, os.W_OK):
+        raise InputError(f"{who}: out={str(path)!r} is not writable; expected a writable file path")
     return out
 
 
@@ -69,15 +92,21 @@ def text_samples(tokenizer, texts: list[str], prompt_tokens: int, max_samples: i
             if len(samples) == max_samples:
                 return samples
     if not samples:
-        raise ValueError(f"calibrate: the texts hold no {prompt_tokens}-token sample; give longer texts or fewer tokens")
+        raise InputError(f"calibrate: prompt_tokens={prompt_tokens} is invalid for these texts: they hold no "
+                         f"{prompt_tokens}-token sample; give longer texts or fewer tokens")
     return samples
 
 
 def calibrate_default_model(text_files: list[str], path: str | Path, prompt_tokens: int = 2000,
                             **overrides: Any) -> Path:
-    """`entropykv-fx calibrate`: calibrate SmolLM2-135M-Instruct on text files (default: the committed texts)."""
+    """`entropykv-fx calibrate`: calibrate SmolLM2-135M-Instruct on text files (default: the committed texts).
+    Arguments, texts and the output path are checked before the model loads."""
     from .models import load_default_model, text
 
+    writable_output(path, "calibrate")
+    if not isinstance(prompt_tokens, int) or prompt_tokens < 1:
+        raise InputError(f"calibrate: prompt_tokens={prompt_tokens!r} is invalid: expected an int >= 1")
+    EntropyKVConfig(**overrides)  # a bad policy or budget fails here, not after the model loaded
     missing = [f for f in text_files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"calibrate: text files not found: {missing}")

@@ -7,6 +7,7 @@ it after the prefill forward, once every layer has been scored.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 from . import ops
 from .cache import CompressedLayer, EntropyKVCache
 from .config import EntropyKVConfig
+from .errors import BudgetFloorWarning
 from .headwise import HeadwiseLayer, calibrated_plan
 from .policies import POLICIES, HeadPlan
 from .scorers import SCORERS
@@ -83,7 +85,16 @@ def layer_budgets(entropies: list[float], n_tokens: int, config: EntropyKVConfig
     """Tokens each layer keeps: from the policy (dynamic) or from calibrated per-layer fractions."""
     if config.budget_source == "calibrated":
         floor = min(n_tokens, config.sink_tokens + config.window)
-        return [min(n_tokens, max(floor, round(f * n_tokens))) for f in config.layer_fractions(len(entropies))]
+        fractions = config.layer_fractions(len(entropies))
+        raised = [(i, floor - round(f * n_tokens)) for i, f in enumerate(fractions) if round(f * n_tokens) < floor]
+        if raised:
+            respected = math.ceil(floor / min(fractions))
+            warnings.warn(f"entropykv: at a {n_tokens}-token prompt the always-kept sink_tokens + window = {floor} "
+                          f"tokens exceed the calibrated budgets of layers {[i for i, _ in raised]} (by up to "
+                          f"{max(d for _, d in raised)} tokens), so those layers keep {floor} and the calibration "
+                          f"is not respected; it is from a {respected}-token prompt on (e.g. export "
+                          f"prompt_length={respected})", BudgetFloorWarning, stacklevel=2)
+        return [min(n_tokens, max(floor, round(f * n_tokens))) for f in fractions]
     return POLICIES[config.policy].allocate(entropies, n_tokens, config)
 
 

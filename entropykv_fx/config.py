@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import EntropyKVError
+from .errors import EntropyKVError, short_repr
 
 Pooling = Literal["max", "avg", "none"]
 BudgetSource = Literal["dynamic", "calibrated"]
@@ -20,6 +20,12 @@ _POOLINGS = ("max", "avg", "none")
 _SOURCES = ("dynamic", "calibrated")
 _TIER_BY = ("quantile", "entropy")
 _MATRIX_STATES = ("query", "key")
+# Token counts beyond int32 indices overflow torch's index arithmetic; no prompt comes near it.
+MAX_TOKENS = 2**31 - 1
+# A layer budget of mean budget x max_layer_budget must stay a finite float with an exact integer part.
+MAX_LAYER_BUDGET = 1e6
+_HEAD_TABLES = ("{{'head_fractions': {shape} numbers in (0, 1], 'int8_heads': {shape} booleans}}, as "
+                "entropykv_fx.calibrate writes for a head-wise policy")
 
 
 class ConfigError(EntropyKVError, ValueError):
@@ -27,7 +33,7 @@ class ConfigError(EntropyKVError, ValueError):
 
 
 def _fail(field: str, value: Any, accepted: str) -> None:
-    raise ConfigError(f"EntropyKVConfig.{field}={value!r} is invalid: expected {accepted}")
+    raise ConfigError(f"EntropyKVConfig.{field}={short_repr(value)} is invalid: expected {accepted}")
 
 
 def _is_int(value: Any) -> bool:
@@ -36,6 +42,98 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_in(value: Any, low: int, high: int = MAX_TOKENS) -> bool:
+    return _is_int(value) and low <= value <= high
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibration file as `entropykv_fx.calibrate` writes it, parsed and validated once (`read`).
+
+    layer_fractions: kept fraction per layer; head_fractions / int8_heads: per layer and KV head (head-wise
+    policies). policy / window / sink_tokens: the settings it was measured with. model / num_layers / num_kv_heads / num_attention_heads: what it was measured on, when recorded
+    (older files lack them); `check_model` compares them with a model."""
+
+    path: str
+    layer_fractions: tuple[float, ...] | None = None
+    head_fractions: tuple[tuple[float, ...], ...] | None = None
+    int8_heads: tuple[tuple[bool, ...], ...] | None = None
+    model: str | None = None
+    policy: str | None = None
+    window: int | None = None
+    sink_tokens: int | None = None
+    num_layers: int | None = None
+    num_kv_heads: int | None = None
+    num_attention_heads: int | None = None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Calibration:
+        """Parse and validate `path`; ConfigError names the file, the field and what is accepted."""
+        path = str(path)
+
+        def bad(field: str, accepted: str) -> ConfigError:
+            return ConfigError(f"calibration file {path}: {field} is invalid: expected {accepted}")
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"calibration file {path}: not valid JSON ({err}); expected "
+                              "{'layer_fractions': [...]} with one number in (0, 1] per layer") from None
+        except OSError as err:
+            raise ConfigError(f"calibration file {path}: cannot be read ({err.strerror})") from None
+        if not isinstance(data, dict):
+            raise bad("the top level", "{'layer_fractions': [...]} with one number in (0, 1] per layer")
+        fractions = data.get("layer_fractions")
+        if fractions is not None and (not isinstance(fractions, list) or not fractions
+                                      or not all(_is_number(f) and 0 < f <= 1 for f in fractions)):
+            raise bad("'layer_fractions'", "{'layer_fractions': [...]} with one number in (0, 1] per layer, got "
+                      f"{fractions!r}"[:200])
+        heads, int8 = data.get("head_fractions"), data.get("int8_heads")
+        if heads is not None or int8 is not None:
+            def table(rows, ok) -> bool:
+                return (isinstance(rows, list) and len(rows) > 0 and all(
+                    isinstance(r, list) and len(r) == len(rows[0]) > 0 and all(map(ok, r)) for r in rows))
+
+            if not (table(heads, lambda f: _is_number(f) and 0 < f <= 1) and table(int8, lambda x: isinstance(x, bool))
+                    and [len(r) for r in heads] == [len(r) for r in int8]):
+                raise bad("'head_fractions' / 'int8_heads'", _HEAD_TABLES.format(shape="[layers][kv heads]"))
+        for key in ("model", "policy"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise bad(repr(key), f"a string, got {short_repr(data[key])}")
+        counts = {}
+        for key, low in (("window", 1), ("sink_tokens", 0), ("num_layers", 1), ("num_kv_heads", 1),
+                         ("num_attention_heads", 1)):
+            if data.get(key) is not None and not _int_in(data[key], low):
+                raise bad(repr(key), f"an int >= {low}, got {short_repr(data[key])}")
+            counts[key] = data.get(key)
+        return cls(path, None if fractions is None else tuple(float(f) for f in fractions),
+                   None if heads is None else tuple(tuple(float(f) for f in r) for r in heads),
+                   None if int8 is None else tuple(tuple(r) for r in int8), data.get("model"), data.get("policy"),
+                   **counts)
+
+    def check_model(self, model: Any) -> None:
+        """ConfigError unless this calibration was made for `model`'s architecture, layer and head counts (as
+        far as the file records them) and holds one fraction per layer."""
+        cfg = model.config
+        actual = {"model": type(model).__name__, "num_layers": cfg.num_hidden_layers,
+                  "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                  "num_attention_heads": cfg.num_attention_heads}
+        for key, value in actual.items():
+            recorded = getattr(self, key)
+            if recorded is not None and recorded != value:
+                raise ConfigError(f"calibration file {self.path} was made for {key}={recorded!r}, but the model has "
+                                  f"{key}={value!r}; calibrate this model (entropykv_fx.calibrate)")
+        if self.layer_fractions is not None and len(self.layer_fractions) != actual["num_layers"]:
+            raise ConfigError(f"calibration file {self.path}: expected {{'layer_fractions': [...]}} with "
+                              f"{actual['num_layers']} numbers in (0, 1], one per layer of this model; it holds "
+                              f"{len(self.layer_fractions)}")
+        if self.head_fractions is not None and (len(self.head_fractions), len(self.head_fractions[0])) != (
+                actual["num_layers"], actual["num_kv_heads"]):
+            raise ConfigError(f"calibration file {self.path}: head_fractions is [{len(self.head_fractions)}]"
+                              f"[{len(self.head_fractions[0])}] but the model has {actual['num_layers']} layers of "
+                              f"{actual['num_kv_heads']} KV heads")
 
 
 @dataclass(frozen=True)
@@ -53,9 +151,11 @@ class EntropyKVConfig:
     pooling / pool_kernel: smoothing of token scores along the sequence before top-k, so neighbours of an
         important token survive with it.
     min_layer_budget / max_layer_budget: clamp of each layer's budget, as multiples of the mean layer budget.
-    budget_source: "dynamic" computes layer budgets from each prompt's entropies; "calibrated" reads per-layer
+    budget_source: "dynamic" computes layer budgets from each prompt's entropies; "calibrated" uses per-layer
         fractions from `calibration_file` (written by `entropykv_fx.calibrate`), which gives static shapes;
-        head-wise policies read per-head fractions and int8 storage from it (`head_calibration`).
+        head-wise policies use per-head fractions and int8 storage from it (`head_calibration`). The file is
+        read and validated once, when the config is built (`calibration`, a `Calibration`); editing or deleting
+        it afterwards changes nothing.
 
     Head-wise policies (docs/policies.md):
     tier_by / tier_thresholds (entropy_head): the (low, high) boundaries between the low, middle and high entropy
@@ -84,7 +184,9 @@ class EntropyKVConfig:
     matrix_rank: int = 32
     head_groups: int = 2
     layer_groups: int = 2
-    scorer: str = "window"  # last: fields keep their positions
+    scorer: str = "window"  # after the older fields: they keep their positions
+    # Set by the config itself from calibration_file (kept across `replace` while the file name is unchanged).
+    calibration: Calibration | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from .policies import POLICIES  # late import: policies import the config module
@@ -97,40 +199,50 @@ class EntropyKVConfig:
             _fail("scorer", self.scorer, f"one of {sorted(SCORERS)}")
         b = self.budget
         if _is_int(b):
-            if b < 1:
-                _fail("budget", b, "an int >= 1 (tokens) or a float in (0, 1] (fraction of the prompt)")
+            if not 1 <= b <= MAX_TOKENS:
+                _fail("budget", b, f"an int >= 1 (tokens, at most {MAX_TOKENS}) or a float in (0, 1] (fraction of the prompt)")
         elif isinstance(b, float):
             if not (0.0 < b <= 1.0) or math.isnan(b):
                 _fail("budget", b, "a float in (0, 1] (fraction of the prompt) or an int >= 1 (tokens)")
         else:
             _fail("budget", b, "a float in (0, 1] or an int >= 1")
-        if not _is_int(self.window) or self.window < 1:
-            _fail("window", self.window, "an int >= 1")
-        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
-            _fail("sink_tokens", self.sink_tokens, "an int >= 0")
+        if not _int_in(self.window, 1):
+            _fail("window", self.window, f"an int >= 1 (at most {MAX_TOKENS})")
+        if not _int_in(self.sink_tokens, 0):
+            _fail("sink_tokens", self.sink_tokens, f"an int >= 0 (at most {MAX_TOKENS})")
         if _is_int(b) and b < self.window + self.sink_tokens:
             _fail("budget", b, f"at least window + sink_tokens = {self.window + self.sink_tokens} tokens, "
                   "since those are always kept")
         if self.pooling not in _POOLINGS:
             _fail("pooling", self.pooling, f"one of {_POOLINGS}")
-        if not _is_int(self.pool_kernel) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            _fail("pool_kernel", self.pool_kernel, "an odd int >= 1")
+        if not _int_in(self.pool_kernel, 1) or self.pool_kernel % 2 == 0:
+            _fail("pool_kernel", self.pool_kernel, f"an odd int >= 1 (at most {MAX_TOKENS})")
         if not _is_number(self.min_layer_budget) or not 0.0 <= self.min_layer_budget <= 1.0:
             _fail("min_layer_budget", self.min_layer_budget, "a number in [0, 1] (multiple of the mean layer budget)")
-        if not _is_number(self.max_layer_budget) or not 1.0 <= self.max_layer_budget < math.inf:
-            _fail("max_layer_budget", self.max_layer_budget, "a finite number >= 1 (multiple of the mean layer budget)")
+        if not _is_number(self.max_layer_budget) or not 1.0 <= self.max_layer_budget <= MAX_LAYER_BUDGET:
+            _fail("max_layer_budget", self.max_layer_budget,
+                  f"a finite number >= 1 and <= {MAX_LAYER_BUDGET:g} (multiple of the mean layer budget)")
+        if self.calibration is not None and not isinstance(self.calibration, Calibration):
+            _fail("calibration", self.calibration, "None (it is read from calibration_file)")
         if self.budget_source not in _SOURCES:
             _fail("budget_source", self.budget_source, f"one of {_SOURCES}")
         if self.budget_source == "calibrated":
             if not isinstance(self.calibration_file, (str, os.PathLike)):
                 _fail("calibration_file", self.calibration_file,
                       "a path to a calibration JSON when budget_source='calibrated'")
-            if not Path(self.calibration_file).is_file():
-                _fail("calibration_file", self.calibration_file, "an existing calibration JSON file")
-        elif self.calibration_file is not None:
-            _fail("calibration_file", self.calibration_file, "None unless budget_source='calibrated'")
-        if self.budget_source == "calibrated" and POLICIES[self.policy].headwise:
-            self.head_calibration()  # a per-layer calibration file fails here, not after a prefill
+            if self.calibration is None or self.calibration.path != str(self.calibration_file):
+                if not Path(self.calibration_file).is_file():
+                    _fail("calibration_file", self.calibration_file, "an existing calibration JSON file")
+                object.__setattr__(self, "calibration", Calibration.read(self.calibration_file))
+            if POLICIES[self.policy].headwise:
+                self.head_calibration()  # a per-layer calibration file fails here, not after a prefill
+            elif self.calibration.layer_fractions is None:
+                raise ConfigError(f"calibration file {self.calibration_file}: expected {{'layer_fractions': [...]}} "
+                                  f"with one number in (0, 1] per layer (policy {self.policy!r} is layer-wise)")
+        else:
+            if self.calibration_file is not None:
+                _fail("calibration_file", self.calibration_file, "None unless budget_source='calibrated'")
+            object.__setattr__(self, "calibration", None)
         self._check_headwise_fields()
 
     def _check_headwise_fields(self) -> None:
@@ -142,13 +254,14 @@ class EntropyKVConfig:
             _fail("tier_thresholds", t, "two numbers (low, high) with 0 <= low <= high <= 1")
         object.__setattr__(self, "tier_thresholds", (float(t[0]), float(t[1])))
         c = self.crop_history
-        if c is not None and (not _is_int(c) or c < self.window):
-            _fail("crop_history", c, f"None or an int >= window = {self.window} (the window is always kept)")
+        if c is not None and not _int_in(c, self.window):
+            _fail("crop_history", c, f"None or an int >= window = {self.window} (the window is always kept; at "
+                  f"most {MAX_TOKENS})")
         if self.matrix_states not in _MATRIX_STATES:
             _fail("matrix_states", self.matrix_states, f"one of {_MATRIX_STATES}")
         for name in ("matrix_rank", "head_groups", "layer_groups"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                _fail(name, getattr(self, name), "an int >= 1")
+            if not _int_in(getattr(self, name), 1):
+                _fail(name, getattr(self, name), f"an int >= 1 (at most {MAX_TOKENS})")
 
     def replace(self, **overrides: Any) -> EntropyKVConfig:
         names = {f.name for f in dataclasses.fields(self)}
@@ -157,42 +270,24 @@ class EntropyKVConfig:
             raise ConfigError(f"unknown EntropyKVConfig field(s) {unknown}: accepted fields are {sorted(names)}")
         return dataclasses.replace(self, **overrides)
 
-    def _calibration(self, expected: str) -> Any:
-        try:
-            return json.loads(Path(self.calibration_file).read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"calibration file {self.calibration_file}: not valid JSON ({err}); expected {expected}") from err
-
     def layer_fractions(self, num_layers: int) -> list[float]:
-        """Per-layer kept fractions from the calibration file (budget_source='calibrated')."""
-        data = self._calibration(f"{{'layer_fractions': [...]}} with {num_layers} numbers in (0, 1]")
-        fractions = data.get("layer_fractions") if isinstance(data, dict) else None
-        if (not isinstance(fractions, list) or len(fractions) != num_layers
-                or not all(_is_number(f) and 0 < f <= 1 for f in fractions)):
+        """Per-layer kept fractions of the calibration parsed when the config was built (never re-read)."""
+        fractions = self.calibration.layer_fractions if self.calibration is not None else None
+        if fractions is None or len(fractions) != num_layers:
             raise ConfigError(
                 f"calibration file {self.calibration_file}: expected {{'layer_fractions': [...]}} with "
-                f"{num_layers} numbers in (0, 1], one per layer of this model")
-        return [float(f) for f in fractions]
+                f"{num_layers} numbers in (0, 1], one per layer of this model; it holds "
+                f"{'none' if fractions is None else len(fractions)}")
+        return list(fractions)
 
     def head_calibration(self, num_layers: int | None = None,
                          num_kv_heads: int | None = None) -> tuple[list[list[float]], list[list[bool]]]:
-        """(kept fraction, int8 storage) per layer and KV head from a head-wise calibration file.
+        """(kept fraction, int8 storage) per layer and KV head of the parsed head-wise calibration.
 
-        Shapes are checked against the model when `num_layers` / `num_kv_heads` are given.
-        """
+        Shapes are checked against the model when `num_layers` / `num_kv_heads` are given (ConfigError)."""
+        cal = self.calibration
         shape = f"[{num_layers or 'layers'}][{num_kv_heads or 'kv heads'}]"
-        expected = (f"{{'head_fractions': {shape} numbers in (0, 1], 'int8_heads': {shape} booleans}}, as "
-                    "entropykv_fx.calibrate writes for a head-wise policy")
-        data = self._calibration(expected)
-        fractions = data.get("head_fractions") if isinstance(data, dict) else None
-        int8 = data.get("int8_heads") if isinstance(data, dict) else None
-
-        def table(rows, ok) -> bool:
-            return (isinstance(rows, list) and len(rows) > 0 and len(rows) == (num_layers or len(rows))
-                    and all(isinstance(r, list) and len(r) == (num_kv_heads or len(rows[0])) and all(map(ok, r))
-                            for r in rows))
-
-        if not (table(fractions, lambda f: _is_number(f) and 0 < f <= 1) and table(int8, lambda x: isinstance(x, bool))
-                and [len(r) for r in fractions] == [len(r) for r in int8]):
-            raise ConfigError(f"calibration file {self.calibration_file}: expected {expected}")
-        return [[float(f) for f in row] for row in fractions], int8
+        if (cal is None or cal.head_fractions is None or len(cal.head_fractions) != (num_layers or len(cal.head_fractions))
+                or len(cal.head_fractions[0]) != (num_kv_heads or len(cal.head_fractions[0]))):
+            raise ConfigError(f"calibration file {self.calibration_file}: expected {_HEAD_TABLES.format(shape=shape)}")
+        return [list(row) for row in cal.head_fractions], [list(row) for row in cal.int8_heads]

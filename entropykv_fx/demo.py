@@ -19,6 +19,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import __version__, optimize, report
 from .compress import CompressionReport
+from .config import EntropyKVConfig
+from .errors import InputError
 from .models import DEFAULT_MODEL, load_default_model, text
 
 FACT = 'The secret passphrase for the vault is "silver heron".'
@@ -101,6 +103,14 @@ def plot(runs: list[Run], path: Path) -> None:
 
 def run_demo(prompt_tokens: int = 2000, budgets: tuple[float, ...] = (0.25, 0.1), policy: str = "uniform",
              depth: float = 0.5, max_new_tokens: int = 16, out_dir: str | Path = ".") -> list[Run]:
+    """The demo (`entropykv-fx demo`); its arguments are checked before the model loads (ConfigError for a policy
+    or budget, InputError for depth or out_dir)."""
+    for b in budgets:
+        EntropyKVConfig(policy=policy, budget=b)
+    if not 0.0 <= depth <= 1.0:
+        raise InputError(f"demo: depth={depth!r} is invalid: expected a number in [0, 1]")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise InputError(f"demo: out_dir={str(out_dir)!r} is a file; expected a folder for the plot")
     model, tokenizer = load_default_model()
     inputs = needle_prompt(tokenizer, prompt_tokens, depth)
     n = inputs["input_ids"].shape[1]

@@ -13,3 +13,21 @@ class EntropyKVError(Exception):
 
 class ExportError(EntropyKVError, ValueError):
     """An export that cannot be written or an export directory that cannot be loaded safely."""
+
+
+class BudgetFloorWarning(UserWarning):
+    """A requested or calibrated budget below the always-kept sink_tokens + window tokens was raised to them."""
+
+
+class InputError(EntropyKVError, ValueError):
+    """A bad argument value of a public function or CLI option: names the argument, the value, what is accepted."""
+
+
+class ArgumentTypeError(EntropyKVError, TypeError):
+    """An argument of the wrong type (e.g. a policy name where a config object belongs)."""
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

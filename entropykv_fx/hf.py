@@ -38,7 +38,7 @@ from .cache import EntropyKVCache, PrefillStats
 from .compat import cache_in_call, check_transformers_version, with_cache
 from .compress import CompressionReport, compress_cache, uncompressed_report
 from .config import EntropyKVConfig
-from .errors import EntropyKVError
+from .errors import ArgumentTypeError, EntropyKVError, InputError, short_repr
 from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteResult, RewriteSettings
 from .policies import POLICIES
@@ -52,6 +52,7 @@ SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", 
 _GRAPH_FLAGS = ("output_hidden_states",)
 # Keywords that the rewritten decoder ignores: positions come from the cache (`begin_step`).
 _IGNORED = ("cache_position", "return_dict")
+_INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class UnsupportedModelError(EntropyKVError, TypeError):
@@ -129,7 +130,7 @@ class Optimized:
         cache_arg, cache = cache_in_call(kwargs)
         for name in ("cache", "past_key_values", *_IGNORED):
             kwargs.pop(name, None)
-        ref = self._check_call(input_ids, inputs_embeds, attention_mask, position_ids, kwargs)
+        ref = self._check_call(input_ids, inputs_embeds, attention_mask, position_ids, kwargs, cache)
         use_cache = self.decoder.config.use_cache if use_cache is None else use_cache
         if not use_cache and cache is None:  # nothing to keep, nothing to compress: the unmodified model
             return self._plain(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -161,7 +162,7 @@ class Optimized:
         return out
 
     def _check_call(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
-                    position_ids: Tensor | None, kwargs: dict) -> Tensor:
+                    position_ids: Tensor | None, kwargs: dict, cache: Any) -> Tensor:
         """Refuse, before any work, what this runtime would get wrong; returns the ids or embeddings."""
         if (input_ids is None) == (inputs_embeds is None):
             raise UnsupportedCallError("entropykv: pass exactly one of input_ids [batch, length] or inputs_embeds "
@@ -170,6 +171,23 @@ class Optimized:
         if ref.dim() != (2 if input_ids is not None else 3) or ref.shape[0] == 0 or ref.shape[1] == 0:
             raise UnsupportedCallError(f"entropykv: input_ids must be [batch, length] and inputs_embeds [batch, "
                                        f"length, hidden], both non-empty; got {tuple(ref.shape)}")
+        new_sequence = not isinstance(cache, EntropyKVCache) or cache.seen_tokens == 0
+        if input_ids is not None:
+            vocab = self.decoder.config.vocab_size
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise UnsupportedCallError(f"entropykv: input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+            # Checked on a new sequence only: later tokens come from the model's own logits (and a check syncs).
+            if new_sequence and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
+                raise UnsupportedCallError(f"entropykv: input_ids must be token ids in 0..{vocab - 1} (the model's "
+                                           f"vocabulary), got values in {int(input_ids.min())}..{int(input_ids.max())}")
+        elif inputs_embeds.shape[-1] != self.decoder.config.hidden_size:
+            raise UnsupportedCallError(f"entropykv: inputs_embeds must be [batch, length, "
+                                       f"{self.decoder.config.hidden_size}] (the model's hidden size); got "
+                                       f"{tuple(inputs_embeds.shape)}")
+        if attention_mask is not None and new_sequence and attention_mask.dim() == 2 \
+                and attention_mask.shape[1] != ref.shape[1]:
+            raise UnsupportedCallError(f"entropykv: attention_mask must be [batch, {ref.shape[1]}] on a new sequence "
+                                       f"(one column per input token); got {tuple(attention_mask.shape)}")
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != ref.shape[0]
                                            or attention_mask.shape[1] < ref.shape[1]):
             raise UnsupportedCallError(f"entropykv: attention_mask must be 2-D [batch, past + new tokens] "
@@ -179,6 +197,8 @@ class Optimized:
                                          or position_ids.shape[0] not in (1, ref.shape[0])):
             raise UnsupportedCallError(f"entropykv: position_ids must be [batch or 1, {ref.shape[1]}]; got "
                                        f"{tuple(position_ids.shape)}")
+        if position_ids is not None and position_ids.dtype.is_floating_point:
+            raise UnsupportedCallError(f"entropykv: position_ids must be integers, got dtype {position_ids.dtype}")
         if kwargs.get("output_attentions"):
             raise UnsupportedCallError("entropykv: output_attentions=True is not supported: the rewritten attention "
                                        "never forms the attention matrix; restore(model) to inspect attention")
@@ -338,29 +358,39 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     configuration (overrides apply to its current config unless `config` is given) without recompiling.
     `model.entropykv` is the handle (`Optimized`); `restore(model)` undoes it.
 
-    Raises UnsupportedModelError (another architecture, or weights sharded by tensor parallelism), ConfigError (a bad field), TransformersVersionError (a
-    known-broken transformers release).
+    Raises, before any work: UnsupportedModelError (not a model of a supported architecture, or weights sharded
+    by tensor parallelism), ArgumentTypeError (`config` not an EntropyKVConfig, `inductor` not a bool),
+    InputError (a bad `mode`), ConfigError (a bad field, or a calibration file made for another architecture
+    or layer/head count), TransformersVersionError (a known-broken transformers release). A calibration file is
+    read once, here (when the config is built): editing or deleting it afterwards changes nothing.
     """
     check_transformers_version()
+    if config is not None and not isinstance(config, EntropyKVConfig):
+        raise ArgumentTypeError(f"entropykv_fx.optimize: config must be an EntropyKVConfig or None, got "
+                                f"{short_repr(config)}; pass fields as keywords instead, e.g. "
+                                "optimize(model, policy='entropy', budget=0.25)")
+    if not isinstance(inductor, bool):
+        raise ArgumentTypeError(f"entropykv_fx.optimize: inductor={short_repr(inductor)} is invalid: expected True or False")
     if mode is not None and not inductor:
-        raise ValueError(f"entropykv_fx.optimize: mode={mode!r} is an Inductor mode; pass inductor=True with it")
+        raise InputError(f"entropykv_fx.optimize: mode={mode!r} is an Inductor mode; pass inductor=True with it")
+    if mode is not None and mode not in _INDUCTOR_MODES:
+        raise InputError(f"entropykv_fx.optimize: mode={short_repr(mode)} is invalid: expected None or one of "
+                         f"{_INDUCTOR_MODES}")
     name = type(model).__name__
-    if name not in SUPPORTED_MODELS:
-        raise UnsupportedModelError(f"entropykv_fx.optimize: {name} is not supported; supported models: "
-                                    f"{', '.join(SUPPORTED_MODELS)}")
+    if not isinstance(model, nn.Module) or name not in SUPPORTED_MODELS:
+        shown = name if isinstance(model, nn.Module) else short_repr(model)
+        raise UnsupportedModelError(f"entropykv_fx.optimize: {shown} is not supported: model must be a transformers "
+                                    f"model of one of {', '.join(SUPPORTED_MODELS)}")
     sharded = _tensor_parallel_size(model)
     if sharded > 1:
         raise UnsupportedModelError(f"entropykv_fx.optimize: {name} is sharded by tensor parallelism ({sharded} "
                                     "ranks); each rank sees only its heads' statistics and would keep other tokens "
                                     "than its peers, so this is refused; load the model on one device")
-    if config is not None and not isinstance(config, EntropyKVConfig):
-        raise TypeError(f"entropykv_fx.optimize: config must be an EntropyKVConfig, got {type(config).__name__} "
-                        f"({config!r}); pass fields as keywords instead, e.g. optimize(model, policy='entropy')")
     existing: Optimized | None = model.__dict__.get("entropykv")
     base = config or (existing.config if existing is not None else EntropyKVConfig())
     cfg = base.replace(**overrides) if overrides else base
-    if cfg.budget_source == "calibrated":
-        cfg.layer_fractions(len(model.model.layers))  # a file made for another model fails here, not mid-generate
+    if cfg.calibration is not None:  # parsed once when cfg was built; a file for another model fails here
+        cfg.calibration.check_model(model)
     if existing is not None:
         existing.reconfigure(cfg, inductor, mode)
     else:

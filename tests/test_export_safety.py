@@ -57,7 +57,7 @@ def test_a_pickle_payload_does_not_run_without_trust_code(tmp_path, exported):
     layout = json.loads((bad / "layout.json").read_text())
     layout["checksums"]["prefill.pt2"] = _sha(bad / "prefill.pt2")
     (bad / "layout.json").write_text(json.dumps(layout))
-    assert read_layout(bad)["checksums"]["prefill.pt2"] == _sha(bad / "prefill.pt2")  # a consistent forgery
+    assert read_layout(bad).checksums["prefill.pt2"] == _sha(bad / "prefill.pt2")  # a consistent forgery
     with pytest.raises(ExportError, match="can run code when loaded.*trust_code=True"):
         ExportedGenerator(bad, kind="pt2")
     assert not marker.exists()
@@ -100,8 +100,8 @@ def test_a_tampered_program_file_is_detected_by_its_checksum(tmp_path, exported)
     (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "programs"}), "field 'programs'"),
     (lambda t: json.dumps({**json.loads(t), "dtype": "bogus"}), "dtype 'bogus' is not one of"),
     (lambda t: json.dumps({**json.loads(t), "format": "entropykv-export/0"}), "format 'entropykv-export/0'"),
-    (lambda t: json.dumps({**json.loads(t), "capacities": [4]}), "'capacities' must hold 3 positive integers"),
-    (lambda t: json.dumps({**json.loads(t), "batch": 0}), "'batch' must be >= 1"),
+    (lambda t: json.dumps({**json.loads(t), "capacities": [4]}), "'capacities' must be 3 ints, each its layer's budget"),
+    (lambda t: json.dumps({**json.loads(t), "batch": 0}), "'batch' must be an int >= 1"),
     (lambda t: json.dumps({**json.loads(t), "checksums": {}}), "records no SHA-256 for prefill.pt2"),
 ])
 def test_a_damaged_layout_gets_an_error_naming_the_file_and_field(tmp_path, exported, damage, match):

@@ -12,14 +12,16 @@ I/O names follow onnxruntime-genai / optimum: per layer i the compressed cache i
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..aot import build_programs
-from ..exported import prepare_export_dir, writable_path, write_layout
+from ..aot import build_programs, check_export
+from ..errors import ExportError
+from ..exported import ExportLayout, prepare_export_dir, writable_path, write_layout
 from ..passes.decompose import decompositions
 from .runner import BufferedGenerator, load_layout
 
@@ -55,19 +57,20 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, prompt_length: int, ma
                 batch: int = 1) -> Path:
     """Write `prefill.onnx`, `decode.onnx` (weights as external data) and `layout.json`; returns the layout path.
     Same preconditions and errors as `entropykv_fx.export` (an optimized model with calibrated budgets)."""
+    check_export(model, prompt_length, max_new_tokens, batch)
     prepare_export_dir(out_dir, ONNX_FILES)
     programs = build_programs(model, prompt_length=prompt_length, max_new_tokens=max_new_tokens, batch=batch)
     return write_onnx(*programs, out_dir)
 
 
-def write_onnx(prefill: torch.export.ExportedProgram, decode: torch.export.ExportedProgram, layout: dict,
+def write_onnx(prefill: torch.export.ExportedProgram, decode: torch.export.ExportedProgram, layout: ExportLayout,
                out_dir: str | Path) -> Path:
     """Translate programs from `aot.build_programs` to ONNX files in `out_dir`; returns the layout path."""
-    if layout["dtype"] not in _CACHE_DTYPES:
-        raise ValueError(f"export_onnx: cache dtype {layout['dtype']} has no numpy equivalent for ONNX Runtime; "
+    if layout.dtype not in _CACHE_DTYPES:
+        raise ExportError(f"export_onnx: cache dtype {layout.dtype} has no numpy equivalent for ONNX Runtime; "
                          f"optimize a model in one of {_CACHE_DTYPES}")
     out = prepare_export_dir(out_dir, ONNX_FILES)
-    names = io_names(layout["num_layers"])
+    names = io_names(layout.num_layers)
     table = decompositions()
     table[torch.ops.entropykv.select.default] = select_with_topk
     for name, program in (("prefill", prefill), ("decode", decode)):
@@ -77,8 +80,8 @@ def write_onnx(prefill: torch.export.ExportedProgram, decode: torch.export.Expor
                           external_data=True,
                           opset_version=OPSET, input_names=names[name]["inputs"],
                           output_names=names[name]["outputs"], verbose=False)
-    return write_layout(out, {**layout, "programs": {"onnx": ["prefill.onnx", "decode.onnx"]},
-                              "onnx": {"opset": OPSET, **names}}, companions=ONNX_FILES)
+    return write_layout(out, replace(layout, programs={"onnx": ("prefill.onnx", "decode.onnx")},
+                                     onnx={"opset": OPSET, **names}), companions=ONNX_FILES)
 
 
 class OrtGenerator(BufferedGenerator):
@@ -102,9 +105,9 @@ class OrtGenerator(BufferedGenerator):
 
     def _run(self, session, graph: str, inputs: tuple[Tensor, ...], outputs: list[Tensor]) -> None:
         binding = session.io_binding()
-        for name, tensor in zip(self.layout["onnx"][graph]["inputs"], inputs):
+        for name, tensor in zip(self.layout.onnx[graph]["inputs"], inputs):
             binding.bind_cpu_input(name, tensor.numpy())
-        for name, tensor in zip(self.layout["onnx"][graph]["outputs"], (self._logits, *outputs)):
+        for name, tensor in zip(self.layout.onnx[graph]["outputs"], (self._logits, *outputs)):
             binding.bind_output(name, "cpu", 0, tensor.numpy().dtype, tuple(tensor.shape), tensor.data_ptr())
         session.run_with_iobinding(binding)
 

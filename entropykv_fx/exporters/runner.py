@@ -13,20 +13,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..exported import check_new_tokens, left_padded, program_files, read_layout
+from ..exported import ExportLayout, check_new_tokens, left_padded, program_files, read_layout
 
 
-def load_layout(runner: str, directory: Path, fmt: str, trust_code: bool = False) -> tuple[dict, list[Path]]:
+def load_layout(runner: str, directory: Path, fmt: str, trust_code: bool = False) -> tuple[ExportLayout, list[Path]]:
     """The validated layout.json of an exporter's directory and the verified paths of its `fmt` programs
     (`exported.read_layout`, `exported.program_files`)."""
     layout = read_layout(directory)
     return layout, program_files(directory, layout, fmt, runner, trust_code)
 
 
-def cache_shapes(layout: dict) -> list[tuple[tuple[int, ...], bool]]:
+def cache_shapes(layout: ExportLayout) -> list[tuple[tuple[int, ...], bool]]:
     """(shape, holds positions) of each cache tensor in the programs' flat order: per layer key, value, positions."""
-    b, heads, dim = layout["batch"], layout["kv_heads"], layout["head_dim"]
-    return [spec for c in layout["capacities"]
+    b, heads, dim = layout.batch, layout.kv_heads, layout.head_dim
+    return [spec for c in layout.capacities
             for spec in (((b, heads, c, dim), False), ((b, heads, c, dim), False), ((b, c), True))]
 
 
@@ -37,12 +37,12 @@ class BufferedGenerator:
 
     name = "BufferedGenerator"
 
-    def __init__(self, layout: dict, device: torch.device, pad_token_id: int) -> None:
+    def __init__(self, layout: ExportLayout, device: torch.device, pad_token_id: int) -> None:
         self.layout, self.device, self.pad_token_id = layout, device, pad_token_id
-        dtype = getattr(torch, layout["dtype"])
+        dtype = getattr(torch, layout.dtype)
         self._caches = tuple([torch.empty(shape, dtype=torch.int64 if positions else dtype, device=device)
                               for shape, positions in cache_shapes(layout)] for _ in range(2))
-        self._logits = torch.empty(layout["batch"], layout["vocab_size"], dtype=dtype, device=device)
+        self._logits = torch.empty(layout.batch, layout.vocab_size, dtype=dtype, device=device)
 
     def _prefill(self, ids: Tensor, positions: Tensor, cache: list[Tensor]) -> None:
         raise NotImplementedError
@@ -51,7 +51,8 @@ class BufferedGenerator:
         raise NotImplementedError
 
     def generate(self, input_ids, max_new_tokens: int) -> np.ndarray:
-        """Greedy continuation of an unpadded prompt batch [B, n] (numpy or tensor); returns [B, max_new_tokens]."""
+        """Greedy continuation of an unpadded prompt batch [B, n] (numpy or tensor); returns [B, max_new_tokens].
+        InputError before the prefill runs, as `ExportedGenerator.generate`."""
         check_new_tokens(self.name, max_new_tokens, self.layout)
         ids, positions = (t.to(self.device) for t in left_padded(self.name, input_ids, self.layout, self.pad_token_id))
         current, spare = self._caches

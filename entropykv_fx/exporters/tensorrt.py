@@ -12,13 +12,14 @@ lazily: importing it never needs TensorRT.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..aot import build_programs, static_budgets
+from ..aot import build_programs, check_export, static_budgets
 from ..errors import ExportError
 from ..exported import prepare_export_dir, read_layout, writable_path, write_layout
 from .onnx import ONNX_FILES, write_onnx
@@ -186,6 +187,7 @@ def export_tensorrt(model: nn.Module, out_dir: str | Path, *, prompt_length: int
                     fp16: bool = False, workspace_gib: float = 4.0) -> Path:
     """Write and check the ONNX pair (`export_onnx`), then build `prefill.engine` and `decode.engine`; returns the
     layout path. Without TensorRT, raises TensorRTNotInstalled after the checked ONNX files are written."""
+    check_export(model, prompt_length, max_new_tokens, batch)
     check_topk_budgets(static_budgets(model, prompt_length))  # before the slow export
     out = prepare_export_dir(out_dir, [*ONNX_FILES, *ENGINE_FILES])
     write_onnx(*build_programs(model, prompt_length=prompt_length, max_new_tokens=max_new_tokens, batch=batch), out)
@@ -196,9 +198,9 @@ def export_tensorrt(model: nn.Module, out_dir: str | Path, *, prompt_length: int
     for name, engine in zip(("prefill", "decode"), ENGINE_FILES):
         _build_engine(trt, out / f"{name}.onnx", writable_path(out, engine), fp16, workspace_gib)
     layout = read_layout(out)
-    layout["programs"]["tensorrt"] = ENGINE_FILES
-    layout["tensorrt"] = {"version": trt.__version__, "fp16": fp16, "workspace_gib": workspace_gib}
-    return write_layout(out, layout)
+    return write_layout(out, replace(layout, programs={**layout.programs, "tensorrt": tuple(ENGINE_FILES)},
+                                     tensorrt={"version": trt.__version__, "fp16": fp16,
+                                               "workspace_gib": workspace_gib}))
 
 
 ENGINE_FILES = ["prefill.engine", "decode.engine"]
@@ -229,34 +231,34 @@ class TrtGenerator(BufferedGenerator):
         for graph, file in zip(("prefill", "decode"), files):
             engines[graph] = self._runtime.deserialize_cuda_engine(file.read_bytes())
             if engines[graph] is None:
-                raise ValueError(f"TrtGenerator: could not load {file} (built by another TensorRT "
+                raise ExportError(f"TrtGenerator: could not load {file} (built by another TensorRT "
                                  "version or for another GPU? rebuild it with export_tensorrt)")
             self._check_io(trt, graph, engines[graph])
         self._engines = engines  # the contexts need their engines alive
         self._contexts = {graph: engine.create_execution_context() for graph, engine in engines.items()}
-        self._steps = torch.arange(layout["max_new_tokens"], device=self.device)  # decode's `step`, bound by address
+        self._steps = torch.arange(layout.max_new_tokens, device=self.device)  # decode's `step`, bound by address
 
     def _check_io(self, trt, graph: str, engine) -> None:
         """Each engine I/O tensor must have the shape and dtype of the buffer bound to it."""
         torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
                         trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool}
-        b, length = self.layout["batch"], self.layout["prompt_length"]
+        b, length = self.layout.batch, self.layout.prompt_length
         cache = [(tuple(t.shape), t.dtype) for t in self._caches[0]]
         if graph == "prefill":  # input_ids, positions
             inputs = [((b, length), torch.int64)] * 2
         else:  # token, position, step, cache
             inputs = [((b, 1), torch.int64)] * 2 + [((), torch.int64)] + cache
         expected = [*inputs, (tuple(self._logits.shape), self._logits.dtype), *cache]
-        names = self.layout["onnx"][graph]
+        names = self.layout.onnx[graph]
         for name, (shape, dtype) in zip(names["inputs"] + names["outputs"], expected):
             got = (tuple(engine.get_tensor_shape(name)), torch_dtypes.get(engine.get_tensor_dtype(name)))
             if got != (shape, dtype):
-                raise ValueError(f"TrtGenerator: {graph} engine tensor {name!r} is {got}, expected {(shape, dtype)} "
+                raise ExportError(f"TrtGenerator: {graph} engine tensor {name!r} is {got}, expected {(shape, dtype)} "
                                  "from layout.json; rebuild the engines with export_tensorrt")
 
     def _run(self, graph: str, inputs: tuple[Tensor, ...], outputs: list[Tensor]) -> None:
         context = self._contexts[graph]
-        names = self.layout["onnx"][graph]
+        names = self.layout.onnx[graph]
         for name, tensor in zip(names["inputs"] + names["outputs"], (*inputs, self._logits, *outputs)):
             context.set_tensor_address(name, tensor.data_ptr())
         if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):

@@ -21,10 +21,10 @@ def _copy_rows(src_ptr, dst_ptr, scale_ptr, slots, kk, K, D, ss_s, ss_d, sd_k, s
     d = tl.arange(0, BLOCK_D)
     mask = (kk[:, None] < K) & (d[None, :] < D)
     x = tl.load(src_ptr + slots[:, None] * ss_s + d[None, :] * ss_d, mask=mask, other=0.0)
-    if QUANT:  # same arithmetic as ops.quantize_int8: x * (127 / absmax), rounded half away from zero
+    if QUANT:  # same arithmetic as ops.quantize_int8: x / absmax * 127, rounded half away from zero
         x = x.to(tl.float32)
         amax = tl.max(tl.abs(x), 1)
-        y = x * (127.0 / tl.maximum(amax, 1e-30))[:, None]
+        y = x / tl.where(amax > 0, amax, 1.0)[:, None] * 127.0
         x = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)  # float -> int truncates toward zero
         tl.store(scale_ptr + kk * sc_k, amax / 127.0, mask=kk < K)
     tl.store(dst_ptr + kk[:, None] * sd_k + d[None, :] * sd_d, x, mask=mask)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import BudgetFloorWarning
+
 if TYPE_CHECKING:
 
     from ..cache import CompressedLayer
@@ -61,7 +63,8 @@ def budget_bounds(n_tokens: int, config: EntropyKVConfig) -> tuple[int, int, int
     mean = min(n_tokens, b if isinstance(b, int) else round(b * n_tokens))
     if mean < floor:
         warnings.warn(f"entropykv: budget {b!r} gives {mean} tokens for a {n_tokens}-token prompt, below the "
-                      f"{floor} always-kept sink+window tokens; keeping {floor} per layer", stacklevel=3)
+                      f"{floor} always-kept sink+window tokens; keeping {floor} per layer", BudgetFloorWarning,
+                      stacklevel=3)
         mean = floor
     return floor, mean, n_tokens
 
