@@ -167,7 +167,7 @@ class EntropyKVConfig:
     head_groups / layer_groups (matrix_entropy): how many budget tiers the heads of a layer, and the layers, form.
     """
 
-    policy: str = "entropy"
+    policy: str = "uniform"  # the most accurate layer-wise policy measured (README, Policies)
     budget: float | int = 0.25
     window: int = 32
     sink_tokens: int = 4

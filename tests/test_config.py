@@ -83,7 +83,7 @@ def test_valid_edges_are_accepted(kw):
 def test_defaults():
     cfg = EntropyKVConfig()
     assert (cfg.policy, cfg.budget, cfg.window, cfg.sink_tokens, cfg.pooling, cfg.pool_kernel,
-            cfg.budget_source, cfg.calibration_file) == ("entropy", 0.25, 32, 4, "max", 7, "dynamic", None)
+            cfg.budget_source, cfg.calibration_file, cfg.scorer) == ("uniform", 0.25, 32, 4, "max", 7, "dynamic", None, "window")
 
 
 def test_config_is_frozen():

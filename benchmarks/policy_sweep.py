@@ -1,0 +1,195 @@
+"""Needle retrieval under every policy x scorer x budget, fast enough for hundreds of questions per cell on a GPU.
+
+    python benchmarks/policy_sweep.py --cases 50 --lengths 2048 4096 --device cuda --dtype bfloat16 --out DIR
+
+Cases are `entropykv_fx.bench.cases` (single needle; multi-key with three distractor needles) from the committed
+Austen texts. A case with an even index belongs to the *select* split (for choosing settings), an odd one to the
+*report* split (for the tables). Each question is prefilled once per scorer (`bench.fanout.scored_prefill`) and
+every (policy, budget) compresses a copy of that cache, physically (`compress_cache`).
+
+Scoring is **greedy answer match, teacher-forced**: the full cache's greedy answer (its tokens up to the last
+character of the expected value) is the target, and a compressed cache scores 1 when, fed the target's tokens
+after the prompt, its argmax at every position is the target's next token, i.e. when greedy decoding would
+reproduce the answer. One forward per method instead of one per generated token. When the full cache answers
+wrong, the target is the expected value's own tokens (and the full cache scores 0). Question-aware: context +
+question are compressed together; query-agnostic: the context alone is compressed, then the question is fed.
+
+Writes `sweep_<tag>.json` (every record) and `sweep_<tag>.md` (device, versions, commit, command, Wilson 95%
+intervals, report split) to --out, and re-writes both after every case, so a run cut short keeps its results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from entropykv_fx.bench.cases import make_cases
+from entropykv_fx.bench.fanout import compressed_copy, scored_prefill
+from entropykv_fx.bench.quality import DTYPES, environment
+from entropykv_fx.bench.scoring import answer_recall
+from entropykv_fx.compat import with_cache
+from entropykv_fx.config import EntropyKVConfig
+from entropykv_fx.models import load_default_model
+from entropykv_fx.reuse import continue_greedy
+
+# name -> EntropyKVConfig fields besides the budget; "full" is always run
+VARIANTS = {
+    "uniform/window": dict(policy="uniform"),
+    "uniform/window/nopool": dict(policy="uniform", pooling="none"),
+    "uniform/last_query": dict(policy="uniform", scorer="last_query"),
+    "uniform/key_norm": dict(policy="uniform", scorer="key_norm"),
+    "entropy/window": dict(policy="entropy"),
+    "entropy/last_query": dict(policy="entropy", scorer="last_query"),
+    "pyramidkv/window": dict(policy="pyramidkv"),
+    "pyramidkv/last_query": dict(policy="pyramidkv", scorer="last_query"),
+    "snapkv/window": dict(policy="snapkv"),
+    "snapkv/last_query": dict(policy="snapkv", scorer="last_query"),
+    "adakv/window": dict(policy="adakv"),
+    "adakv/last_query": dict(policy="adakv", scorer="last_query"),
+    "matrix_entropy/window": dict(policy="matrix_entropy"),
+    "matrix_entropy/last_query": dict(policy="matrix_entropy", scorer="last_query"),
+    "entropy_head/window": dict(policy="entropy_head"),
+    "streaming": dict(policy="streaming"),
+}
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (Wilson 1927, JASA 22:209)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def answer_target(tokenizer, generated: list[int], answers: list[str]) -> tuple[list[int], bool]:
+    """(target tokens, whether the full cache answered right): its greedy tokens up to the answer, else the answer's."""
+    for k in range(1, len(generated) + 1):
+        if answer_recall(tokenizer.decode(generated[:k], skip_special_tokens=True), answers) == 1.0:
+            return generated[:k], True
+    return tokenizer(" " + answers[0], add_special_tokens=False)["input_ids"], False
+
+
+@torch.no_grad()
+def forced_match(model, cache, first_logits: torch.Tensor | None, feed: list[int], target: list[int]) -> bool:
+    """Would greedy decoding after `cache` (+ `feed`, e.g. the question) produce `target`? One forward."""
+    ids = feed + target[:-1]
+    logits = model(input_ids=torch.tensor([ids], device=model.device), **with_cache(cache), use_cache=True).logits[0]
+    predicted = logits[len(feed) - 1 if feed else 0:].argmax(-1).tolist()
+    if not feed:
+        predicted = [int(first_logits.argmax())] + predicted
+    return predicted[:len(target)] == target
+
+
+def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str]) -> list[dict]:
+    records = []
+    q = case.questions[0]
+    split = "select" if case.index % 2 == 0 else "report"
+    base = dict(task=case.task, length=case.length, case=case.index, split=split)
+    scorers = sorted({v.get("scorer", "window") for v in variants.values()})
+    for setting in settings:
+        prompt = case.context_ids + (q.question_ids if setting == "question_aware" else [])
+        feed = [] if setting == "question_aware" else q.question_ids
+        target = right = None
+        for scorer in scorers:
+            full, logits = scored_prefill(model, torch.tensor([prompt]), EntropyKVConfig(scorer=scorer))
+            if target is None:  # the full cache's own greedy answer is the target
+                working = copy.deepcopy(full)
+                if feed:
+                    out = model(input_ids=torch.tensor([feed], device=model.device), **with_cache(working), use_cache=True)
+                    first = out.logits[0, -1]
+                else:
+                    first = logits
+                generated = continue_greedy(model, working, first, case.max_new_tokens).tolist()
+                target, right = answer_target(tokenizer, generated, q.answers)
+                records.append(dict(base, setting=setting, method="full", budget=1.0, kept=1.0, correct=right))
+            for name, fields in variants.items():
+                if fields.get("scorer", "window") != scorer:
+                    continue
+                for budget in budgets:
+                    cache, report = compressed_copy(full, EntropyKVConfig(budget=budget, **fields))
+                    ok = forced_match(model, cache, logits, feed, target)
+                    records.append(dict(base, setting=setting, method=name, budget=budget, kept=report.kept_fraction,
+                                        correct=ok))
+    return records
+
+
+def tables(records: list[dict], split: str) -> list[str]:
+    lines = []
+    for setting in sorted({r["setting"] for r in records}):
+        rows = [r for r in records if r["setting"] == setting and r["split"] == split]
+        budgets = sorted({r["budget"] for r in rows if r["method"] != "full"}, reverse=True)
+        methods = ["full"] + sorted({r["method"] for r in rows} - {"full"})
+        lines += [f"\n### {setting}, {split} split (accuracy %, Wilson 95% interval, n questions)\n",
+                  "| method | " + " | ".join(f"{b:g} kept" for b in budgets) + " |",
+                  "|---" * (len(budgets) + 1) + "|"]
+        for m in methods:
+            cells = []
+            for b in ([1.0] * len(budgets) if m == "full" else budgets):
+                got = [r["correct"] for r in rows if r["method"] == m and r["budget"] == b]
+                lo, hi = wilson(sum(got), len(got))
+                kept = [r["kept"] for r in rows if r["method"] == m and r["budget"] == b]
+                cells.append(f"{100 * sum(got) / max(len(got), 1):.1f} [{100 * lo:.0f}, {100 * hi:.0f}] n={len(got)}"
+                             f" ({100 * sum(kept) / max(len(kept), 1):.1f}% bytes)")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write(records: list[dict], meta: dict, stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}))
+    lines = [f"# Policy sweep: {meta['model']}, teacher-forced greedy answer match\n",
+             *(f"- {k}: {v}" for k, v in meta["environment"].items()),
+             f"- cases: {meta['cases_done']} of {meta['cases_total']} (tasks {meta['tasks']}, lengths {meta['lengths']}), "
+             f"{meta['seconds']:.0f} s", "\nByte fractions are measured from the compressed tensors (`report.kept_fraction`)."]
+    for split in ("report", "select"):
+        lines += tables(records, split)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["single_needle", "multi_key"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--cases", type=int, default=20, help="cases per task and length (half select, half report)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--settings", nargs="+", default=["question_aware", "query_agnostic"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--seed", type=int, default=1, help="case seed (the quality benchmark's default is 0)")
+    parser.add_argument("--time-limit", type=float, default=540, help="seconds; stop starting new cases after it")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tag", default="gpu")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    model, tokenizer = load_default_model(dtype=DTYPES[args.dtype], device=args.device)
+    cases = make_cases(tokenizer, args.tasks, args.lengths, args.cases, args.seed)
+    cases.sort(key=lambda c: (c.index, c.task, c.length))  # interleaved: a cut-short run still covers every cell
+    variants = {name: VARIANTS[name] for name in args.variants}
+    meta = dict(environment=environment(args.device), model="SmolLM2-135M-Instruct", dtype=args.dtype,
+                tasks=args.tasks, lengths=args.lengths, budgets=args.budgets, variants=variants, seed=args.seed,
+                cases_total=len(cases))
+    stem = Path(args.out) / f"sweep_{args.tag}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    for i, case in enumerate(cases):
+        if time.perf_counter() - start > args.time_limit:
+            print(f"time limit: stopping after {i} cases", file=sys.stderr)
+            break
+        records += run_case(model, tokenizer, case, variants, args.budgets, args.settings)
+        write(records, dict(meta, cases_done=i + 1, seconds=time.perf_counter() - start), stem)
+        print(f"case {i + 1}/{len(cases)} {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    print(stem.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
