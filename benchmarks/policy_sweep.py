@@ -55,6 +55,8 @@ VARIANTS = {
     "adakv/last_query": dict(policy="adakv", scorer="last_query"),
     "matrix_entropy/window": dict(policy="matrix_entropy"),
     "matrix_entropy/last_query": dict(policy="matrix_entropy", scorer="last_query"),
+    "matrix_entropy/window/layer_tiers_only": dict(policy="matrix_entropy", head_groups=1),
+    "matrix_entropy/window/head_tiers_only": dict(policy="matrix_entropy", layer_groups=1),
     "entropy_head/window": dict(policy="entropy_head"),
     "streaming": dict(policy="streaming"),
 }

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from .policies import pool_scores
+
 if TYPE_CHECKING:
     from .cache import CompressedLayer
     from .config import EntropyKVConfig
@@ -45,15 +47,11 @@ class Scorer:
 
     def head_scores(self, layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
         """[B, Hkv, S] per-KV-head scores of a scored prefill layer."""
-        from .policies import pool_scores
-
         raw = -layer.keys.float().norm(dim=-1) if self.from_keys else layer.stats.kv_scores
         return pool_scores(raw, config.pooling, config.pool_kernel) if self.pooled else raw
 
     def layer_scores(self, layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
         """[B, S] scores shared by every head of the layer (one token set per layer)."""
-        from .policies import pool_scores
-
         if self.from_keys:
             return self.head_scores(layer, config).sum(1)
         return pool_scores(layer.stats.layer_scores, config.pooling, config.pool_kernel) if self.pooled \
