@@ -8,6 +8,7 @@ Averaging the per-layer kept fractions over sample prompts gives one fixed alloc
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import EntropyKVConfig
+from .config import EntropyKVConfig, model_shape
 from .errors import InputError
 from .hf import optimize, report
 
@@ -55,9 +56,7 @@ def calibrate(model: nn.Module, samples: Iterable[torch.Tensor], path: str | Pat
     fractions = [min(1.0, sum(col) / len(col)) for col in zip(*per_sample)]
     record = {"layer_fractions": fractions, "policy": cfg.policy, "budget": cfg.budget, "window": cfg.window,
               "sink_tokens": cfg.sink_tokens, "samples": len(lengths), "prompt_tokens": lengths,
-              "model": type(model).__name__, "num_layers": model.config.num_hidden_layers,
-              "num_kv_heads": getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads,
-              "num_attention_heads": model.config.num_attention_heads}
+              **model_shape(model)}
     if per_head:
         record["head_fractions"] = [[min(1.0, sum(col) / len(col)) for col in zip(*layer)] for layer in zip(*per_head)]
         record["int8_heads"] = [[2 * sum(col) > len(col) for col in zip(*layer)] for layer in zip(*int8_votes)]
@@ -67,8 +66,6 @@ def calibrate(model: nn.Module, samples: Iterable[torch.Tensor], path: str | Pat
 
 def writable_output(path: str | Path, who: str) -> Path:
     """`path` as a file `who` can write (parent created), checked before any work: InputError names it."""
-    import os
-
     out = Path(path)
     if out.is_dir() or out.is_symlink():
         raise InputError(f"{who}: out={str(path)!r} is {'a directory' if out.is_dir() else 'a symbolic link'}; "

@@ -70,17 +70,14 @@ def _export_default_model(fmt: str, calibration: str, out: str, prompt_length: i
 
     from .config import Calibration, EntropyKVConfig
     from .exported import prepare_export_dir
-    from .models import DEFAULT_MODEL, load_default_model
+    from .models import DEFAULT_MODEL_SHAPE, load_default_model
 
     # Everything is checked before the model loads: the calibration, its settings, the output directory.
     record = Calibration.read(calibration)
     # The budgets were measured with this policy, window and sink count: export with the same.
     settings = {k: getattr(record, k) for k in ("policy", "window", "sink_tokens") if getattr(record, k) is not None}
     config = EntropyKVConfig(budget_source="calibrated", calibration_file=calibration, **settings)
-    if record.model not in (None, "LlamaForCausalLM") or record.num_layers not in (None, 30):
-        raise InputError(f"export: --calibration {calibration} was made for {record.model} with {record.num_layers} "
-                         f"layers; `entropykv-fx export` exports {DEFAULT_MODEL} (LlamaForCausalLM, 30 layers): "
-                         "calibrate it with `entropykv-fx calibrate`")
+    record.check_shape(DEFAULT_MODEL_SHAPE)  # `entropykv-fx export` exports the default model
     prepare_export_dir(out, [])
     model, _ = load_default_model()
     model = entropykv_fx.optimize(model, config)

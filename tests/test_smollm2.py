@@ -50,3 +50,11 @@ def test_explain_rewrites_all_30_attention_sites_on_prefill_and_decode_graphs(sm
     reports = entropykv_fx.explain(model, tokenizer("The capital of France is", return_tensors="pt")["input_ids"].to(DEVICE))
     assert [r.name.split("(")[1] for r in reports] == ["prefill)", "decode)"]
     assert all(r.found == r.rewritten == 30 for r in reports), "\n".join(map(str, reports))
+
+
+def test_the_cli_knows_the_default_models_shape(smollm2):
+    """`entropykv-fx export` checks a calibration against DEFAULT_MODEL_SHAPE before loading the model."""
+    from entropykv_fx.config import model_shape
+    from entropykv_fx.models import DEFAULT_MODEL_SHAPE
+
+    assert model_shape(smollm2[0]) == DEFAULT_MODEL_SHAPE
