@@ -148,7 +148,10 @@ def static_budgets(model: nn.Module, prompt_length: int) -> list[int]:
 def check_export(model: nn.Module, prompt_length: int, max_new_tokens: int, batch: int) -> None:
     """What every exporter checks before touching the output directory or tracing: an optimized model with
     calibrated layer-wise budgets and sizes that are ints >= 1 (ExportError naming the argument)."""
-    _static_runtime(model)
+    _, config = _static_runtime(model)
+    if SCORERS[config.scorer].reconstruct:
+        raise ExportError("export: scorer='reconstruct' needs a reconstruction prefill (the prompt run twice), which "
+                          "exported programs do not run; optimize with scorer='window', 'last_query' or 'key_norm'")
     for name, value in (("prompt_length", prompt_length), ("max_new_tokens", max_new_tokens), ("batch", batch)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOKENS:
             raise ExportError(f"export: {name}={short_repr(value)} is invalid: it must be >= 1 (an int, at most "

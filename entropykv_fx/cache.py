@@ -126,11 +126,13 @@ class CompressedLayer(DynamicLayer):
         return ("dense",)
 
     def keep_reachable(self, floor: Tensor) -> None:
-        """Drop every slot whose position is <= floor [B] (a sliding window has passed it), prefill statistics
-        included; rows that keep fewer slots end in empty ones."""
-        if self.positions is None:
-            return
-        keep = self.positions > floor[:, None]
+        """Drop every slot whose position is <= floor [B] (a sliding window has passed it)."""
+        if self.positions is not None:
+            self.keep_slots(self.positions > floor[:, None])
+
+    def keep_slots(self, keep: Tensor) -> None:
+        """Keep the slots where keep [B, S] is True, in order, prefill statistics included; rows that keep fewer
+        slots end in empty ones."""
         if bool(keep.all()):
             return
         idx, valid = kept_slot_index(keep)
@@ -201,6 +203,15 @@ class EntropyKVCache(Cache):
         for layer, window in zip(self.layers, windows):
             if window > 0:
                 layer.keep_reachable(self.next_positions - window)
+
+    def end_reconstruction(self, positions: Tensor) -> None:
+        """Forget the repeated part of a reconstruction prefill (`entropykv_fx.reconstruct`): each row keeps the
+        slots of its prompt, and the cache counts tokens as after a prefill whose positions [B, L] (-1 for pads)
+        were `positions`."""
+        ends = positions.max(-1).values + 1
+        for layer in self.layers:
+            layer.keep_slots((layer.positions >= 0) & (layer.positions < ends[:, None]))
+        self.seen_tokens, self.step_positions, self.next_positions = positions.shape[1], positions, ends
 
     def prompt_lengths(self) -> list[int]:
         """Tokens of each row fed by the last step (pads excluded): a prefill's prompt lengths."""

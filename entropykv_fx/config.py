@@ -154,7 +154,11 @@ class EntropyKVConfig:
         count per layer on average (capped at the prompt length).
     scorer: how tokens are ranked inside each budget (`entropykv_fx.scorers`): "window" (attention from the
         observation window, SnapKV), "last_query" (attention from the last prompt query, TOVA) or "key_norm"
-        (negated key norm, Knorm). Policies that rank by position (streaming) or keep everything ignore it.
+        (negated key norm, Knorm) or "reconstruct" (attention received while the model re-reads the prompt,
+        KVzip; about twice a plain prefill's work). Policies that rank by position (streaming) or keep
+        everything ignore it.
+    repeat_prompt: token ids placed between the prompt and its repetition by the "reconstruct" scorer (e.g. the
+        tokenized "Repeat the previous context exactly."); empty: the prompt is simply repeated.
     window: the last `window` prompt queries measure attention entropy (and score tokens, for the "window"
         scorer); those `window` tokens are always kept.
     sink_tokens: the first tokens of each sequence, always kept (attention sinks).
@@ -195,6 +199,7 @@ class EntropyKVConfig:
     head_groups: int = 2
     layer_groups: int = 2
     scorer: str = "window"  # after the older fields: they keep their positions
+    repeat_prompt: tuple[int, ...] = ()
     # Set by the config itself from calibration_file (kept across `replace` while the file name is unchanged).
     calibration: Calibration | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -207,6 +212,10 @@ class EntropyKVConfig:
 
         if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
             _fail("scorer", self.scorer, f"one of {sorted(SCORERS)}")
+        r = self.repeat_prompt
+        if not isinstance(r, (tuple, list)) or len(r) > MAX_TOKENS or not all(_int_in(t, 0) for t in r):
+            _fail("repeat_prompt", r, "a tuple of token ids (ints >= 0)")
+        object.__setattr__(self, "repeat_prompt", tuple(int(t) for t in r))
         b = self.budget
         if _is_int(b):
             if not 1 <= b <= MAX_TOKENS:

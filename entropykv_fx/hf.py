@@ -37,11 +37,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .cache import EntropyKVCache, PrefillStats
 from .compat import cache_in_call, check_transformers_version, with_cache
 from .compress import CompressionReport, compress_cache, uncompressed_report
-from .config import EntropyKVConfig
+from .config import ConfigError, EntropyKVConfig
 from .errors import ArgumentTypeError, EntropyKVError, InputError, short_repr
 from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteResult, RewriteSettings
 from .policies import POLICIES
+from .reconstruct import original_columns, repeat_context
 from .scorers import SCORERS
 
 logger = logging.getLogger("entropykv_fx")
@@ -140,6 +141,17 @@ class Optimized:
         model_pos, mask_pos = _step_positions(cache, ref.shape[1], ref.shape[0], attention_mask, position_ids,
                                               ref.device)
         embeds = inputs_embeds if inputs_embeds is not None else self.decoder.embed_tokens(input_ids)
+        reconstruct = prefill and self._reconstructs()
+        if reconstruct:  # one forward over [prompt, repeat prompt, prompt] (entropykv_fx.reconstruct)
+            valid = mask_pos >= 0
+            if position_ids is not None and bool((mask_pos != valid.long().cumsum(-1) - 1)[valid].any()):
+                raise UnsupportedCallError("entropykv: scorer='reconstruct' repeats the prompt at the following "
+                                           "positions, so it needs the default position_ids (0, 1, ... after left "
+                                           "padding); pass none, or use another scorer")
+            prompt_pos, length = mask_pos, embeds.shape[1]
+            repeat = torch.tensor(self.config.repeat_prompt, dtype=torch.long, device=embeds.device)
+            embeds, mask_pos, shift = repeat_context(embeds, mask_pos, self.decoder.embed_tokens(repeat))
+            model_pos = mask_pos.clamp(min=0)
         forward = self._graph_for(prefill, embeds.shape[0], embeds.shape[1], cache, kwargs)
         cache.begin_step(mask_pos)
         self._stats_sink, self._sites_run = cache, 0
@@ -155,6 +167,11 @@ class Optimized:
             raise RuntimeError(f"entropykv: only {self._sites_run} of {self.num_layers} attention layers ran through "
                                "the rewritten graph in this forward, so its results are not trustworthy")
         with torch.no_grad():
+            if reconstruct:  # callers see a prefill of their prompt: the repetition leaves no trace
+                cache.end_reconstruction(prompt_pos)
+                out.last_hidden_state = original_columns(out.last_hidden_state, shift, length)
+                if out.hidden_states is not None:
+                    out.hidden_states = tuple(original_columns(h, shift, length) for h in out.hidden_states)
             # Sliding-window layers first drop what no later query can attend, so no budget is spent on it.
             cache.drop_unreachable(self.sliding_windows)
             if prefill and not self._keep_stats:
@@ -234,6 +251,13 @@ class Optimized:
         finally:
             self.model.set_attn_implementation(ATTN_NAME)
 
+    def _reconstructs(self) -> bool:
+        """Whether a prefill is a reconstruction prefill: the `reconstruct` scorer, when its scores are used (a
+        policy that evicts by score) or kept (`scored_prefill`)."""
+        policy = POLICIES[self.config.policy]
+        return SCORERS[self.config.scorer].reconstruct and (
+            self._keep_stats or (policy.evicts and policy.token_scores is None))
+
     def _compress(self, cache: EntropyKVCache) -> CompressionReport:
         if POLICIES[self.config.policy].evicts:
             report = compress_cache(cache, self.config)
@@ -256,10 +280,13 @@ class Optimized:
         policy = POLICIES[self._statistic_of or self.config.policy]
         cfg = self.config
         rank_queries = SCORERS[cfg.scorer].rank_queries
+        repeat = len(cfg.repeat_prompt) if self._reconstructs() else None
         if policy.prefill_statistic is None:
-            return RewriteSettings(cfg.window, self.sliding_windows, rank_queries=rank_queries), (cfg.window, rank_queries)
-        return (RewriteSettings(cfg.window, self.sliding_windows, _statistic(policy.prefill_statistic, cfg), rank_queries),
-                (cfg.window, rank_queries, policy.name, cfg.matrix_states, cfg.matrix_rank))
+            return (RewriteSettings(cfg.window, self.sliding_windows, rank_queries=rank_queries, repeat_tokens=repeat),
+                    (cfg.window, rank_queries, repeat))
+        statistic = _statistic(policy.prefill_statistic, cfg)
+        return (RewriteSettings(cfg.window, self.sliding_windows, statistic, rank_queries, repeat),
+                (cfg.window, rank_queries, repeat, policy.name, cfg.matrix_states, cfg.matrix_rank))
 
     def _graph_for(self, prefill: bool, batch: int, length: int, cache: EntropyKVCache, kwargs: dict) -> Any:
         settings, depends_on = self._settings(prefill)
@@ -391,6 +418,9 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     cfg = base.replace(**overrides) if overrides else base
     if cfg.calibration is not None:  # parsed once when cfg was built; a file for another model fails here
         cfg.calibration.check_model(model)
+    if any(t >= model.config.vocab_size for t in cfg.repeat_prompt):
+        raise ConfigError(f"entropykv_fx.optimize: repeat_prompt holds token ids {sorted(set(cfg.repeat_prompt))} but "
+                          f"the model's vocabulary is 0..{model.config.vocab_size - 1}")
     if existing is not None:
         existing.reconfigure(cfg, inductor, mode)
     else:

@@ -131,13 +131,90 @@ def score(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
     return entropy, kv_scores, kv_scores.sum(1)
 
 
-@score.register_fake
-def _(q, k, q_pos, k_pos, scale, sliding_window):
-    _check_qkv("entropykv.score", q, k, None, q_pos, k_pos)
+def _score_shapes(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty results shaped as the scoring ops': entropy [B, Hq], kv_scores [B, Hkv, S], layer_scores [B, S]."""
     b, hq = q.shape[:2]
     hkv, s = k.shape[1], k.shape[2]
     f32 = torch.float32
     return q.new_empty(b, hq, dtype=f32), q.new_empty(b, hkv, s, dtype=f32), q.new_empty(b, s, dtype=f32)
+
+
+@score.register_fake
+def _(q, k, q_pos, k_pos, scale, sliding_window):
+    _check_qkv("entropykv.score", q, k, None, q_pos, k_pos)
+    return _score_shapes(q, k)
+
+
+# --------------------------------------------------------------------------------------------- reconstruction
+def reconstruction_layout(q_pos: Tensor, repeat_tokens: int) -> tuple[Tensor, Tensor]:
+    """(context tokens n [B], left pads [B]) of a reconstruction prefill, whose rows are left-padded
+    [context (n tokens), `repeat_tokens` prompt tokens, the context again]: 2n + repeat_tokens valid positions."""
+    valid = (q_pos >= 0).sum(-1)
+    return (valid - repeat_tokens) // 2, q_pos.shape[-1] - valid
+
+
+def context_queries(q_pos: Tensor, repeat_tokens: int) -> Tensor:
+    """`q_pos` [B, L] of a reconstruction prefill with every query past the context set to -1 (invalid), for
+    statistics that describe the context alone."""
+    n, _ = reconstruction_layout(q_pos, repeat_tokens)
+    return q_pos.masked_fill(q_pos >= n[:, None], -1)
+
+
+def _check_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, repeat_tokens: int) -> None:
+    _check_qkv("entropykv.score_reconstruction", q, k, None, q_pos, k_pos)
+    _check(window >= 1 and repeat_tokens >= 0, f"entropykv.score_reconstruction: window must be >= 1 and "
+           f"repeat_tokens >= 0, got {window} and {repeat_tokens}")
+
+
+@torch.library.custom_op("entropykv::score_reconstruction", mutates_args=())
+def score_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int,
+                         window: int, repeat_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Token scores by context reconstruction (KVzip, Kim et al. 2025, https://arxiv.org/abs/2505.23416).
+
+    The prefill holds, per row (left-padded), the context (n tokens), `repeat_tokens` prompt tokens and the
+    context again (`reconstruction_layout`); q [B, Hq, L, D] are all its queries, k [B, Hkv, S, D] its keys.
+    Returns float32 tensors shaped as `score`'s:
+      entropy [B, Hq]: `score`'s entropy over the context's last `window` queries (what a prefill of the context
+        alone measures, up to rounding);
+      kv_scores [B, Hkv, S]: the largest attention probability each slot receives from a query of the repeated
+        context, over those queries and the query heads sharing the KV head (a slot needed to reproduce the
+        context scores high);
+      layer_scores [B, S]: the largest of kv_scores over the KV heads.
+    Memory is bounded by chunking the queries (about 256 MB of float32 logits at a time).
+    """
+    _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens)
+    b, hq, _, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    group = hq // hkv
+    n, pads = reconstruction_layout(q_pos, repeat_tokens)
+
+    def queries(first: Tensor, count: int, length: Tensor) -> tuple[Tensor, Tensor]:
+        """`count` queries per row from position first[b] on ([B, Hq, count, D], positions [B, count]); those at or
+        past first + length are marked invalid (-1)."""
+        pos = first[:, None] + torch.arange(count, device=q.device)
+        ok = (pos >= 0) & (pos < (first + length)[:, None])
+        col = (pads[:, None] + pos).clamp(0, q.shape[2] - 1)
+        return q.gather(2, col[:, None, :, None].expand(b, hq, count, d)), torch.where(ok, pos, -1)
+
+    q_win, pos_win = queries(n - window, window, torch.full_like(n, window))
+    entropy = score(q_win, k, pos_win, k_pos, scale, sliding_window)[0]
+    q_rec, pos_rec = queries(n + repeat_tokens, int(n.max()), n)
+    kv_scores = q.new_zeros(b, hkv, s, dtype=torch.float32)
+    chunk = max(1, 2**26 // max(b * group * s, 1))
+    for h in range(hkv):
+        for start in range(0, q_rec.shape[2], chunk):
+            qg = q_rec[:, h * group:(h + 1) * group, start:start + chunk].float()
+            seen = visibility(pos_rec[:, start:start + chunk], k_pos, sliding_window)[:, None]
+            logits = ((qg @ k[:, h:h + 1].float().transpose(-1, -2)) * scale).masked_fill(~seen, float("-inf"))
+            p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that sees nothing (invalid) gives zeros
+            kv_scores[:, h] = torch.maximum(kv_scores[:, h], p.amax(dim=(1, 2)))
+    return entropy, kv_scores, kv_scores.amax(1)
+
+
+@score_reconstruction.register_fake
+def _(q, k, q_pos, k_pos, scale, sliding_window, window, repeat_tokens):
+    _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens)
+    return _score_shapes(q, k)
 
 
 # --------------------------------------------------------------------------------------------- selection

@@ -10,9 +10,13 @@ the scorer says (`ops.select`).
 | `window` | attention mass it receives from the last `window` prompt queries, pooled | SnapKV, arXiv 2404.14469 |
 | `last_query` | attention it receives from the last prompt query (mean over heads), unpooled | TOVA, arXiv 2401.06104 |
 | `key_norm` | the negated L2 norm of its key (low-norm keys draw attention), unpooled | Devoto et al., arXiv 2406.11430 |
+| `reconstruct` | the most attention it receives while the model re-reads the prompt (max over queries and heads), unpooled | KVzip, arXiv 2505.23416 |
 
 `window` and `last_query` are computed inside the prefill graph by `entropykv::score`, the second over one query
-(`RewriteSettings.rank_queries`); `key_norm` needs only the cached keys.
+(`RewriteSettings.rank_queries`); `key_norm` needs only the cached keys. `reconstruct` makes the prefill one
+forward over [prompt, `repeat_prompt`, prompt] (`entropykv_fx.reconstruct`), scored by
+`entropykv::score_reconstruction`: about twice a plain prefill's work, for a ranking that does not depend on
+what is asked next (compress a document once, ask many questions).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Scorer:
         the same ones that measure entropy; the graph then scores once).
     from_keys: the scores are the negated key norms instead of attention.
     pooled: scores are smoothed along the sequence (`pooling`, `pool_kernel`) before top-k.
+    reconstruct: the prefill is a reconstruction prefill and the scores are its (`entropykv_fx.reconstruct`).
     """
 
     name: str
@@ -44,6 +49,7 @@ class Scorer:
     rank_queries: int | None = None
     from_keys: bool = False
     pooled: bool = True
+    reconstruct: bool = False
 
     def head_scores(self, layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
         """[B, Hkv, S] per-KV-head scores of a scored prefill layer."""
@@ -63,4 +69,6 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in (
     Scorer("last_query", "attention from the last prompt query, mean over heads, unpooled (TOVA)",
            rank_queries=1, pooled=False),
     Scorer("key_norm", "negated L2 norm of the key, unpooled (Knorm)", from_keys=True, pooled=False),
+    Scorer("reconstruct", "largest attention received while re-reading the prompt, unpooled (KVzip)", pooled=False,
+           reconstruct=True),
 )}

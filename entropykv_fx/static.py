@@ -42,6 +42,9 @@ class StaticCacheModel:
             raise ValueError(f"StaticCacheModel: policy {cfg.policy!r} with budget_source={cfg.budget_source!r} is "
                              "not supported; use a layer-wise policy with dynamic budgets (entropy, uniform, "
                              "pyramidkv, streaming, full)")
+        if SCORERS[cfg.scorer].reconstruct:
+            raise ValueError("StaticCacheModel: scorer='reconstruct' needs a reconstruction prefill (the prompt run "
+                             "twice), which static buffers do not hold; use scorer='window', 'last_query' or 'key_norm'")
         self.model, self.config = model, cfg
         self.layers: list[StaticLayer] = []
         self.stats: dict[int, PrefillStats] = {}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx
 
-from .. import ops  # noqa: F401  (registers the entropykv ops)
+from .. import ops
 from ..headwise import attend_heads
 from .find_attention import AttentionSite, find_attention_sites
 
@@ -40,12 +40,21 @@ class RewriteSettings:
         scores on prefill graphs (a policy's own measure, e.g. matrix entropy).
     rank_queries: when set, the token scores come from the last `rank_queries` queries (a second, smaller
         `entropykv::score`) while the entropies still come from the `score_window` ones (`scorers.last_query`).
+    repeat_tokens: when set, every prefill is a reconstruction prefill (context, `repeat_tokens` prompt tokens,
+        the context again) scored by `entropykv::score_reconstruction`; a per-head statistic then sees the
+        context's queries only (`scorers.reconstruct`).
     """
 
     score_window: int | None = None
     sliding_windows: tuple[int, ...] = ()
     prefill_statistic: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
     rank_queries: int | None = None
+    repeat_tokens: int | None = None
+
+    @property
+    def reconstructs(self) -> bool:
+        """Prefill graphs run a reconstruction prefill (`ops.score_reconstruction`; `scorers.reconstruct`)."""
+        return self.repeat_tokens is not None
 
     def sliding_window(self, layer: int) -> int:
         return self.sliding_windows[layer] if layer < len(self.sliding_windows) else 0
@@ -163,12 +172,19 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
                 return graph.call_function(torch.ops.entropykv.score.default,
                                            (q_win, keys, pos_win, positions, scale, window))
 
-            scored = score_last(settings.score_window)
-            ranked = scored if settings.rank_queries is None else score_last(settings.rank_queries)
+            stat_pos = q_pos
+            if settings.reconstructs:
+                scored = ranked = graph.call_function(
+                    torch.ops.entropykv.score_reconstruction.default,
+                    (site.query, keys, q_pos, positions, scale, window, settings.score_window, settings.repeat_tokens))
+                stat_pos = graph.call_function(ops.context_queries, (q_pos, settings.repeat_tokens))
+            else:
+                scored = score_last(settings.score_window)
+                ranked = scored if settings.rank_queries is None else score_last(settings.rank_queries)
             stats = (graph.call_function(operator.getitem, (scored, 0)),
                      *(graph.call_function(operator.getitem, (ranked, i)) for i in (1, 2)))
             if settings.prefill_statistic is not None:
-                stats += (graph.call_function(settings.prefill_statistic, (site.query, keys, q_pos)),)
+                stats += (graph.call_function(settings.prefill_statistic, (site.query, keys, stat_pos)),)
             stats += (keys, values, positions)
     site.output.replace_all_uses_with(out)
     # Erased by hand: SDPA is tagged random (dropout), so dead-code elimination would keep it.

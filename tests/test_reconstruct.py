@@ -1,0 +1,188 @@
+"""The `reconstruct` scorer (KVzip-class): its op against a plain reference, and the reconstruction prefill's
+contract: callers see a prefill of their prompt (outputs, cache, positions), rows of a batch as alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_ops import ref_probs, ref_score
+from test_runtime import greedy, kept_positions, left_padded
+from tiny_models import DEVICE, calibrated, random_prompt, tiny_model
+
+import entropykv_fx
+from entropykv_fx import compat, ops
+from entropykv_fx.aot import check_export
+from entropykv_fx.bench.fanout import scored_prefill
+from entropykv_fx.config import ConfigError, EntropyKVConfig
+from entropykv_fx.errors import ExportError
+from entropykv_fx.hf import UnsupportedCallError
+from entropykv_fx.static import StaticCacheModel
+
+
+def reconstruction_batch(lengths: list[int], repeat: int, hq: int = 4, hkv: int = 2, d: int = 8,
+                         dtype: torch.dtype = torch.float32):
+    """Random q, k and the positions of a left-padded reconstruction prefill of contexts of `lengths` tokens."""
+    total = 2 * max(lengths) + repeat
+    pos = torch.tensor([[-1] * (total - 2 * n - repeat) + list(range(2 * n + repeat)) for n in lengths],
+                       device=DEVICE)
+    q = torch.randn(len(lengths), hq, total, d, device=DEVICE).to(dtype)
+    k = torch.randn(len(lengths), hkv, total, d, device=DEVICE).to(dtype)
+    return q, k, pos
+
+
+def reference(q, k, pos, scale, sliding_window, window, repeat):
+    """(entropy, kv_scores) by loops over float64 probabilities."""
+    probs, _ = ref_probs(q, k, pos, pos, scale, sliding_window)  # [B, Hq, L, S]
+    b, hq = q.shape[:2]
+    hkv, group = k.shape[1], hq // k.shape[1]
+    kv = torch.zeros(b, hkv, k.shape[2], dtype=torch.float64)
+    entropy = torch.zeros(b, hq, dtype=torch.float64)
+    for bi in range(b):
+        p = pos[bi].tolist()
+        n = (sum(x >= 0 for x in p) - repeat) // 2
+        rec = [i for i, x in enumerate(p) if x >= n + repeat]
+        for h in range(hkv):
+            kv[bi, h] = probs[bi, h * group:(h + 1) * group, rec].amax(dim=(0, 1)) if rec else 0
+        win = [i for i, x in enumerate(p) if n - window <= x < n]
+        if win:
+            entropy[bi] = ref_score(q[bi:bi + 1, :, win], k[bi:bi + 1], pos[bi:bi + 1, win], pos[bi:bi + 1], scale,
+                                    sliding_window)[0][0]
+    return entropy, kv
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3), repeat=st.integers(0, 3),
+       window=st.integers(1, 5), sliding_window=st.sampled_from([0, 4]), seed=st.integers(0, 2**16))
+def test_score_reconstruction_matches_reference(lengths, repeat, window, sliding_window, seed):
+    torch.manual_seed(seed)
+    q, k, pos = reconstruction_batch(lengths, repeat)
+    scale = 1 / math.sqrt(q.shape[-1])
+    entropy, kv_scores, layer_scores = ops.score_reconstruction(q, k, pos, pos, scale, sliding_window, window, repeat)
+    exp_entropy, exp_kv = reference(q, k, pos, scale, sliding_window, window, repeat)
+    torch.testing.assert_close(entropy.cpu().double(), exp_entropy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kv_scores.cpu().double(), exp_kv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer_scores, kv_scores.amax(1))
+    assert ((kv_scores >= 0) & (kv_scores <= 1 + 1e-6)).all()
+    assert (layer_scores[pos < 0] == 0).all()  # pads are never attended
+
+
+def test_score_reconstruction_in_low_precision_scores_in_float32():
+    torch.manual_seed(3)
+    q, k, pos = reconstruction_batch([6, 4], 2, dtype=torch.bfloat16)
+    got = ops.score_reconstruction(q, k, pos, pos, 0.3, 0, 3, 2)
+    exp_entropy, exp_kv = reference(q, k, pos, 0.3, 0, 3, 2)
+    assert all(t.dtype == torch.float32 for t in got)
+    torch.testing.assert_close(got[1].cpu().double(), exp_kv, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0].cpu().double(), exp_entropy, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lengths, repeat, sliding_window", [([5, 3], 2, 0), ([7], 0, 3)])
+def test_score_reconstruction_opcheck(lengths, repeat, sliding_window):
+    torch.manual_seed(4)
+    q, k, pos = reconstruction_batch(lengths, repeat)
+    torch.library.opcheck(torch.ops.entropykv.score_reconstruction.default,
+                          (q, k, pos, pos, 0.25, sliding_window, 2, repeat))
+
+
+def test_score_reconstruction_rejects_bad_arguments():
+    q, k, pos = reconstruction_batch([4], 1)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        ops.score_reconstruction(q, k, pos, pos, 0.25, 0, 0, 1)
+    with pytest.raises(ValueError, match="q_pos must be"):
+        ops.score_reconstruction(q, k, pos[:, 1:], pos, 0.25, 0, 2, 1)
+
+
+def test_context_queries_hides_the_repetition():
+    pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]])
+    assert ops.context_queries(pos, 1).tolist() == [[-1, -1, 0, 1, -1, -1, -1], [0, 1, 2, -1, -1, -1, -1]]
+
+
+# --------------------------------------------------------------------------------------- the runtime
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+def test_a_reconstruction_prefill_looks_like_a_prefill_of_the_prompt(arch):
+    """Outputs of every column, positions and (at full budget) the cached keys equal a plain prefill's, for a
+    left-padded batch; mistral's sliding window (24) is shorter than the prompts."""
+    ids, mask = left_padded([random_prompt(50, seed=5)[0], random_prompt(33, seed=6)[0]])
+    plain = entropykv_fx.optimize(tiny_model(arch), budget=1.0)
+    model = entropykv_fx.optimize(tiny_model(arch), scorer="reconstruct", budget=1.0, repeat_prompt=(7, 8, 9))
+    with torch.no_grad():
+        want = plain(ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
+        got = model(ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
+    valid = mask.bool()
+    torch.testing.assert_close(got.logits[valid], want.logits[valid], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got.hidden_states, want.hidden_states):
+        torch.testing.assert_close(g[valid], w[valid], atol=1e-5, rtol=1e-5)
+    got_cache, want_cache = compat.cache_of(got), compat.cache_of(want)
+    assert got_cache.get_seq_length() == want_cache.get_seq_length() == ids.shape[1]
+    assert got_cache.next_positions.tolist() == [50, 33]
+    for g, w in zip(got_cache.layers, want_cache.layers):
+        for b in range(2):
+            keep_g, keep_w = g.positions[b] >= 0, w.positions[b] >= 0
+            assert torch.equal(g.positions[b, keep_g], w.positions[b, keep_w])
+            torch.testing.assert_close(g.keys[b, :, keep_g], w.keys[b, :, keep_w], atol=1e-5, rtol=1e-5)
+
+
+def test_full_budget_generates_the_unmodified_tokens_with_a_repeat_prompt():
+    ids = random_prompt(80, seed=2)
+    reference = greedy(tiny_model(), ids, n=6)
+    model = entropykv_fx.optimize(tiny_model(), scorer="reconstruct", budget=1.0, repeat_prompt=(3, 4))
+    assert torch.equal(greedy(model, ids, n=6), reference)
+
+
+@pytest.mark.parametrize("policy", ["uniform", "pyramidkv", "adakv", "matrix_entropy"])
+def test_every_row_of_a_batch_keeps_and_generates_what_it_does_alone(policy):
+    model = entropykv_fx.optimize(tiny_model("qwen3"), policy=policy, scorer="reconstruct", budget=0.4, window=6,
+                                  sink_tokens=2)
+    prompts = [random_prompt(n, seed=n)[0] for n in (64, 37)]
+    ids, mask = left_padded(prompts)
+    batched = greedy(model, ids, attention_mask=mask, n=5)
+    rows = entropykv_fx.report(model).rows
+    for b, prompt in enumerate(prompts):
+        alone = greedy(model, prompt[None], n=5)
+        assert torch.equal(batched[b], alone[0])
+        assert [r.slots_after for r in rows[b].layers] == [r.slots_after for r in entropykv_fx.report(model).layers]
+
+
+def test_scores_differ_from_the_window_scorer_and_entropies_do_not():
+    ids = random_prompt(90, seed=7)
+    model = tiny_model()
+    rec, _ = scored_prefill(model, ids, EntropyKVConfig(scorer="reconstruct"))
+    win, _ = scored_prefill(model, ids, EntropyKVConfig())
+    for a, b in zip(rec.layers, win.layers):
+        assert a.positions.tolist() == b.positions.tolist() == [list(range(90))]
+        torch.testing.assert_close(a.stats.entropy, b.stats.entropy, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(a.stats.kv_scores, b.stats.kv_scores)
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_kept_tokens_are_the_reconstruction_top_k():
+    ids = random_prompt(100, seed=9)
+    cfg = {"policy": "uniform", "scorer": "reconstruct", "budget": 40, "window": 8, "sink_tokens": 2}
+    full, _ = scored_prefill(tiny_model(), ids, EntropyKVConfig(**cfg))
+    model = entropykv_fx.optimize(tiny_model(), **cfg)
+    with torch.no_grad():
+        cache = compat.cache_of(model(ids, use_cache=True))
+    forced = set(range(2)) | set(range(92, 100))
+    for kept, layer in zip(kept_positions(cache), full.layers):
+        score = layer.stats.layer_scores[0]
+        chosen = sorted(set(range(2, 92)), key=lambda p: (-score[p].item(), p))[:40 - len(forced)]
+        assert set(kept) == forced | set(chosen)
+
+
+def test_bad_uses_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="repeat_prompt"):
+        EntropyKVConfig(repeat_prompt=(1, -2))
+    with pytest.raises(ConfigError, match="repeat_prompt holds token ids \\[500\\]"):
+        entropykv_fx.optimize(tiny_model(), scorer="reconstruct", repeat_prompt=(500,))
+    model = entropykv_fx.optimize(tiny_model(), scorer="reconstruct", budget=0.5)
+    with pytest.raises(UnsupportedCallError, match="default position_ids"):
+        model(random_prompt(40), position_ids=torch.arange(5, 45, device=DEVICE)[None], use_cache=True)
+    with pytest.raises(ValueError, match="scorer='reconstruct'"):
+        StaticCacheModel(tiny_model(), scorer="reconstruct")
+    exportable = entropykv_fx.optimize(calibrated(tmp_path, "llama", [0.5, 0.5, 0.5]), scorer="reconstruct")
+    with pytest.raises(ExportError, match="scorer='reconstruct'"):
+        check_export(exportable, 32, 4, 1)
