@@ -39,6 +39,8 @@ from entropykv_fx.config import EntropyKVConfig
 from entropykv_fx.models import load_default_model
 from entropykv_fx.reuse import continue_greedy
 
+# KVzip's instruction between the context and its repetition (a `repeat_prompt` given as text is tokenized)
+REPEAT_TEXT = "\n\nRepeat the previous context exactly.\n"
 # name -> EntropyKVConfig fields besides the budget; "full" is always run
 VARIANTS = {
     "uniform/window": dict(policy="uniform"),
@@ -59,6 +61,13 @@ VARIANTS = {
     "matrix_entropy/window/head_tiers_only": dict(policy="matrix_entropy", layer_groups=1),
     "entropy_head/window": dict(policy="entropy_head"),
     "streaming": dict(policy="streaming"),
+    "uniform/reconstruct": dict(policy="uniform", scorer="reconstruct"),
+    "uniform/reconstruct/prompted": dict(policy="uniform", scorer="reconstruct", repeat_prompt=REPEAT_TEXT),
+    "pyramidkv/reconstruct": dict(policy="pyramidkv", scorer="reconstruct"),
+    "snapkv/reconstruct": dict(policy="snapkv", scorer="reconstruct"),
+    "adakv/reconstruct": dict(policy="adakv", scorer="reconstruct"),
+    "matrix_entropy/reconstruct": dict(policy="matrix_entropy", scorer="reconstruct"),
+    "entropy/reconstruct": dict(policy="entropy", scorer="reconstruct"),
 }
 
 
@@ -96,13 +105,15 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
     q = case.questions[0]
     split = "select" if case.index % 2 == 0 else "report"
     base = dict(task=case.task, length=case.length, case=case.index, split=split)
-    scorers = sorted({v.get("scorer", "window") for v in variants.values()})
+    # one prefill per (scorer, repeat prompt): what the prefill computes depends on nothing else
+    prefills = sorted({(v.get("scorer", "window"), v.get("repeat_prompt", ())) for v in variants.values()})
     for setting in settings:
         prompt = case.context_ids + (q.question_ids if setting == "question_aware" else [])
         feed = [] if setting == "question_aware" else q.question_ids
         target = right = None
-        for scorer in scorers:
-            full, logits = scored_prefill(model, torch.tensor([prompt]), EntropyKVConfig(scorer=scorer))
+        for scorer, repeat in prefills:
+            full, logits = scored_prefill(model, torch.tensor([prompt]), EntropyKVConfig(scorer=scorer,
+                                                                                        repeat_prompt=repeat))
             if target is None:  # the full cache's own greedy answer is the target
                 working = copy.deepcopy(full)
                 if feed:
@@ -114,7 +125,7 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                 target, right = answer_target(tokenizer, generated, q.answers)
                 records.append(dict(base, setting=setting, method="full", budget=1.0, kept=1.0, correct=right))
             for name, fields in variants.items():
-                if fields.get("scorer", "window") != scorer:
+                if (fields.get("scorer", "window"), fields.get("repeat_prompt", ())) != (scorer, repeat):
                     continue
                 for budget in budgets:
                     cache, report = compressed_copy(full, EntropyKVConfig(budget=budget, **fields))
@@ -175,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_default_model(dtype=DTYPES[args.dtype], device=args.device)
     cases = make_cases(tokenizer, args.tasks, args.lengths, args.cases, args.seed)
     cases.sort(key=lambda c: (c.index, c.task, c.length))  # interleaved: a cut-short run still covers every cell
-    variants = {name: VARIANTS[name] for name in args.variants}
+    variants = {name: {k: tuple(tokenizer(v, add_special_tokens=False)["input_ids"]) if k == "repeat_prompt" else v
+                       for k, v in VARIANTS[name].items()} for name in args.variants}
     meta = dict(environment=environment(args.device), model="SmolLM2-135M-Instruct", dtype=args.dtype,
                 tasks=args.tasks, lengths=args.lengths, budgets=args.budgets, variants=variants, seed=args.seed,
                 cases_total=len(cases))

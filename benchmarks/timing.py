@@ -21,6 +21,9 @@ from entropykv_fx.compat import with_cache
 SHAPES = {  # Llama-3-8B: 32 layers, 32 query / 8 KV heads of 128, vocabulary 128256
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    # SmolLM2-135M (the quality benchmarks' model): 30 layers, 9 query / 3 KV heads of 64
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0),
 }

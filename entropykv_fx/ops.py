@@ -166,26 +166,60 @@ def _check_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, wi
            f"repeat_tokens >= 0, got {window} and {repeat_tokens}")
 
 
+def _check_max_attention(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, slots: int) -> None:
+    _check_qkv("entropykv.max_attention", q, k, None, q_pos, k_pos)
+    _check(0 <= slots <= k.shape[2], f"entropykv.max_attention: slots must be in 0..{k.shape[2]} (the keys), got {slots}")
+
+
+@torch.library.custom_op("entropykv::max_attention", mutates_args=())
+def max_attention(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int,
+                  slots: int) -> Tensor:
+    """The largest attention probability each of the first `slots` key slots receives: [B, Hkv, slots] float32.
+
+    Probabilities are softmaxes over all the slots each query sees (by position, as `attention`); the largest is
+    taken over the valid queries of q [B, Hq, L, D] and the query heads sharing each KV head. Queries that see
+    nothing add nothing. Memory is bounded by chunking the queries (about 256 MB of float32 logits at a time).
+    """
+    _check_max_attention(q, k, q_pos, k_pos, slots)
+    b, hq, length, _ = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    group = hq // hkv
+    out = q.new_zeros(b, hkv, slots, dtype=torch.float32)
+    chunk = max(1, 2**26 // max(b * group * s, 1))
+    for h in range(hkv):
+        for start in range(0, length, chunk):
+            qg = q[:, h * group:(h + 1) * group, start:start + chunk].float()
+            seen = visibility(q_pos[:, start:start + chunk], k_pos, sliding_window)[:, None]
+            logits = ((qg @ k[:, h:h + 1].float().transpose(-1, -2)) * scale).masked_fill(~seen, float("-inf"))
+            p = torch.softmax(logits, dim=-1).nan_to_num(0.0)[..., :slots]  # a query that sees nothing: zeros
+            out[:, h] = torch.maximum(out[:, h], p.amax(dim=(1, 2)))
+    return out
+
+
+@max_attention.register_fake
+def _(q, k, q_pos, k_pos, scale, sliding_window, slots):
+    _check_max_attention(q, k, q_pos, k_pos, slots)
+    return q.new_empty(q.shape[0], k.shape[1], slots, dtype=torch.float32)
+
+
 @torch.library.custom_op("entropykv::score_reconstruction", mutates_args=())
 def score_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int,
                          window: int, repeat_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
     """Token scores by context reconstruction (KVzip, Kim et al. 2025, https://arxiv.org/abs/2505.23416).
 
     The prefill holds, per row (left-padded), the context (n tokens), `repeat_tokens` prompt tokens and the
-    context again (`reconstruction_layout`); q [B, Hq, L, D] are all its queries, k [B, Hkv, S, D] its keys.
-    Returns float32 tensors shaped as `score`'s:
+    context again (`reconstruction_layout`); q [B, Hq, L, D] are all its queries, k [B, Hkv, L, D] its keys (the
+    prefill's slots: slot j holds column j). Returns float32 tensors shaped as `score`'s:
       entropy [B, Hq]: `score`'s entropy over the context's last `window` queries (what a prefill of the context
         alone measures, up to rounding);
-      kv_scores [B, Hkv, S]: the largest attention probability each slot receives from a query of the repeated
-        context, over those queries and the query heads sharing the KV head (a slot needed to reproduce the
-        context scores high);
-      layer_scores [B, S]: the largest of kv_scores over the KV heads.
-    Memory is bounded by chunking the queries (about 256 MB of float32 logits at a time).
+      kv_scores [B, Hkv, L]: for the context's slots, the largest attention probability each receives from a
+        query of the repeated context (`max_attention`: a slot needed to reproduce the context scores high); the
+        other slots, which the runtime drops, are scored only as far as the batch's longest context reaches (0
+        past it);
+      layer_scores [B, L]: the largest of kv_scores over the KV heads.
     """
     _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens)
     b, hq, _, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    group = hq // hkv
     n, pads = reconstruction_layout(q_pos, repeat_tokens)
 
     def queries(first: Tensor, count: int, length: Tensor) -> tuple[Tensor, Tensor]:
@@ -199,15 +233,9 @@ def score_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, sca
     q_win, pos_win = queries(n - window, window, torch.full_like(n, window))
     entropy = score(q_win, k, pos_win, k_pos, scale, sliding_window)[0]
     q_rec, pos_rec = queries(n + repeat_tokens, int(n.max()), n)
-    kv_scores = q.new_zeros(b, hkv, s, dtype=torch.float32)
-    chunk = max(1, 2**26 // max(b * group * s, 1))
-    for h in range(hkv):
-        for start in range(0, q_rec.shape[2], chunk):
-            qg = q_rec[:, h * group:(h + 1) * group, start:start + chunk].float()
-            seen = visibility(pos_rec[:, start:start + chunk], k_pos, sliding_window)[:, None]
-            logits = ((qg @ k[:, h:h + 1].float().transpose(-1, -2)) * scale).masked_fill(~seen, float("-inf"))
-            p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that sees nothing (invalid) gives zeros
-            kv_scores[:, h] = torch.maximum(kv_scores[:, h], p.amax(dim=(1, 2)))
+    context_slots = int((pads + n).max())  # no row's context reaches past this slot
+    kv_scores = F.pad(max_attention(q_rec, k, pos_rec, k_pos, scale, sliding_window, context_slots),
+                      (0, k.shape[2] - context_slots))
     return entropy, kv_scores, kv_scores.amax(1)
 
 

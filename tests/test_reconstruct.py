@@ -51,6 +51,8 @@ def reference(q, k, pos, scale, sliding_window, window, repeat):
         if win:
             entropy[bi] = ref_score(q[bi:bi + 1, :, win], k[bi:bi + 1], pos[bi:bi + 1, win], pos[bi:bi + 1], scale,
                                     sliding_window)[0][0]
+    reach = max(len(p) - (sum(x >= 0 for x in p) + repeat) // 2 for p in pos.tolist())  # pads + n
+    kv[..., reach:] = 0  # past every row's context: not scored
     return entropy, kv
 
 
@@ -88,12 +90,21 @@ def test_score_reconstruction_opcheck(lengths, repeat, sliding_window):
                           (q, k, pos, pos, 0.25, sliding_window, 2, repeat))
 
 
+@pytest.mark.parametrize("slots", [0, 6, 13])
+def test_max_attention_opcheck(slots):
+    torch.manual_seed(5)
+    q, k, pos = reconstruction_batch([5, 4], 3)
+    torch.library.opcheck(torch.ops.entropykv.max_attention.default, (q[:, :, 8:], k, pos[:, 8:], pos, 0.25, 0, slots))
+
+
 def test_score_reconstruction_rejects_bad_arguments():
     q, k, pos = reconstruction_batch([4], 1)
     with pytest.raises(ValueError, match="window must be >= 1"):
         ops.score_reconstruction(q, k, pos, pos, 0.25, 0, 0, 1)
     with pytest.raises(ValueError, match="q_pos must be"):
         ops.score_reconstruction(q, k, pos[:, 1:], pos, 0.25, 0, 2, 1)
+    with pytest.raises(ValueError, match="slots must be in 0..9"):
+        ops.max_attention(q, k, pos, pos, 0.25, 0, 10)
 
 
 def test_context_queries_hides_the_repetition():

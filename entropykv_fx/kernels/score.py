@@ -4,7 +4,8 @@ Reference: `entropykv_fx.ops.score`. Two passes over K, each split over the sequ
   1. per query row and chunk of keys: running max m, sum of exp l, and sum of exp * logit t (online softmax);
      a small kernel merges the chunks into log Z per row and the entropy H = log Z - E_p[logit], averaged
      over the valid window queries of each head;
-  2. per key block: p = exp(logit - log Z) summed over every row of the KV-head group -> kv_scores.
+  2. per key block: p = exp(logit - log Z) summed over every row of the KV-head group -> kv_scores (or, for
+     `entropykv::max_attention`, its largest value over the rows).
 Only per-row statistics and [S] scores reach global memory, never the window x S matrix.
 """
 
@@ -92,7 +93,9 @@ def _score_merge(stats_ptr, lse_ptr, ent_ptr, G, W, SPLITS, ROW_BLOCKS,
 def _score_tokens(q_ptr, k_ptr, qpos_ptr, kpos_ptr, lse_ptr, out_ptr, scale_log2, window, G, W, S, D, HKV,
                   ROW_BLOCKS, chunk, sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_s, sk_d, sqp_b, sqp_l, skp_b, skp_s,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, REDUCE_MAX: tl.constexpr):
+    """Per key slot: the sum (or, with REDUCE_MAX, the largest) of p over every row of the KV-head group; S here is
+    the number of slots scored (the first S), lse normalizes over all the slots each row sees."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = (bh // HKV).to(tl.int64), bh % HKV  # int64: b * stride can pass 2**31
     lo = split * chunk
@@ -107,16 +110,20 @@ def _score_tokens(q_ptr, k_ptr, qpos_ptr, kpos_ptr, lse_ptr, out_ptr, scale_log2
             p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)
             j = start + tl.arange(0, BLOCK_N)
             dst = out_ptr + bh * S + j  # this program owns these slots: no atomics
-            total = tl.sum(p, 0)
-            if rb > 0:
-                total += tl.load(dst, mask=j < S)
+            if REDUCE_MAX:
+                total = tl.max(p, 0)
+                if rb > 0:
+                    total = tl.maximum(total, tl.load(dst, mask=j < S))
+            else:
+                total = tl.sum(p, 0)
+                if rb > 0:
+                    total += tl.load(dst, mask=j < S)
             tl.store(dst, total, mask=j < S)
 
 
-def score(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
-          sliding_window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton `entropykv::score`: (entropy [B, Hq], kv_scores [B, Hkv, S], layer_scores [B, S]), float32."""
-    ops._check_qkv("entropykv.score", q, k, None, q_pos, k_pos)
+def _scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+            sliding_window: int, slots: int, reduce_max: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy [B, Hq], per-slot sum or max of p over the group's rows [B, Hkv, slots]) for the first `slots`."""
     b, hq, w, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -127,15 +134,35 @@ def score(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Te
     num_warps = 8 if block_m * block_d >= 128 * 128 else 4
     meta = dict(BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, UPCAST=INTERPRET,
                 PRECISION=dot_precision(q.dtype), num_warps=num_warps)
-    common = (scale * LOG2E, sliding_window, g, w, s, d, hkv, row_blocks)
     strides = (*q.stride(), *k.stride(), *q_pos.stride(), *k_pos.stride())
 
     stats = torch.empty(3, b, hkv, splits, row_blocks * block_m, device=q.device, dtype=torch.float32)
-    _score_stats[(b * hkv * row_blocks, splits)](q, k, q_pos, k_pos, stats, *common, splits, chunk, *strides, **meta)
+    _score_stats[(b * hkv * row_blocks, splits)](q, k, q_pos, k_pos, stats, scale * LOG2E, sliding_window, g, w, s, d,
+                                                 hkv, row_blocks, splits, chunk, *strides, **meta)
     lse = torch.empty(b, hkv, row_blocks * block_m, device=q.device, dtype=torch.float32)
     entropy = torch.empty(b, hq, device=q.device, dtype=torch.float32)
     _score_merge[(b * hkv,)](stats, lse, entropy, g, w, splits, row_blocks, BLOCK_M=block_m,
                              BLOCK_S=min(32, block(splits, 1)), BLOCK_G=block(g, 1))
-    kv_scores = torch.empty(b, hkv, s, device=q.device, dtype=torch.float32)
-    _score_tokens[(b * hkv, splits)](q, k, q_pos, k_pos, lse, kv_scores, *common, chunk, *strides, **meta)
+    # The slot pass has no row blocks to spread over: it splits the slots as finely as the GPU needs.
+    slot_splits, slot_chunk = splits_for(b * hkv, slots, BLOCK_N, q.device)
+    out = torch.empty(b, hkv, slots, device=q.device, dtype=torch.float32)
+    _score_tokens[(b * hkv, slot_splits)](q, k, q_pos, k_pos, lse, out, scale * LOG2E, sliding_window, g, w, slots, d,
+                                          hkv, row_blocks, slot_chunk, *strides, **meta, REDUCE_MAX=reduce_max)
+    return entropy, out
+
+
+def score(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+          sliding_window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton `entropykv::score`: (entropy [B, Hq], kv_scores [B, Hkv, S], layer_scores [B, S]), float32."""
+    ops._check_qkv("entropykv.score", q, k, None, q_pos, k_pos)
+    entropy, kv_scores = _scores(q, k, q_pos, k_pos, scale, sliding_window, k.shape[2], reduce_max=False)
     return entropy, kv_scores, kv_scores.sum(1)
+
+
+def max_attention(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float,
+                  sliding_window: int, slots: int) -> torch.Tensor:
+    """Triton `entropykv::max_attention`: [B, Hkv, slots] float32, the same two passes with a max over rows."""
+    ops._check_max_attention(q, k, q_pos, k_pos, slots)
+    if slots == 0:
+        return torch.empty(q.shape[0], k.shape[1], 0, device=q.device, dtype=torch.float32)
+    return _scores(q, k, q_pos, k_pos, scale, sliding_window, slots, reduce_max=True)[1]

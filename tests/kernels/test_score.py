@@ -55,3 +55,30 @@ def test_score_op_dispatches_to_triton():
     pos = prompt_positions(1, 100, [0])
     torch.testing.assert_close(ops.score(q, k, pos[:, -8:], pos, 0.125, 0),
                                kernels.score(q, k, pos[:, -8:], pos, 0.125, 0), rtol=0, atol=0)
+
+
+MAX_SHAPES = [  # B, Hq, Hkv, L (queries), S, slots
+    (1, 2, 1, 5, 40, 40),
+    (2, 6, 2, 30, 70, 33),  # 180 rows per KV head: two row blocks; only the first 33 slots scored
+    (2, 4, 4, 9, 130, 0),
+]
+if GPU:
+    MAX_SHAPES += [(1, 32, 8, 600, 1300, 650), (2, 9, 3, 1000, 2100, 1000)]
+
+
+@pytest.mark.parametrize("window", [0, 17])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", MAX_SHAPES, ids=str)
+def test_max_attention_matches_reference(shape, dtype, window):
+    """The reconstruction scorer's pass: queries in the middle of a left-padded prompt (the repetition's)."""
+    seed("max", shape, dtype, window)
+    b, hq, hkv, length, s, slots = shape
+    d = 64
+    q, k = randn(b, hq, length, d, dtype=dtype), randn(b, hkv, s, d, dtype=dtype)
+    k_pos = prompt_positions(b, s, [0, min(11, s - 1)][:b])
+    q_pos = k_pos[:, s - length - 3:s - 3]
+    out = kernels.max_attention(q, k, q_pos, k_pos, d ** -0.5, window, slots)
+    ref = ops.max_attention(q.cpu(), k.cpu(), q_pos.cpu(), k_pos.cpu(), d ** -0.5, window, slots)
+    assert out.shape == ref.shape == (b, hkv, slots) and out.dtype == torch.float32
+    if slots:
+        assert rel_err(out, ref) < SCORE_TOL

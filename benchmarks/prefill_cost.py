@@ -1,0 +1,74 @@
+"""Prefill time and peak memory of each scorer against the unmodified model's prefill (issue 17: what the
+`reconstruct` scorer costs).
+
+    python benchmarks/prefill_cost.py --shape llama3-8b --contexts 2048 8192 32768 --device cuda --tag h200
+
+Per context: the unmodified model's prefill (SDPA, its own cache), then `optimize(model, scorer=S, budget=0.25)`
+for each scorer S: one untimed call (graphs compile), then the median of --repeats timed prefills (synchronized),
+the peak memory of one of them, and the ratio to the unmodified prefill. Random bf16 weights at the shape's sizes.
+Writes prefill_cost_<tag>.json and .md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from timing import SHAPES, peak_gib, random_llama, reset_peak, run_environment, seconds, write_markdown
+
+import entropykv_fx
+
+
+def timed_prefill(model, ids, repeats: int, device: torch.device) -> tuple[float, float]:
+    """(median seconds, peak GiB) of `repeats` prefills of ids after one untimed call."""
+    with torch.no_grad():
+        model(ids, use_cache=True, logits_to_keep=1)
+        times = []
+        for i in range(repeats):
+            if i == repeats - 1:
+                reset_peak(device)
+            times.append(seconds(lambda: model(ids, use_cache=True, logits_to_keep=1), device)[1])
+    return statistics.median(times), peak_gib(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--scorers", nargs="+", default=["window", "last_query", "key_norm", "reconstruct"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tag", default="gpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = random_llama(args.shape, device, max(args.contexts) * 2 + 64)
+    env, _, _ = run_environment(device, args.shape, model)
+    env["entropykv_fx"] = entropykv_fx.__version__
+    stem = Path(args.out) / f"prefill_cost_{args.tag}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in args.contexts:
+        ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+        if "entropykv" in model.__dict__:
+            entropykv_fx.restore(model)
+        plain, plain_peak = timed_prefill(model, ids, args.repeats, device)
+        rows.append(dict(context=n, prefill="unmodified", ms=round(plain * 1e3, 1), ratio=1.0,
+                         peak_GiB=round(plain_peak, 2)))
+        for scorer in args.scorers:
+            entropykv_fx.optimize(model, scorer=scorer, budget=0.25)
+            t, peak = timed_prefill(model, ids, args.repeats, device)
+            rows.append(dict(context=n, prefill=f"uniform/{scorer}", ms=round(t * 1e3, 1), ratio=round(t / plain, 2),
+                             peak_GiB=round(peak, 2)))
+            print(rows[-1], flush=True)
+        stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        write_markdown(stem.with_suffix(".md"), env, rows)
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
