@@ -38,9 +38,9 @@ from entropykv_fx.compat import with_cache
 from entropykv_fx.config import EntropyKVConfig
 from entropykv_fx.models import load_default_model
 from entropykv_fx.reuse import continue_greedy
+from entropykv_fx.scorers import REPEAT_INSTRUCTION, repeat_prompt_ids
 
-# KVzip's instruction between the context and its repetition (a `repeat_prompt` given as text is tokenized)
-REPEAT_TEXT = "\n\nRepeat the previous context exactly.\n"
+REPEAT_TEXT = REPEAT_INSTRUCTION  # a `repeat_prompt` given as text is tokenized (`scorers.repeat_prompt_ids`)
 # name -> EntropyKVConfig fields besides the budget; "full" is always run
 VARIANTS = {
     "uniform/window": dict(policy="uniform"),
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_default_model(dtype=DTYPES[args.dtype], device=args.device)
     cases = make_cases(tokenizer, args.tasks, args.lengths, args.cases, args.seed)
     cases.sort(key=lambda c: (c.index, c.task, c.length))  # interleaved: a cut-short run still covers every cell
-    variants = {name: {k: tuple(tokenizer(v, add_special_tokens=False)["input_ids"]) if k == "repeat_prompt" else v
+    variants = {name: {k: repeat_prompt_ids(tokenizer, v) if k == "repeat_prompt" else v
                        for k, v in VARIANTS[name].items()} for name in args.variants}
     meta = dict(environment=environment(args.device), model="SmolLM2-135M-Instruct", dtype=args.dtype,
                 tasks=args.tasks, lengths=args.lengths, budgets=args.budgets, variants=variants, seed=args.seed,

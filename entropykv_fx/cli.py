@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--policy", default=DEMO_POLICY,
                       help="compression policy: entropy, uniform, pyramidkv, streaming, snapkv, adakv, entropy_head or "
                            "matrix_entropy (entropykv_fx.policies() describes them)")
+    demo.add_argument("--scorer", default="window",
+                      help="how tokens are ranked inside each budget: window, last_query, key_norm or reconstruct "
+                           "(entropykv_fx.scorers; reconstruct repeats the prompt after KVzip's instruction)")
     demo.add_argument("--depth", type=_unit_float, default=0.5, help="where the fact sits in the text (0..1)")
     demo.add_argument("--out", default="entropykv_demo", help="folder for the PNG plot")
 
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            run_demo(args.prompt_tokens, tuple(args.budgets), args.policy, args.depth, out_dir=args.out)
+            run_demo(args.prompt_tokens, tuple(args.budgets), args.policy, args.depth, out_dir=args.out,
+                     scorer=args.scorer)
         elif args.command == "export":
             path = _export_default_model(args.format, args.calibration, args.out, args.prompt_length,
                                          args.max_new_tokens)

@@ -22,6 +22,7 @@ from .compress import CompressionReport
 from .config import EntropyKVConfig
 from .errors import InputError
 from .models import DEFAULT_MODEL, load_default_model, text
+from .scorers import SCORERS, repeat_prompt_ids
 
 FACT = 'The secret passphrase for the vault is "silver heron".'
 QUESTION = "What is the secret passphrase for the vault?"
@@ -102,11 +103,12 @@ def plot(runs: list[Run], path: Path) -> None:
 
 
 def run_demo(prompt_tokens: int = 2000, budgets: tuple[float, ...] = (0.25, 0.1), policy: str = "uniform",
-             depth: float = 0.5, max_new_tokens: int = 16, out_dir: str | Path = ".") -> list[Run]:
-    """The demo (`entropykv-fx demo`); its arguments are checked before the model loads (ConfigError for a policy
-    or budget, InputError for depth or out_dir)."""
+             depth: float = 0.5, max_new_tokens: int = 16, out_dir: str | Path = ".", scorer: str = "window") -> list[Run]:
+    """The demo (`entropykv-fx demo`); its arguments are checked before the model loads (ConfigError for a policy,
+    scorer or budget, InputError for depth or out_dir). scorer="reconstruct" repeats the prompt after KVzip's
+    instruction (`scorers.repeat_prompt_ids`)."""
     for b in budgets:
-        EntropyKVConfig(policy=policy, budget=b)
+        EntropyKVConfig(policy=policy, budget=b, scorer=scorer)
     if not 0.0 <= depth <= 1.0:
         raise InputError(f"demo: depth={depth!r} is invalid: expected a number in [0, 1]")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -119,8 +121,12 @@ def run_demo(prompt_tokens: int = 2000, budgets: tuple[float, ...] = (0.25, 0.1)
     print(f"model {DEFAULT_MODEL} | prompt {n} tokens with a planted fact at depth {depth:.0%} | "
           f"question: {QUESTION!r} | expected: {ANSWER_KEY!r}\n")
     runs = []
-    plan = [("full cache", {"policy": "full"}),
-            *((f"{policy} {b:.0%}" if b <= 1 else f"{policy} {b}", {"policy": policy, "budget": b}) for b in budgets)]
+    method = policy if scorer == "window" else f"{policy}/{scorer}"
+    compressed = {"policy": policy, "scorer": scorer}
+    if SCORERS[scorer].reconstruct:
+        compressed["repeat_prompt"] = repeat_prompt_ids(tokenizer)
+    plan = [("full cache", {"policy": "full", "scorer": "window"}),
+            *((f"{method} {b:.0%}" if b <= 1 else f"{method} {b}", {**compressed, "budget": b}) for b in budgets)]
     # One progress line per setting on stderr: the first warm-up compiles (about a minute on 2 CPU cores).
     for i, (label, settings) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {label}: warm-up (compiles on first use), then timed generation", file=sys.stderr,

@@ -64,6 +64,16 @@ class Scorer:
             else layer.stats.layer_scores
 
 
+# What the benchmarks put between the prompt and its repetition (KVzip's instruction, arXiv 2505.23416).
+REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly.\n"
+
+
+def repeat_prompt_ids(tokenizer, text: str = REPEAT_INSTRUCTION) -> tuple[int, ...]:
+    """Token ids of `text` (no special tokens) for `EntropyKVConfig.repeat_prompt`:
+    `optimize(model, policy="adakv", scorer="reconstruct", repeat_prompt=repeat_prompt_ids(tokenizer))`."""
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 SCORERS: dict[str, Scorer] = {s.name: s for s in (
     Scorer("window", "attention mass from the last `window` prompt queries, pooled (SnapKV)"),
     Scorer("last_query", "attention from the last prompt query, mean over heads, unpooled (TOVA)",

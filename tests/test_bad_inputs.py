@@ -359,6 +359,7 @@ ROWS = [
     ("cli", lambda c, t: main(["demo", "--depth", "2"]), CLI, "'2'"),
     ("cli", lambda c, t: main(["demo", "--budgets", "1.5"]), CLI, "'1.5'"),
     ("cli", lambda c, t: main(["demo", "--policy", "nope"]), CLI, "policy='nope'"),
+    ("cli", lambda c, t: main(["demo", "--scorer", "kvzip"]), CLI, "scorer='kvzip'"),
     ("cli", lambda c, t: main(["demo", "--prompt-tokens", "0"]), CLI, "'0'"),
     ("cli", lambda c, t: main(["demo", "--out", str(a_file(t))]), CLI, "is a file"),
 ]
