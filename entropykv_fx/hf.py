@@ -39,6 +39,7 @@ from .compat import cache_in_call, check_transformers_version, with_cache
 from .compress import CompressionReport, compress_cache, uncompressed_report
 from .config import ConfigError, EntropyKVConfig
 from .errors import ArgumentTypeError, EntropyKVError, InputError, short_repr
+from .parallel import check_same_positions, combine_prefill_stats, tensor_parallel_group
 from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteResult, RewriteSettings
 from .policies import POLICIES
@@ -74,8 +75,10 @@ class Optimized:
     `model.entropykv` holds it (the functions `entropykv_fx.report/explain/restore(model)` read it from there).
     """
 
-    def __init__(self, model: nn.Module, config: EntropyKVConfig, inductor: bool, mode: str | None) -> None:
+    def __init__(self, model: nn.Module, config: EntropyKVConfig, inductor: bool, mode: str | None,
+                 tp_group: Any = None, verify_ranks: bool = False) -> None:
         self.model, self.config, self.inductor, self.mode = model, config, inductor, mode
+        self.tp_group, self.verify_ranks = tp_group, verify_ranks  # tensor parallelism (entropykv_fx.parallel)
         self.decoder: nn.Module = model.model
         self.num_layers = len(self.decoder.layers)
         self.sliding_windows = _sliding_windows(model, self.decoder.layers)
@@ -108,10 +111,10 @@ class Optimized:
         logger.info("entropykv_fx: restored %s", type(self.model).__name__)
         return self.model
 
-    def reconfigure(self, config: EntropyKVConfig, inductor: bool, mode: str | None) -> None:
+    def reconfigure(self, config: EntropyKVConfig, inductor: bool, mode: str | None, verify_ranks: bool = False) -> None:
         if (inductor, mode) != (self.inductor, self.mode):
             self._compiled.clear()  # other compilers: the graphs are rebuilt on first use
-        self.config, self.inductor, self.mode = config, inductor, mode
+        self.config, self.inductor, self.mode, self.verify_ranks = config, inductor, mode, verify_ranks
         logger.debug("entropykv_fx: reconfigured: %s", config)
 
     @contextlib.contextmanager
@@ -172,10 +175,14 @@ class Optimized:
                 out.last_hidden_state = original_columns(out.last_hidden_state, shift, length)
                 if out.hidden_states is not None:
                     out.hidden_states = tuple(original_columns(h, shift, length) for h in out.hidden_states)
+            if prefill and self.tp_group is not None:  # every rank decides from all heads' statistics
+                combine_prefill_stats(cache, self.tp_group, SCORERS[self.config.scorer].combine)
             # Sliding-window layers first drop what no later query can attend, so no budget is spent on it.
             cache.drop_unreachable(self.sliding_windows)
             if prefill and not self._keep_stats:
                 self.last_report = self._compress(cache)
+                if self.verify_ranks and self.tp_group is not None:
+                    check_same_positions(cache, self.tp_group)
         return out
 
     def _check_call(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Tensor | None,
@@ -375,7 +382,7 @@ def _sliding_windows(model: nn.Module, layers: nn.ModuleList) -> tuple[int, ...]
 
 
 def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inductor: bool = False,
-             mode: str | None = None, **overrides: Any) -> nn.Module:
+             mode: str | None = None, verify_ranks: bool = False, **overrides: Any) -> nn.Module:
     """Make `model.generate()` (and plain forwards) compress the KV cache after prefill. Returns `model`.
 
     The decoder is compiled with the entropykv Dynamo backend (see the module docstring); the rewritten graphs
@@ -385,8 +392,14 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     configuration (overrides apply to its current config unless `config` is given) without recompiling.
     `model.entropykv` is the handle (`Optimized`); `restore(model)` undoes it.
 
-    Raises, before any work: UnsupportedModelError (not a model of a supported architecture, or weights sharded
-    by tensor parallelism), ArgumentTypeError (`config` not an EntropyKVConfig, `inductor` not a bool),
+    A model sharded by transformers' tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun)
+    works with layer-wise policies and the attention scorers: every rank combines all heads' prefill statistics
+    before deciding, so all keep the same positions (`entropykv_fx.parallel`); `verify_ranks=True` checks that
+    after every prefill (two more collectives per layer) and raises RankDivergenceError if not.
+
+    Raises, before any work: UnsupportedModelError (not a model of a supported architecture, or sharded by tensor
+    parallelism with what that does not support), ArgumentTypeError (`config` not an EntropyKVConfig, `inductor`
+    or `verify_ranks` not a bool),
     InputError (a bad `mode`), ConfigError (a bad field, or a calibration file made for another architecture
     or layer/head count), TransformersVersionError (a known-broken transformers release). A calibration file is
     read once, here (when the config is built): editing or deleting it afterwards changes nothing.
@@ -396,8 +409,9 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
         raise ArgumentTypeError(f"entropykv_fx.optimize: config must be an EntropyKVConfig or None, got "
                                 f"{short_repr(config)}; pass fields as keywords instead, e.g. "
                                 "optimize(model, policy='entropy', budget=0.25)")
-    if not isinstance(inductor, bool):
-        raise ArgumentTypeError(f"entropykv_fx.optimize: inductor={short_repr(inductor)} is invalid: expected True or False")
+    for flag, value in (("inductor", inductor), ("verify_ranks", verify_ranks)):
+        if not isinstance(value, bool):
+            raise ArgumentTypeError(f"entropykv_fx.optimize: {flag}={short_repr(value)} is invalid: expected True or False")
     if mode is not None and not inductor:
         raise InputError(f"entropykv_fx.optimize: mode={mode!r} is an Inductor mode; pass inductor=True with it")
     if mode is not None and mode not in _INDUCTOR_MODES:
@@ -408,35 +422,45 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
         shown = name if isinstance(model, nn.Module) else short_repr(model)
         raise UnsupportedModelError(f"entropykv_fx.optimize: {shown} is not supported: model must be a transformers "
                                     f"model of one of {', '.join(SUPPORTED_MODELS)}")
-    sharded = _tensor_parallel_size(model)
-    if sharded > 1:
-        raise UnsupportedModelError(f"entropykv_fx.optimize: {name} is sharded by tensor parallelism ({sharded} "
-                                    "ranks); each rank sees only its heads' statistics and would keep other tokens "
-                                    "than its peers, so this is refused; load the model on one device")
     existing: Optimized | None = model.__dict__.get("entropykv")
     base = config or (existing.config if existing is not None else EntropyKVConfig())
     cfg = base.replace(**overrides) if overrides else base
+    group = _check_tensor_parallel(model, cfg)
     if cfg.calibration is not None:  # parsed once when cfg was built; a file for another model fails here
         cfg.calibration.check_model(model)
     if any(t >= model.config.vocab_size for t in cfg.repeat_prompt):
         raise ConfigError(f"entropykv_fx.optimize: repeat_prompt holds token ids {sorted(set(cfg.repeat_prompt))} but "
                           f"the model's vocabulary is 0..{model.config.vocab_size - 1}")
     if existing is not None:
-        existing.reconfigure(cfg, inductor, mode)
+        existing.reconfigure(cfg, inductor, mode, verify_ranks)
     else:
-        Optimized(model, cfg, inductor, mode).install()
+        Optimized(model, cfg, inductor, mode, group, verify_ranks).install()
     return model
 
 
-def _tensor_parallel_size(model: nn.Module) -> int:
-    """Ranks the model's weights are sharded over by transformers' tensor parallelism (1: not sharded)."""
-    size = getattr(model, "tp_size", None) or 1
-    if size == 1 and torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        if any(isinstance(p, DTensor) for p in model.parameters()):
-            size = max(size, torch.distributed.get_world_size())
-    return int(size)
+def _check_tensor_parallel(model: nn.Module, cfg: EntropyKVConfig) -> Any:
+    """The tensor-parallel process group of a sharded model (None if not sharded); UnsupportedModelError for what
+    `entropykv_fx.parallel` does not support."""
+    group = tensor_parallel_group(model)
+    ranks = torch.distributed.get_world_size(group) if group is not None else int(getattr(model, "tp_size", None) or 1)
+    if ranks == 1:
+        return None
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    problem = None
+    if group is None:
+        problem = "its process group was not found (no DTensor weights)"
+    elif POLICIES[cfg.policy].headwise:
+        problem = f"policy {cfg.policy!r} is head-wise"
+    elif SCORERS[cfg.scorer].from_keys:
+        problem = f"scorer {cfg.scorer!r} scores from each rank's keys"
+    elif kv_heads % ranks:
+        problem = f"its {kv_heads} KV heads do not divide by the ranks"
+    if problem:
+        raise UnsupportedModelError(
+            f"entropykv_fx.optimize: {type(model).__name__} is sharded by tensor parallelism ({ranks} ranks) and "
+            f"{problem}; supported: layer-wise policies ({', '.join(n for n, p in POLICIES.items() if not p.headwise)}) "
+            "with the scorers window, last_query or reconstruct")
+    return group
 
 
 def optimized(model: nn.Module) -> Optimized:
@@ -458,7 +482,7 @@ def compressing(model: nn.Module, config: EntropyKVConfig | None = None, **overr
     """`with compressing(model, policy="uniform", budget=0.25): model.generate(...)`: optimized inside the block
     only; afterwards the model is as before (restored, or back to its previous configuration)."""
     previous = model.__dict__.get("entropykv")
-    state = (previous.config, previous.inductor, previous.mode) if previous is not None else None
+    state = (previous.config, previous.inductor, previous.mode, previous.verify_ranks) if previous is not None else None
     optimize(model, config, **overrides)
     try:
         yield model

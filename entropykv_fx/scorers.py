@@ -42,6 +42,8 @@ class Scorer:
     from_keys: the scores are the negated key norms instead of attention.
     pooled: scores are smoothed along the sequence (`pooling`, `pool_kernel`) before top-k.
     reconstruct: the prefill is a reconstruction prefill and the scores are its (`entropykv_fx.reconstruct`).
+    combine: how one layer's heads combine into its layer scores, "sum" or "max" (tensor-parallel ranks reduce
+        their heads' scores the same way, `entropykv_fx.parallel`).
     """
 
     name: str
@@ -50,6 +52,7 @@ class Scorer:
     from_keys: bool = False
     pooled: bool = True
     reconstruct: bool = False
+    combine: str = "sum"
 
     def head_scores(self, layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
         """[B, Hkv, S] per-KV-head scores of a scored prefill layer."""
@@ -80,5 +83,5 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in (
            rank_queries=1, pooled=False),
     Scorer("key_norm", "negated L2 norm of the key, unpooled (Knorm)", from_keys=True, pooled=False),
     Scorer("reconstruct", "largest attention received while re-reading the prompt, unpooled (KVzip)", pooled=False,
-           reconstruct=True),
+           reconstruct=True, combine="max"),
 )}

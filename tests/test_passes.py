@@ -68,3 +68,19 @@ def test_explain_rejects_what_it_cannot_capture():
         explain(MathAttention())
     with pytest.raises(TypeError, match="expected an nn.Module"):
         explain("model")
+
+
+def test_in_place_writes_survive_the_pass():
+    """FX's dead-code elimination takes an unused `x.copy_(y)` method call for pure; transformers' tensor-parallel
+    layers write their all-reduce back that way, so the pass must keep every in-place call (issue 20)."""
+    import torch._dynamo
+
+    def f(x, buf, acc):
+        buf.copy_(x * 2)  # a method call whose result is unused
+        torch.Tensor.add_(acc, x)  # the same as a function
+        return x + 1
+
+    torch._dynamo.reset()
+    x, buf, acc = torch.arange(4.0), torch.zeros(4), torch.ones(4)
+    out = torch.compile(f, backend="entropykv", fullgraph=True)(x, buf, acc)
+    assert torch.equal(out, x + 1) and torch.equal(buf, x * 2) and torch.equal(acc, x + 1)

@@ -20,6 +20,7 @@ from torch import Tensor, fx
 
 from .. import ops
 from ..headwise import attend_heads
+from .dead_code import eliminate_dead_code
 from .find_attention import AttentionSite, find_attention_sites
 
 aten = torch.ops.aten
@@ -231,7 +232,7 @@ def rewrite_attention(gm: fx.GraphModule, settings: RewriteSettings,
         result.outcomes.append(SiteOutcome(site, layer, rewritten=True))
     if scores:
         use_scores(graph, scores)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()
     return gm, result

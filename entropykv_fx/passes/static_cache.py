@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx
 
+from .dead_code import eliminate_dead_code
 from .find_attention import AttentionSite, find_attention_sites
 
 _ALL = slice(None, None, None)
@@ -133,7 +134,7 @@ def rewrite_static_caches(gm: fx.GraphModule, example_inputs: list, new_layer: C
             for user in list(buffer.users):
                 if order.get(user, -1) > order[last_write] and user is not written and user not in copies:
                     user.replace_input_with(buffer, part)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()
     return layers, skipped
