@@ -23,8 +23,9 @@ _EXPORTS = {
     "ExportError": "errors", "ExportedGenerator": "exported", "StaticCacheModel": "static", "StaticDecoder": "decode",
     "EntropyKVError": "errors", "InputError": "errors", "ArgumentTypeError": "errors", "Calibration": "config",
     "ExportLayout": "exported", "BudgetFloorWarning": "errors", "TransformersVersionError": "compat", "UntestedTransformersWarning": "compat",
+    "RankDivergenceError": "parallel",
 }
-_SUBMODULES = ("policies", "reuse", "calibrate", "exporters")
+_SUBMODULES = ("policies", "reuse", "calibrate", "exporters", "scorers", "parallel")
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 

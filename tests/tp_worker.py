@@ -53,7 +53,7 @@ def main() -> None:
     hf.combine_prefill_stats = lambda *args: None
     try:
         run(model, "uniform", "window", 0.3, verify_ranks=True)
-    except entropykv_fx.parallel.RankDivergenceError as e:
+    except entropykv_fx.RankDivergenceError as e:
         refused["guard"] = str(e)
     out["refused"] = refused
     if dist.get_rank() == 0:
