@@ -40,7 +40,6 @@ from entropykv_fx.models import load_default_model
 from entropykv_fx.reuse import continue_greedy
 from entropykv_fx.scorers import REPEAT_INSTRUCTION, repeat_prompt_ids
 
-REPEAT_TEXT = REPEAT_INSTRUCTION  # a `repeat_prompt` given as text is tokenized (`scorers.repeat_prompt_ids`)
 # name -> EntropyKVConfig fields besides the budget; "full" is always run
 VARIANTS = {
     "uniform/window": dict(policy="uniform"),
@@ -62,11 +61,11 @@ VARIANTS = {
     "entropy_head/window": dict(policy="entropy_head"),
     "streaming": dict(policy="streaming"),
     "uniform/reconstruct": dict(policy="uniform", scorer="reconstruct"),
-    "uniform/reconstruct/prompted": dict(policy="uniform", scorer="reconstruct", repeat_prompt=REPEAT_TEXT),
+    "uniform/reconstruct/prompted": dict(policy="uniform", scorer="reconstruct", repeat_prompt=REPEAT_INSTRUCTION),
     "pyramidkv/reconstruct": dict(policy="pyramidkv", scorer="reconstruct"),
-    "adakv/reconstruct/prompted": dict(policy="adakv", scorer="reconstruct", repeat_prompt=REPEAT_TEXT),
-    "matrix_entropy/reconstruct/prompted": dict(policy="matrix_entropy", scorer="reconstruct", repeat_prompt=REPEAT_TEXT),
-    "snapkv/reconstruct/prompted": dict(policy="snapkv", scorer="reconstruct", repeat_prompt=REPEAT_TEXT),
+    "adakv/reconstruct/prompted": dict(policy="adakv", scorer="reconstruct", repeat_prompt=REPEAT_INSTRUCTION),
+    "matrix_entropy/reconstruct/prompted": dict(policy="matrix_entropy", scorer="reconstruct", repeat_prompt=REPEAT_INSTRUCTION),
+    "snapkv/reconstruct/prompted": dict(policy="snapkv", scorer="reconstruct", repeat_prompt=REPEAT_INSTRUCTION),
     "snapkv/reconstruct": dict(policy="snapkv", scorer="reconstruct"),
     "adakv/reconstruct": dict(policy="adakv", scorer="reconstruct"),
     "matrix_entropy/reconstruct": dict(policy="matrix_entropy", scorer="reconstruct"),
