@@ -5,10 +5,18 @@ Each layer holds keys/values [B, Hkv, S_layer, D] with its own physical length S
 slot. Keys are cached after RoPE, so eviction never renumbers anything: a token generated after a
 compressed prompt of n tokens gets position n however few slots the layers kept, and masks are derived
 from positions (see `ops.visibility`). The cache is a `transformers.Cache`, so `generate()` drives it.
+
+Decode layout: a dense layer can `reserve` room, empty slots (position -1) after the ones it holds, that later
+tokens are written into in place (`entropykv::write_in_place`: each row's slot of lowest position). A decode step
+then costs its own entries' bytes instead of a copy of the whole cache, and its tensors keep their shapes and
+addresses from step to step, which a CUDA graph of the step needs. A sliding-window layer gets exactly `window`
+slots and never runs out: it is a ring whose oldest token, once it is full, no query can attend any more.
+`compact` returns a layer to the plain layout.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,12 +77,18 @@ def take_slots(t: Tensor, idx: Tensor) -> Tensor:
 
 
 class CompressedLayer(DynamicLayer):
-    """A dynamic layer whose slots carry logical positions and which can be shrunk in place."""
+    """A dynamic layer whose slots carry logical positions and which can be shrunk in place (or hold room for the
+    coming tokens: `reserve`)."""
+
+    reservable = True  # dense keys/values: `reserve` applies
 
     def __init__(self) -> None:
         super().__init__()
         self.positions: Tensor | None = None
         self.stats: PrefillStats | None = None
+        self.reserved = False  # the decode layout: tokens are written into room (`reserve`)
+        self.ring = False  # reserved as a sliding-window ring: never runs out of room
+        self.used = 0  # reserved: slots written so far (counted on the host, by `EntropyKVCache.begin_step`)
 
     @classmethod
     def holding(cls, keys: Tensor, values: Tensor, positions: Tensor, stats: PrefillStats | None = None) -> CompressedLayer:
@@ -87,6 +101,7 @@ class CompressedLayer(DynamicLayer):
 
     def row(self, b: int) -> CompressedLayer:
         """Row `b` alone (a batch of one) without its pad slots: what a prefill of that sequence alone holds."""
+        self.compact()
         keep = self.positions[b] >= 0
         stats = None if self.stats is None else self.stats.row(b, keep)
         return CompressedLayer.holding(self.keys[b:b + 1, :, keep], self.values[b:b + 1, :, keep],
@@ -110,20 +125,63 @@ class CompressedLayer(DynamicLayer):
     def update(self, key_states: Tensor, value_states: Tensor, positions: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.reserved:  # `used` is counted by the cache (`begin_step`), outside any compiled graph
+            ops.write_in_place(self.keys, self.values, self.positions, key_states, value_states, positions, layer)
+            return self.keys, self.values
         self.keys, self.values, self.positions = ops.append(self.keys, self.values, self.positions, key_states,
                                                             value_states, positions, layer)
         return self.keys, self.values
 
     def replace(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
-        """Swap in the compressed slots; the old tensors are released."""
+        """Swap in the compressed slots (plain layout); the old tensors are released."""
         self.keys, self.values, self.positions = keys, values, positions
+        self.reserved, self.ring, self.used = False, False, 0
+
+    @property
+    def room(self) -> float:
+        """Tokens the layer can still take in place: 0 in the plain layout, unbounded for a ring."""
+        if not self.reserved:
+            return 0
+        return math.inf if self.ring else self.positions.shape[-1] - self.used
+
+    def reserve(self, slots: int, window: int = 0) -> None:
+        """The decode layout (module docstring): `slots` empty slots after the held ones, or, for a sliding-window
+        layer (window > 0) holding fewer than `window` slots, exactly `window` slots as a ring. Copies the layer
+        once; its tensors then keep their addresses until the room is used up (a ring's, for good)."""
+        self.compact()
+        used, (b, held) = self.get_seq_length(), self.positions.shape
+        ring = 0 < window and held < window
+        extra = window - held if ring else slots
+        self.keys, self.values = (torch.cat([t, t.new_zeros(b, t.shape[1], extra, t.shape[-1])], 2)
+                                  for t in (self.keys, self.values))
+        self.positions = torch.cat([self.positions, self.positions.new_full((b, extra), -1)], 1)
+        self.reserved, self.ring, self.used = True, ring, used
+
+    def wrote(self, tokens: int) -> None:
+        """Count `tokens` more written into the room (`EntropyKVCache.begin_step`)."""
+        self.used = min(self.used + tokens, self.positions.shape[-1]) if self.ring else self.used + tokens
+
+    def compact(self) -> None:
+        """Back to the plain layout: the room is given up (views of the written slots; the next append copies).
+        A ring's slots are put back in temporal order first."""
+        if not self.reserved:
+            return
+        if self.ring:
+            order = self.positions.sort(-1, stable=True).indices  # empty slots (-1) first
+            self.replace(take_slots(self.keys, order), take_slots(self.values, order), take_slots(self.positions, order))
+        else:
+            used = self.used
+            self.replace(self.keys[:, :, :used], self.values[:, :, :used], self.positions[:, :used])
 
     def get_seq_length(self) -> int:
+        """Slots held (reserved: those written so far)."""
+        if self.reserved:
+            return self.used
         return 0 if self.positions is None else self.positions.shape[-1]
 
     def layout_key(self) -> tuple:
         """What a graph over this layer depends on besides shapes (a graph is compiled per distinct key)."""
-        return ("dense",)
+        return ("reserved",) if self.reserved else ("dense",)
 
     def keep_reachable(self, floor: Tensor) -> None:
         """Drop every slot whose position is <= floor [B] (a sliding window has passed it)."""
@@ -133,6 +191,8 @@ class CompressedLayer(DynamicLayer):
     def keep_slots(self, keep: Tensor) -> None:
         """Keep the slots where keep [B, S] is True, in order, prefill statistics included; rows that keep fewer
         slots end in empty ones."""
+        self.compact()
+        keep = keep[:, :self.positions.shape[-1]]
         if bool(keep.all()):
             return
         idx, valid = kept_slot_index(keep)
@@ -145,7 +205,7 @@ class CompressedLayer(DynamicLayer):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of keys and values held (positions are reported separately by `index_nbytes`)."""
+        """Bytes of keys and values held, room included (positions are reported separately by `index_nbytes`)."""
         if not self.is_initialized:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
@@ -155,16 +215,19 @@ class CompressedLayer(DynamicLayer):
         return 0 if self.positions is None else self.positions.numel() * self.positions.element_size()
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
+        self.compact()
         super().reorder_cache(beam_idx)
         if self.positions is not None and self.positions.numel():
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.compact()
         super().batch_repeat_interleave(repeats)
         if self.positions is not None:
             self.positions = self.positions.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: Tensor) -> None:
+        self.compact()
         super().batch_select_indices(indices)
         if self.positions is not None:
             self.positions = self.positions[indices, ...]
@@ -197,12 +260,36 @@ class EntropyKVCache(Cache):
 
     def drop_unreachable(self, windows: tuple[int, ...]) -> None:
         """Sliding-window layers (window w > 0) drop the slots no later query can attend: a query at position
-        p >= next sees keys with p - position < w, so only positions > next - w stay."""
+        p >= next sees keys with p - position < w, so only positions > next - w stay. Reserved layers are left
+        alone: a window layer's ring overwrites those slots itself."""
         if self.next_positions is None:
             return
         for layer, window in zip(self.layers, windows):
-            if window > 0:
+            if window > 0 and not layer.reserved:
                 layer.keep_reachable(self.next_positions - window)
+
+    @property
+    def room(self) -> float:
+        """Tokens every layer can still take in place (0 unless `make_room` ran)."""
+        return min(layer.room for layer in self.layers)
+
+    def can_reserve(self) -> bool:
+        """Whether every layer is dense and holds tokens (head-wise layers keep per-head lengths: no room)."""
+        return all(layer.reservable and layer.positions is not None for layer in self.layers)
+
+    def make_room(self, slots: int, windows: tuple[int, ...]) -> None:
+        """Every layer in the decode layout (module docstring) with room for at least `slots` more tokens;
+        sliding-window layers (windows[i] > 0) first drop what no later query can attend, then become rings."""
+        for layer in self.layers:
+            layer.compact()
+        self.drop_unreachable(windows)
+        for layer, window in zip(self.layers, windows):
+            layer.reserve(slots, window)
+
+    def compact(self) -> None:
+        """Every layer back to the plain layout."""
+        for layer in self.layers:
+            layer.compact()
 
     def end_reconstruction(self, positions: Tensor) -> None:
         """Forget the repeated part of a reconstruction prefill (`entropykv_fx.reconstruct`): each row keeps the
@@ -224,6 +311,12 @@ class EntropyKVCache(Cache):
                              f"{positions.shape[0]} on a cache that already holds tokens")
         self.step_positions = positions
         self.seen_tokens += positions.shape[1]
+        for layer in self.layers:  # the step writes into the room (`CompressedLayer.update`); counted here, on the host
+            if layer.reserved:
+                if layer.room < positions.shape[1]:
+                    raise ValueError(f"entropykv: {positions.shape[1]} tokens do not fit in a layer's room of "
+                                     f"{layer.room}; make_room first")
+                layer.wrote(positions.shape[1])
         step_next = positions.max(-1).values + 1
         self.next_positions = step_next if self.next_positions is None else torch.maximum(self.next_positions, step_next)
 

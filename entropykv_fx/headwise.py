@@ -155,6 +155,8 @@ class HeadwiseLayer(CompressedLayer):
     the graph pass replaces by `attend_heads` over the heads' own slots (no single K/V tensor is ever built).
     """
 
+    reservable = False  # heads of their own lengths: no shared room to write a step into
+
     def __init__(self, heads: list[HeadSlots], dtype: torch.dtype) -> None:
         super().__init__()
         self.heads = heads

