@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,9 +57,12 @@ def generate_steps(model, ids, steps: int, device: torch.device) -> tuple[list[f
 
 
 def commit() -> str:
+    """The code's commit: $ENTROPYKV_COMMIT when the caller knows it better (a copy whose .git lags), else git's."""
+    if os.environ.get("ENTROPYKV_COMMIT"):
+        return os.environ["ENTROPYKV_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=False, cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 
