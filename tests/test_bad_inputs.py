@@ -193,6 +193,7 @@ ROWS = [
     ("model", lambda c, t: entropykv_fx.optimize(None), UnsupportedModelError, "None is not supported"),
     ("model", lambda c, t: entropykv_fx.optimize(torch.nn.Linear(2, 2)), UnsupportedModelError, "Linear"),
     ("model", lambda c, t: entropykv_fx.optimize(c.plain, inductor="yes"), ArgumentTypeError, "inductor='yes'"),
+    ("model", lambda c, t: entropykv_fx.optimize(c.plain, cuda_graphs=1), ArgumentTypeError, "cuda_graphs=1"),
     ("model", lambda c, t: entropykv_fx.optimize(c.plain, mode="reduce-overhead"), InputError, "mode="),
     ("model", lambda c, t: entropykv_fx.optimize(c.plain, inductor=True, mode="fast"), InputError, "mode='fast'"),
     ("model", lambda c, t: entropykv_fx.optimize(c.plain, budgett=0.5), ConfigError, "budgett"),

@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHS, DEVICE, random_prompt, tiny_model
+from tiny_models import ARCHS, DEVICE, left_padded, random_prompt, tiny_model
 
 import entropykv_fx
 from entropykv_fx import EntropyKVCache, compat, hf
 
 pytestmark = pytest.mark.filterwarnings("ignore:entropykv. budget")
 GPU = DEVICE.type == "cuda"
-
-
-def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), n, dtype=torch.long, device=DEVICE)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
-    return ids, mask
 
 
 def generate(model, ids, n, **kw):

@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_ops import ref_probs, ref_score
-from test_runtime import greedy, kept_positions, left_padded
-from tiny_models import DEVICE, calibrated, random_prompt, tiny_model
+from test_runtime import greedy, kept_positions
+from tiny_models import DEVICE, calibrated, left_padded, random_prompt, tiny_model
 
 import entropykv_fx
 from entropykv_fx import compat, ops

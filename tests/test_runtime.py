@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import ARCHS, DEVICE, random_prompt, tiny_model
+from tiny_models import ARCHS, DEVICE, left_padded, random_prompt, tiny_model
 from transformers import DynamicCache
 
 import entropykv_fx
@@ -28,16 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def greedy(model, ids, n=10, **kw):
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=n, do_sample=False, **kw)[:, ids.shape[1]:]
-
-
-def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of 1-D prompts, left-padded with 0 (the tiny models' pad id), and its attention mask."""
-    n = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), n, dtype=torch.long, device=DEVICE)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
-    return ids, mask
 
 
 def kept_positions(report_or_cache) -> list[list[int]]:

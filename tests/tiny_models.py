@@ -37,6 +37,16 @@ def random_prompt(length: int, batch: int = 1, seed: int = 1, vocab: int = 97) -
     return torch.randint(1, vocab, (batch, length), generator=generator).to(DEVICE)
 
 
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 1-D prompts, left-padded with 0 (the tiny models' pad id), and its attention mask."""
+    n = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), n, dtype=torch.long, device=DEVICE)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
+    return ids, mask
+
+
 def calibrated(tmp_path: Path, arch: str, fractions: list[float]) -> torch.nn.Module:
     """A tiny model optimized with static budgets: layer i keeps fractions[i] of the prompt (as exports need)."""
     import entropykv_fx
