@@ -16,6 +16,9 @@ What happens to one prefill, in the order it runs (all of it in `Optimized.forwa
    gathers each row's kept slots and stacks the rows again; after every step, sliding-window layers drop the
    slots no later query can attend.
 
+Decode steps (one token per row) write into room reserved on the cache (`EntropyKVCache.make_room`) and, on a GPU,
+replay a CUDA graph recorded at the first step (`entropykv_fx.step_graph`); see `optimize`.
+
 Compiled graphs are kept per call *kind* (prefill or continuation, one token or several, batch of one or more,
 cache layout, hidden-state output), each under its own code object, so any sequence of valid calls runs on a
 small, bounded set of graphs, and a new budget or policy never recompiles. `restore(model)` undoes everything.
