@@ -46,6 +46,7 @@ from .parallel import check_same_positions, combine_prefill_stats, tensor_parall
 from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteResult, RewriteSettings
 from .policies import POLICIES
+from .projections import FusedProjections
 from .reconstruct import original_columns, repeat_context
 from .scorers import SCORERS
 from .step_graph import StepGraph
@@ -84,9 +85,12 @@ class Optimized:
     """
 
     def __init__(self, model: nn.Module, config: EntropyKVConfig, inductor: bool, mode: str | None,
-                 tp_group: Any = None, verify_ranks: bool = False, cuda_graphs: bool = True) -> None:
+                 tp_group: Any = None, verify_ranks: bool = False, cuda_graphs: bool = True,
+                 fuse_projections: bool = True) -> None:
         self.model, self.config, self.inductor, self.mode = model, config, inductor, mode
         self.cuda_graphs = cuda_graphs  # decode steps on a GPU replay a recorded graph (entropykv_fx.step_graph)
+        self.fuse_projections = fuse_projections  # decode graphs: q/k/v and gate/up in one matmul each
+        self.projections: FusedProjections | None = None
         self._step_graph: StepGraph | None = None
         self.tp_group, self.verify_ranks = tp_group, verify_ranks  # tensor parallelism (entropykv_fx.parallel)
         self.decoder: nn.Module = model.model
@@ -108,6 +112,7 @@ class Optimized:
         self.model.set_attn_implementation(ATTN_NAME)
         self.decoder.forward = self.forward  # an instance attribute: `restore` deletes it
         self.model.entropykv = self
+        self._lay_out_projections()
         windows = sorted(set(self.sliding_windows) - {0})
         logger.info("entropykv_fx: optimized %s: %d layers, %s; graphs compile on first use", type(self.model).__name__,
                     self.num_layers, f"sliding windows of {windows} tokens" if windows else "no sliding window")
@@ -116,6 +121,8 @@ class Optimized:
         """Undo `optimize()`: the decoder's own forward and attention, compiled graphs dropped. Returns the model."""
         self._compiled.clear()
         self._step_graph = None
+        self.fuse_projections = False
+        self._lay_out_projections()
         self.decoder.__dict__.pop("forward", None)
         self.model.set_attn_implementation(self._attn_implementation)
         self.model.__dict__.pop("entropykv", None)
@@ -123,13 +130,26 @@ class Optimized:
         return self.model
 
     def reconfigure(self, config: EntropyKVConfig, inductor: bool, mode: str | None, verify_ranks: bool = False,
-                    cuda_graphs: bool = True) -> None:
-        if (inductor, mode) != (self.inductor, self.mode):
-            self._compiled.clear()  # other compilers: the graphs are rebuilt on first use
+                    cuda_graphs: bool = True, fuse_projections: bool = True) -> None:
+        if (inductor, mode, fuse_projections) != (self.inductor, self.mode, self.fuse_projections):
+            self._compiled.clear()  # other compilers or matmuls: the graphs are rebuilt on first use
         self._step_graph = None
         self.config, self.inductor, self.mode, self.verify_ranks = config, inductor, mode, verify_ranks
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.fuse_projections = cuda_graphs, fuse_projections
+        self._lay_out_projections()
         logger.debug("entropykv_fx: reconfigured: %s", config)
+
+    def _lay_out_projections(self) -> None:
+        """Fuse the projections (`entropykv_fx.projections`) when asked for and not fused, or fused no more because
+        a parameter was replaced (graphs built over the old layout are dropped); unfuse when not asked for."""
+        wanted = self.fuse_projections and self.tp_group is None  # tensor-parallel shards stay as transformers laid them
+        if self.projections is not None and (not wanted or not self.projections.intact()):
+            self.projections.unfuse()
+            self.projections = None
+            self._compiled.clear()
+            self._step_graph = None
+        if wanted and self.projections is None:
+            self.projections = FusedProjections.fuse(self.model)
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[nn.Module]:
@@ -155,6 +175,8 @@ class Optimized:
                                inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
         cache = self._entropykv_cache(cache, cache_arg, ref.shape[0])
         prefill = cache.seen_tokens == 0
+        if prefill:  # a parameter replaced since the last sequence: lay the projections out again
+            self._lay_out_projections()
         model_pos, mask_pos = _step_positions(cache, ref.shape[1], ref.shape[0], attention_mask, position_ids,
                                               ref.device)
         embeds = inputs_embeds if inputs_embeds is not None else self.decoder.embed_tokens(input_ids)
@@ -348,7 +370,8 @@ class Optimized:
         compiled = self._compiled.get(key)
         if compiled is None:
             backend = EntropyKVBackend(settings, self.inductor, self.mode, results=self.graphs,
-                                       on_stats=self._receive_stats if prefill else None, on_run=self._count_sites)
+                                       on_stats=self._receive_stats if prefill else None, on_run=self._count_sites,
+                                       projections=self.projections)
             compiled = torch.compile(own_code(self._eager_forward), backend=backend, dynamic=True)
             self._compiled[key] = compiled
             logger.info("entropykv_fx: new graph kind #%d: %s, %s, batch %s%s", len(self._compiled),
@@ -427,7 +450,8 @@ def _sliding_windows(model: nn.Module, layers: nn.ModuleList) -> tuple[int, ...]
 
 
 def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inductor: bool = False,
-             mode: str | None = None, verify_ranks: bool = False, cuda_graphs: bool = True, **overrides: Any) -> nn.Module:
+             mode: str | None = None, verify_ranks: bool = False, cuda_graphs: bool = True,
+             fuse_projections: bool = True, **overrides: Any) -> nn.Module:
     """Make `model.generate()` (and plain forwards) compress the KV cache after prefill. Returns `model`.
 
     The decoder is compiled with the entropykv Dynamo backend (see the module docstring); the rewritten graphs
@@ -440,6 +464,10 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     Decoding (one token per row, e.g. `generate()`) writes into room reserved after each layer's kept slots
     (`DECODE_ROOM` at a time), and on a GPU replays each step from a CUDA graph recorded at the first step
     (`entropykv_fx.step_graph`); `cuda_graphs=False` runs every step eagerly instead (same tokens, slower).
+    Decode steps compute each layer's q/k/v projections with one matmul, and its gate/up projections with another:
+    their weights are moved into one tensor per group, each `nn.Linear` keeping a view of its rows
+    (`entropykv_fx.projections`; same memory, unfused again by `restore`). `fuse_projections=False` leaves them
+    as they are (e.g. to save the model with `save_pretrained` while optimized; tensor-parallel models never fuse).
 
     A model sharded by transformers' tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun)
     works with layer-wise policies and the attention scorers: every rank combines all heads' prefill statistics
@@ -448,7 +476,7 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
 
     Raises, before any work: UnsupportedModelError (not a model of a supported architecture, or sharded by tensor
     parallelism with what that does not support), ArgumentTypeError (`config` not an EntropyKVConfig, `inductor`,
-    `verify_ranks` or `cuda_graphs` not a bool),
+    `verify_ranks`, `cuda_graphs` or `fuse_projections` not a bool),
     InputError (a bad `mode`), ConfigError (a bad field, or a calibration file made for another architecture
     or layer/head count), TransformersVersionError (a known-broken transformers release). A calibration file is
     read once, here (when the config is built): editing or deleting it afterwards changes nothing.
@@ -458,7 +486,8 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
         raise ArgumentTypeError(f"entropykv_fx.optimize: config must be an EntropyKVConfig or None, got "
                                 f"{short_repr(config)}; pass fields as keywords instead, e.g. "
                                 "optimize(model, policy='entropy', budget=0.25)")
-    for flag, value in (("inductor", inductor), ("verify_ranks", verify_ranks), ("cuda_graphs", cuda_graphs)):
+    for flag, value in (("inductor", inductor), ("verify_ranks", verify_ranks), ("cuda_graphs", cuda_graphs),
+                        ("fuse_projections", fuse_projections)):
         if not isinstance(value, bool):
             raise ArgumentTypeError(f"entropykv_fx.optimize: {flag}={short_repr(value)} is invalid: expected True or False")
     if mode is not None and not inductor:
@@ -481,9 +510,9 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
         raise ConfigError(f"entropykv_fx.optimize: repeat_prompt holds token ids {sorted(set(cfg.repeat_prompt))} but "
                           f"the model's vocabulary is 0..{model.config.vocab_size - 1}")
     if existing is not None:
-        existing.reconfigure(cfg, inductor, mode, verify_ranks, cuda_graphs)
+        existing.reconfigure(cfg, inductor, mode, verify_ranks, cuda_graphs, fuse_projections)
     else:
-        Optimized(model, cfg, inductor, mode, group, verify_ranks, cuda_graphs).install()
+        Optimized(model, cfg, inductor, mode, group, verify_ranks, cuda_graphs, fuse_projections).install()
     return model
 
 
@@ -532,7 +561,7 @@ def compressing(model: nn.Module, config: EntropyKVConfig | None = None, **overr
     only; afterwards the model is as before (restored, or back to its previous configuration)."""
     previous = model.__dict__.get("entropykv")
     state = (previous.config, previous.inductor, previous.mode, previous.verify_ranks,
-             previous.cuda_graphs) if previous is not None else None
+             previous.cuda_graphs, previous.fuse_projections) if previous is not None else None
     optimize(model, config, **overrides)
     try:
         yield model

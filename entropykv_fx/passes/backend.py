@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, fx
 
 from ..errors import EntropyKVError
+from ..projections import FusedProjections
+from .fuse_projections import fuse_projections
 from .rewrite_attention import RewriteResult, RewriteSettings, rewrite_attention
 from .static_cache import STATE_PREFIX
 
@@ -40,6 +42,8 @@ class EntropyKVBackend:
     on_stats: receives (scored layers, [entropy, kv_scores, layer_scores(, statistic)] * layers) after each
         prefill graph; without it scores are not computed.
     on_run: called with the number of rewritten sites after every run of a compiled graph.
+    projections: the model's fused projections; decode graphs compute each group with one matmul
+        (`passes.fuse_projections`).
     """
 
     settings: RewriteSettings = field(default_factory=RewriteSettings)
@@ -48,6 +52,7 @@ class EntropyKVBackend:
     strict: bool = True
     on_stats: StatsCallback | None = None
     on_run: Callable[[int], None] | None = None
+    projections: FusedProjections | None = None
     results: list[RewriteResult] = field(default_factory=list)
 
     def __repr__(self) -> str:  # short: Dynamo quotes the backend in its error messages
@@ -60,6 +65,8 @@ class EntropyKVBackend:
         if self.strict and result.left_alone:
             raise UnrewrittenAttentionError("entropykv: cannot rewrite this graph's attention:\n  " +
                                             "\n  ".join(str(o) for o in result.left_alone))
+        if self.projections is not None and not result.prefill:  # prefill is compute-bound: fusing buys little
+            fuse_projections(gm, example_inputs, self.projections)
         run = self._compile(gm, example_inputs)
         n_stats, sites = result.stats_per_layer * len(result.scored_layers), result.rewritten
         if not n_stats and self.on_run is None:
