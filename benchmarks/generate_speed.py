@@ -6,7 +6,8 @@
 Per context and kept fraction (batch 1, greedy, `min_new_tokens` so every step runs): the wall time of each
 decode step *inside* `generate()` (a stopping criterion synchronizes and reads the clock after every step, so
 transformers' own per-step work is included), median over the steps after `--warmup`; with CUDA graph replay
-(the default) and with `optimize(..., cuda_graphs=False)` (every step eager), with `--inductor` also
+(the default), with `optimize(..., cuda_graphs=False)` (every step eager) and with
+`optimize(..., fuse_projections=False)` (replayed, q/k/v and gate/up as separate matmuls), with `--inductor` also
 `optimize(..., inductor=True)` (the rewritten graphs compiled by Inductor, then replayed); then `StaticDecoder` replayed from a
 CUDA graph over the same compressed cache (the low-level fast path), the bandwidth ideal (weights + kept KV read
 once / copy bandwidth measured in this run), and transformers' own eager `generate()` over its full cache.
@@ -107,10 +108,11 @@ def main() -> None:
                 "decode_ms": round(statistics.median(hf_gaps[args.warmup:]), 3)})
         for fraction in args.fractions:
             tokens = {}
-            for graphs in (True, False):
-                entropykv_fx.optimize(model, budget=fraction, cuda_graphs=graphs, inductor=False)
-                gaps, tokens[graphs] = generate_steps(model, ids, total, device)
-                record({"path": f"optimize(cuda_graphs={graphs}) generate()",
+            for options in ({"cuda_graphs": True}, {"cuda_graphs": False}, {"fuse_projections": False}):
+                entropykv_fx.optimize(model, budget=fraction, inductor=False, **options)  # other options: defaults
+                gaps, tokens[str(options)] = generate_steps(model, ids, total, device)
+                shown = ", ".join(f"{k}={v}" for k, v in options.items())
+                record({"path": f"optimize({shown}) generate()",
                         "context": n, "kept_fraction": fraction, "decode_ms": round(statistics.median(gaps[args.warmup:]), 3),
                         "first_step_ms": round(gaps[0], 1), "max_step_ms": round(max(gaps[args.warmup:]), 3)})
             with torch.no_grad():
@@ -126,7 +128,8 @@ def main() -> None:
             record({"path": "StaticDecoder (same compressed cache)", "context": n, "kept_fraction": fraction,
                     "decode_ms": round(static, 3), "kv_GB": round(cache_bytes / 1e9, 3), "ideal_ms": round(ideal, 3),
                     "generate_vs_static": round(graph_ms / static, 3), "generate_vs_ideal": round(graph_ms / ideal, 3),
-                    "tokens_equal_graph_vs_eager": bool(torch.equal(tokens[True], tokens[False]))})
+                    "tokens_equal_graph_vs_eager": bool(torch.equal(*(tokens[str({"cuda_graphs": g})]
+                                                                      for g in (True, False))))})
             if args.inductor:
                 entropykv_fx.optimize(model, budget=fraction, inductor=True)
                 gaps, _ = generate_steps(model, ids, total, device)
