@@ -4,7 +4,8 @@
 
 Llama-3-8B shape, random bf16 weights, batch 1, one prompt of `--context` tokens compressed to `--fraction`.
 For each decode path (`StaticDecoder` bf16, int8, and `inductor=True`, replayed from their CUDA graph; the
-optimized model's own decode step, as `generate()` calls it, with and without fused projections) the PyTorch
+optimized model's own decode step, as `generate()` calls it, with and without fused projections and with
+`inductor=True`) the PyTorch
 profiler records `--steps` steps; kernels are grouped by kind (matmul, decode attention, cache write,
 the rest) and summed per step, next to the step's wall time (the gap is time the GPU waited). Then each weight
 shape of one layer, and the fused q/k/v and gate/up shapes, is timed alone as a batch-1 `F.linear` replayed from a
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--no-inductor", action="store_true", help="skip StaticDecoder(inductor=True)")
+    parser.add_argument("--no-inductor", action="store_true", help="skip the inductor=True paths")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="h200")
     args = parser.parse_args()
@@ -148,8 +149,9 @@ def main() -> None:
         del decoder, run
         torch.cuda.empty_cache()
     token = ids[:, -1:]
-    for fuse in (True, False):  # the optimized model's own step (what generate() runs), replayed after the first
-        entropykv_fx.optimize(model, budget=args.fraction, fuse_projections=fuse)
+    steps = [{"fuse_projections": True}, {"fuse_projections": False}] + [{"inductor": True}] * (not args.no_inductor)
+    for options in steps:  # the optimized model's own step (what generate() runs), replayed after the first
+        entropykv_fx.optimize(model, budget=args.fraction, **options)
         with torch.no_grad():
             step_cache = cache_of(model(ids, use_cache=True, logits_to_keep=1))
 
@@ -159,7 +161,8 @@ def main() -> None:
             run(), run()  # the first step reserves room, runs eagerly and records the graph
             wall = timed_ms(run, args.steps)
             per_kind, top = kernel_breakdown(run, args.steps)
-        row = {"path": f"optimize(fuse_projections={fuse}) decode step", "wall_ms": round(wall, 3),
+        shown = ", ".join(f"{k}={v}" for k, v in options.items())
+        row = {"path": f"optimize({shown}) decode step", "wall_ms": round(wall, 3),
                "gpu_kernel_ms": round(per_kind["total"] / 1e3, 3), "us_per_step_by_kind": per_kind,
                "top_kernels": top}
         result["paths"].append(row)
