@@ -1,7 +1,7 @@
 """Triton kernels behind the entropykv ops, registered for CUDA tensors (CPU tensors keep the references).
 
 Imported by `entropykv_fx.ops` when triton is installed. The host wrappers (`score`, `max_attention`, `gather`,
-`gather_int8`, `attention`, `write_in_place`) also run on CPU tensors under TRITON_INTERPRET=1, which is how the tests check them without a GPU.
+`gather_int8`, `attention`) also run on CPU tensors under TRITON_INTERPRET=1, which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from .. import ops
 from .decode import _attention_cuda, _attention_int8_cuda, attention
 from .gather import gather, gather_int8
 from .score import max_attention, score
-from .write import write_in_place
 
 ops.score.register_kernel("cuda")(score)
 ops.max_attention.register_kernel("cuda")(max_attention)
@@ -18,6 +17,5 @@ ops.gather.register_kernel("cuda")(gather)
 ops.gather_int8.register_kernel("cuda")(gather_int8)
 ops.attention.register_kernel("cuda")(_attention_cuda)
 ops.attention_int8.register_kernel("cuda")(_attention_int8_cuda)
-ops.write_in_place.register_kernel("cuda")(write_in_place)
 
-__all__ = ["attention", "gather", "gather_int8", "max_attention", "score", "write_in_place"]
+__all__ = ["attention", "gather", "gather_int8", "max_attention", "score"]

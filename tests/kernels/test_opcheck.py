@@ -22,5 +22,3 @@ def test_opcheck_through_the_cuda_kernels(dtype):
     idx = torch.arange(0, s, 3, device=k.device)[None].expand(b, -1).contiguous()
     torch.library.opcheck(ops.gather, (k, v, idx))
     torch.library.opcheck(ops.gather, (k, v, idx[:, None].expand(-1, hkv, -1).contiguous()))
-    torch.library.opcheck(ops.write_in_place, (k.clone(), v.clone(), k_pos.clone(), randn(b, hkv, 1, d, dtype=dtype),
-                                               randn(b, hkv, 1, d, dtype=dtype), q_pos, 0))
