@@ -114,20 +114,22 @@ def kept_slots(layer: CompressedLayer, budget: int, config: EntropyKVConfig) -> 
     return keys, values, layer.positions.gather(1, idx)
 
 
-def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig) -> CompressionReport:
+def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig, heads: slice | None = None) -> CompressionReport:
     """Shrink every layer of a just-prefilled `cache` to the policy's budgets; returns the report.
 
     Each row of a batch is compressed on its own, exactly as if it had been prefilled alone (its pads dropped,
     budgets from its own length and statistics), then the rows are stacked again, shorter ones ending in empty
     slots: no statistic, budget or selection mixes rows. `report.rows` has each row's own report.
+    `heads`: for a head-wise policy on a tensor-parallel rank, whose statistics cover all KV heads but whose cache
+    holds only these: the plan is made over all heads and the cache keeps its share (`entropykv_fx.parallel`).
     """
     lengths = cache.prompt_lengths()
     batch = len(lengths)
     if batch == 1:
-        return _compress_sequence(cache, config, lengths[0])
+        return _compress_sequence(cache, config, lengths[0], heads)
     before = [(layer.get_seq_length(), layer.nbytes) for layer in cache.layers]
     rows = [EntropyKVCache.of_layers([layer.row(b) for layer in cache.layers]) for b in range(batch)]
-    row_reports = [_compress_sequence(row, config, n) for row, n in zip(rows, lengths)]
+    row_reports = [_compress_sequence(row, config, n, heads) for row, n in zip(rows, lengths)]
     if all(r.slots_after == r.slots_before for row in row_reports for r in row.layers) and all(
             type(layer) is CompressedLayer for row in rows for layer in row.layers):
         for layer in cache.layers:  # nothing evicted: the batch stays as it is (pads are never attended)
@@ -142,7 +144,8 @@ def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig) -> Compressio
     return CompressionReport(config.policy, max(r.prompt_tokens for r in row_reports), layers, tuple(row_reports))
 
 
-def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens: int) -> CompressionReport:
+def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens: int,
+                       heads: slice | None = None) -> CompressionReport:
     """`compress_cache` for a batch of one sequence of `n_tokens` prompt tokens."""
     policy = POLICIES[config.policy]
     layers = cache.layers
@@ -154,6 +157,8 @@ def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens:
         plan = policy.plan_heads(layers, n_tokens, config)
         if config.budget_source == "calibrated":
             plan = calibrated_plan(plan, n_tokens, config)
+        if heads is not None:
+            plan = plan.heads(heads)
         return compress_heads(cache, plan, config, n_tokens, entropies)
     budgets = layer_budgets(entropies, n_tokens, config)
     reports = []

@@ -42,7 +42,7 @@ from .compat import cache_in_call, check_transformers_version, with_cache
 from .compress import CompressionReport, compress_cache, uncompressed_report
 from .config import ConfigError, EntropyKVConfig
 from .errors import ArgumentTypeError, EntropyKVError, InputError, short_repr
-from .parallel import check_same_positions, combine_prefill_stats, tensor_parallel_group
+from .parallel import check_same_positions, check_same_stats, combine_prefill_stats, local_heads, tensor_parallel_group
 from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteResult, RewriteSettings
 from .policies import POLICIES
@@ -226,13 +226,16 @@ class Optimized:
                 out.last_hidden_state = original_columns(out.last_hidden_state, shift, length)
                 if out.hidden_states is not None:
                     out.hidden_states = tuple(original_columns(h, shift, length) for h in out.hidden_states)
+            headwise = POLICIES[self.config.policy].headwise
             if prefill and self.tp_group is not None:  # every rank decides from all heads' statistics
-                combine_prefill_stats(cache, self.tp_group, SCORERS[self.config.scorer].combine)
+                combine_prefill_stats(cache, self.tp_group, SCORERS[self.config.scorer].combine, heads=headwise)
+                if self.verify_ranks and headwise:  # ranks hold other heads: compare what their plans come from
+                    check_same_stats(cache, self.tp_group)
             # Sliding-window layers first drop what no later query can attend, so no budget is spent on it.
             cache.drop_unreachable(self.sliding_windows)
             if prefill and not self._keep_stats:
                 self.last_report = self._compress(cache)
-                if self.verify_ranks and self.tp_group is not None:
+                if self.verify_ranks and self.tp_group is not None and not headwise:
                     check_same_positions(cache, self.tp_group)
         return out
 
@@ -333,8 +336,10 @@ class Optimized:
             self._keep_stats or (policy.evicts and policy.token_scores is None))
 
     def _compress(self, cache: EntropyKVCache) -> CompressionReport:
-        if POLICIES[self.config.policy].evicts:
-            report = compress_cache(cache, self.config)
+        policy = POLICIES[self.config.policy]
+        if policy.evicts:
+            shard = policy.headwise and self.tp_group is not None  # a plan over all heads, this rank's share kept
+            report = compress_cache(cache, self.config, local_heads(cache, self.tp_group) if shard else None)
         else:
             report = uncompressed_report(cache, self.config)
             for layer in cache.layers:
@@ -470,9 +475,10 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     as they are (e.g. to save the model with `save_pretrained` while optimized; tensor-parallel models never fuse).
 
     A model sharded by transformers' tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun)
-    works with layer-wise policies and the attention scorers: every rank combines all heads' prefill statistics
-    before deciding, so all keep the same positions (`entropykv_fx.parallel`); `verify_ranks=True` checks that
-    after every prefill (two more collectives per layer) and raises RankDivergenceError if not.
+    works with every policy and the attention scorers: every rank combines all heads' prefill statistics before
+    deciding, so all keep the same positions (head-wise policies: each rank keeps its heads' share of one plan over
+    all heads; `entropykv_fx.parallel`); `verify_ranks=True` checks that after every prefill (two more
+    collectives per layer; head-wise: that the ranks' statistics are equal) and raises RankDivergenceError if not.
 
     Raises, before any work: UnsupportedModelError (not a model of a supported architecture, or sharded by tensor
     parallelism with what that does not support), ArgumentTypeError (`config` not an EntropyKVConfig, `inductor`,
@@ -527,8 +533,6 @@ def _check_tensor_parallel(model: nn.Module, cfg: EntropyKVConfig) -> Any:
     problem = None
     if group is None:
         problem = "its process group was not found (no DTensor weights)"
-    elif POLICIES[cfg.policy].headwise:
-        problem = f"policy {cfg.policy!r} is head-wise"
     elif SCORERS[cfg.scorer].from_keys:
         problem = f"scorer {cfg.scorer!r} scores from each rank's keys"
     elif kv_heads % ranks:
@@ -536,8 +540,8 @@ def _check_tensor_parallel(model: nn.Module, cfg: EntropyKVConfig) -> Any:
     if problem:
         raise UnsupportedModelError(
             f"entropykv_fx.optimize: {type(model).__name__} is sharded by tensor parallelism ({ranks} ranks) and "
-            f"{problem}; supported: layer-wise policies ({', '.join(n for n, p in POLICIES.items() if not p.headwise)}) "
-            "with the scorers window, last_query or reconstruct")
+            f"{problem}; supported: every policy with the scorers window, last_query or reconstruct, and KV heads "
+            "that divide by the ranks")
     return group
 
 

@@ -1,5 +1,6 @@
 """`optimize()` under transformers' tensor parallelism (issue 20): two CPU processes (torchrun, gloo) keep the same
-positions and generate the same tokens as one process, for every layer-wise policy (`tests/tp_worker.py`)."""
+positions and generate the same tokens as one process, for every policy (`tests/tp_worker.py`); a head-wise policy's
+rank 0 holds the first half of each layer's KV heads and keeps exactly what one process keeps in them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from tp_worker import CONFIGS, prompts
+from tp_worker import CONFIGS, kept_positions, prompts
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import entropykv_fx
@@ -52,7 +53,10 @@ def test_ranks_keep_and_generate_what_one_process_does(tensor_parallel_run):
             tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)[:, 160:]
             cache = compat.cache_of(model(ids, attention_mask=mask, use_cache=True))
         where = f"{policy}/{scorer}/{budget}"
-        assert got["positions"] == [layer.positions.tolist() for layer in cache.layers], where
+        want = kept_positions(cache)
+        if hasattr(cache.layers[0], "heads"):  # a head-wise layout: rank 0 holds the first half of the KV heads
+            want = [heads[:len(heads) // 2] for heads in want]
+        assert got["positions"] == want, where
         assert got["tokens"] == tokens.tolist(), where
         if budget == 1.0:
             assert got["tokens"] == unmodified.tolist(), where
@@ -60,6 +64,6 @@ def test_ranks_keep_and_generate_what_one_process_does(tensor_parallel_run):
 
 def test_what_is_not_supported_is_refused_and_divergence_is_caught(tensor_parallel_run):
     refused = tensor_parallel_run[1]["refused"]
-    assert "policy 'adakv' is head-wise" in refused["headwise"]
     assert "scorer 'key_norm'" in refused["key_norm"]
     assert "kept different token positions in layers" in refused["guard"]
+    assert "decide from different statistics in layers" in refused["guard_headwise"]

@@ -14,10 +14,19 @@ from transformers import LlamaForCausalLM
 import entropykv_fx
 from entropykv_fx import compat, hf
 
-# (policy, scorer, budget): every layer-wise policy at full and reduced budgets; the other scorers on two of them
+# (policy, scorer, budget): every layer-wise policy at full and reduced budgets; the other scorers on two of them;
+# every head-wise policy (each rank keeps its heads' share of one plan over all heads)
 CONFIGS = [(p, "window", b) for p in ("uniform", "entropy", "pyramidkv", "streaming", "full") for b in (1.0, 0.3)] + [
     ("uniform", "last_query", 0.3), ("entropy", "last_query", 40), ("uniform", "reconstruct", 0.3),
-    ("pyramidkv", "reconstruct", 1.0)]
+    ("pyramidkv", "reconstruct", 1.0)] + [
+    ("adakv", "window", 1.0), ("adakv", "window", 0.3), ("snapkv", "last_query", 0.3), ("entropy_head", "window", 0.5),
+    ("matrix_entropy", "window", 0.3)]
+
+
+def kept_positions(cache) -> list:
+    """Per layer: its positions [B, S], or for a head-wise layer each KV head's [B, K_h]."""
+    return [[head.positions.tolist() for head in layer.heads] if hasattr(layer, "heads") else layer.positions.tolist()
+            for layer in cache.layers]
 
 
 def prompts() -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +43,7 @@ def run(model, policy: str, scorer: str, budget: float, **flags) -> dict:
     with torch.no_grad():
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)[:, ids.shape[1]:]
         cache = compat.cache_of(model(ids, attention_mask=mask, use_cache=True))
-    return {"tokens": tokens.tolist(), "positions": [layer.positions.tolist() for layer in cache.layers]}
+    return {"tokens": tokens.tolist(), "positions": kept_positions(cache)}
 
 
 def main() -> None:
@@ -44,17 +53,19 @@ def main() -> None:
         out = {"unmodified": model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)[:, 160:].tolist()}
     out["runs"] = [run(model, *config, verify_ranks=True) for config in CONFIGS]
     refused = {}
-    for name, overrides in (("headwise", {"policy": "adakv"}), ("key_norm", {"scorer": "key_norm"})):
+    for name, overrides in (("key_norm", {"scorer": "key_norm"}),):
         try:
             entropykv_fx.optimize(model, **overrides)
         except entropykv_fx.UnsupportedModelError as e:
             refused[name] = str(e)
-    # The guard: with each rank deciding from its own heads only, the ranks keep different positions.
-    hf.combine_prefill_stats = lambda *args: None
-    try:
-        run(model, "uniform", "window", 0.3, verify_ranks=True)
-    except entropykv_fx.RankDivergenceError as e:
-        refused["guard"] = str(e)
+    # The guard: with each rank deciding from its own heads only, the ranks keep different positions (layer-wise)
+    # or plan from different statistics (head-wise).
+    hf.combine_prefill_stats = lambda *args, **kwargs: None
+    for name, policy in (("guard", "uniform"), ("guard_headwise", "adakv")):
+        try:
+            run(model, policy, "window", 0.3, verify_ranks=True)
+        except entropykv_fx.RankDivergenceError as e:
+            refused[name] = str(e)
     out["refused"] = refused
     if dist.get_rank() == 0:
         with open(sys.argv[2], "w") as f:

@@ -139,6 +139,11 @@ class HeadPlan:
     int8_heads: list[list[bool]]
     scores: list[Tensor]
 
+    def heads(self, kept: slice) -> HeadPlan:
+        """The plan of KV heads `kept` only (a tensor-parallel rank's share of a plan made over all heads)."""
+        return HeadPlan([b[:, kept] for b in self.budgets], [row[kept] for row in self.int8_heads],
+                        [s[:, kept] for s in self.scores])
+
 # (the modules use the helpers above)
 from . import adakv, entropy, entropy_head, full, matrix_entropy, pyramidkv, snapkv, streaming, uniform  # noqa: E402
 
