@@ -7,10 +7,11 @@ compressed prompt of n tokens gets position n however few slots the layers kept,
 from positions (see `ops.visibility`). The cache is a `transformers.Cache`, so `generate()` drives it.
 
 Decode layout: a dense layer can `reserve` room, empty slots (position -1) after the ones it holds, that later
-tokens are written into in place (`entropykv::write_in_place`: each row's slot of lowest position). A decode step
+tokens are written into in place (`entropykv::write_in_place`: each row's next slot, in turn). A decode step
 then costs its own entries' bytes instead of a copy of the whole cache, and its tensors keep their shapes and
 addresses from step to step, which a CUDA graph of the step needs. A sliding-window layer gets exactly `window`
 slots and never runs out: it is a ring whose oldest token, once it is full, no query can attend any more.
+Each row's next slot is counted on the device (`fill`), so a step searches nothing.
 `compact` returns a layer to the plain layout.
 """
 
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
+
+_NEVER = 2**62  # sorts after every position: where `reserve` puts empty slots
 
 from . import ops
 
@@ -89,6 +92,7 @@ class CompressedLayer(DynamicLayer):
         self.reserved = False  # the decode layout: tokens are written into room (`reserve`)
         self.ring = False  # reserved as a sliding-window ring: never runs out of room
         self.used = 0  # reserved: slots written so far (counted on the host, by `EntropyKVCache.begin_step`)
+        self.fill: Tensor | None = None  # reserved: [B] each row's next slot (mod the slots held), on the device
 
     @classmethod
     def holding(cls, keys: Tensor, values: Tensor, positions: Tensor, stats: PrefillStats | None = None) -> CompressedLayer:
@@ -126,7 +130,8 @@ class CompressedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.reserved:  # `used` is counted by the cache (`begin_step`), outside any compiled graph
-            ops.write_in_place(self.keys, self.values, self.positions, key_states, value_states, positions, layer)
+            ops.write_in_place(self.keys, self.values, self.positions, key_states, value_states, positions, self.fill,
+                               layer)
             return self.keys, self.values
         self.keys, self.values, self.positions = ops.append(self.keys, self.values, self.positions, key_states,
                                                             value_states, positions, layer)
@@ -135,7 +140,7 @@ class CompressedLayer(DynamicLayer):
     def replace(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         """Swap in the compressed slots (plain layout); the old tensors are released."""
         self.keys, self.values, self.positions = keys, values, positions
-        self.reserved, self.ring, self.used = False, False, 0
+        self.reserved, self.ring, self.used, self.fill = False, False, 0, None
 
     @property
     def room(self) -> float:
@@ -149,13 +154,17 @@ class CompressedLayer(DynamicLayer):
         layer (window > 0) holding fewer than `window` slots, exactly `window` slots as a ring. Copies the layer
         once; its tensors then keep their addresses until the room is used up (a ring's, for good)."""
         self.compact()
-        used, (b, held) = self.get_seq_length(), self.positions.shape
+        b, held = self.positions.shape
         ring = 0 < window and held < window
         extra = window - held if ring else slots
-        self.keys, self.values = (torch.cat([t, t.new_zeros(b, t.shape[1], extra, t.shape[-1])], 2)
+        # each row's held slots first, in position order, its empty ones after them: what `fill` counts from
+        order = self.positions.masked_fill(self.positions < 0, _NEVER).sort(dim=-1, stable=True).indices
+        self.keys, self.values = (torch.cat([take_slots(t, order), t.new_zeros(b, t.shape[1], extra, t.shape[-1])], 2)
                                   for t in (self.keys, self.values))
-        self.positions = torch.cat([self.positions, self.positions.new_full((b, extra), -1)], 1)
-        self.reserved, self.ring, self.used = True, ring, used
+        positions = take_slots(self.positions, order)
+        self.fill = (positions >= 0).sum(-1)
+        self.positions = torch.cat([positions, positions.new_full((b, extra), -1)], 1)
+        self.reserved, self.ring, self.used = True, ring, held
 
     def wrote(self, tokens: int) -> None:
         """Count `tokens` more written into the room (`EntropyKVCache.begin_step`)."""
@@ -167,7 +176,7 @@ class CompressedLayer(DynamicLayer):
         if not self.reserved:
             return
         if self.ring:
-            order = self.positions.sort(-1, stable=True).indices  # empty slots (-1) first
+            order = self.positions.sort(dim=-1, stable=True).indices  # empty slots (-1) first
             self.replace(take_slots(self.keys, order), take_slots(self.values, order), take_slots(self.positions, order))
         else:
             used = self.used

@@ -375,32 +375,41 @@ def _(keys, values, positions, k_new, v_new, new_pos, slot, layer):
     return torch.empty_like(keys), torch.empty_like(values), torch.empty_like(positions)
 
 
-@torch.library.custom_op("entropykv::write_in_place", mutates_args=("keys", "values", "positions"))
+@torch.library.custom_op("entropykv::write_in_place", mutates_args=("keys", "values", "positions", "fill"))
 def write_in_place(keys: Tensor, values: Tensor, positions: Tensor, k_new: Tensor, v_new: Tensor, new_pos: Tensor,
-                   layer: int) -> None:
+                   fill: Tensor, layer: int) -> None:
     """One new entry per row (L = 1), written into the buffers themselves: the runtime's decode layout (a layer with
     room, `cache.CompressedLayer.reserve`), where a step must cost its entry's bytes, not a copy of the cache.
 
-    Each row's entry goes into its slot of lowest position: its first empty slot (-1) if it has one, else its
-    oldest token. Slot order never matters (visibility is by position), so a full-attention layer fills its room
-    (and any pad slots) and a sliding-window layer of at least `window` slots is a ring: when it is full, its
-    oldest token is already out of every later query's window. Nothing here reads a tensor on the host, so the step
+    Row b's entry goes into slot fill[b] % S (fill: [B] int64), and fill[b] counts it when it is a token (position
+    >= 0; a pad's -1 is written there and the row's next token takes the same slot). `reserve` puts each row's held
+    slots first, in position order, and its empty ones after them, so a full-attention layer fills its room in order
+    and a sliding-window layer of `window` slots is a ring: once full, slot fill % window holds its oldest token,
+    already out of every later query's window. No search over the slots and nothing read on the host, so the step
     can be replayed from a CUDA graph; the caller keeps count of the room.
     """
-    _check_append(keys, values, positions, k_new, v_new, new_pos)
-    _check(k_new.shape[2] == 1, f"entropykv.write_in_place: writes one entry per row, got {k_new.shape[2]}")
-    slot = positions.argmin(-1, keepdim=True)  # [B, 1]; the first of equal minima
+    _check_write_in_place(keys, values, positions, k_new, v_new, new_pos, fill)
+    slot = (fill % positions.shape[-1])[:, None]  # [B, 1]
     index = slot[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
     keys.scatter_(2, index, k_new)
     values.scatter_(2, index if values.shape[-1] == keys.shape[-1] else
                     slot[:, None, :, None].expand(-1, values.shape[1], -1, values.shape[-1]), v_new)
     positions.scatter_(1, slot, new_pos)
+    fill.add_(new_pos[:, 0] >= 0)
+
+
+def _check_write_in_place(keys: Tensor, values: Tensor, positions: Tensor, k_new: Tensor, v_new: Tensor,
+                          new_pos: Tensor, fill: Tensor) -> None:
+    _check_append(keys, values, positions, k_new, v_new, new_pos)
+    _check(k_new.shape[2] == 1, f"entropykv.write_in_place: writes one entry per row, got {k_new.shape[2]}")
+    _check(fill.shape == (keys.shape[0],) and fill.dtype == torch.int64 and fill.device == keys.device,
+           f"entropykv.write_in_place: fill must be int64 [{keys.shape[0]}] on the cache's device, got "
+           f"{fill.dtype} {tuple(fill.shape)} on {fill.device}")
 
 
 @write_in_place.register_fake
-def _(keys, values, positions, k_new, v_new, new_pos, layer):
-    _check_append(keys, values, positions, k_new, v_new, new_pos)
-    _check(k_new.shape[2] == 1, f"entropykv.write_in_place: writes one entry per row, got {k_new.shape[2]}")
+def _(keys, values, positions, k_new, v_new, new_pos, fill, layer):
+    _check_write_in_place(keys, values, positions, k_new, v_new, new_pos, fill)
 
 
 @torch.library.custom_op("entropykv::headwise_cache", mutates_args=())

@@ -72,22 +72,47 @@ def test_a_step_writes_in_place_and_a_full_room_is_refilled(small_room):
     assert cache.room == 3 and all(layer.keys.shape[2] == k + 15 for layer, k in zip(cache.layers, kept))
 
 
-def test_a_longer_continuation_after_decoding_leaves_the_room(small_room, plain_layout):
-    """A chat turn: decode, then feed several tokens at once, then decode again; logits equal the plain layout's."""
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_a_longer_continuation_after_decoding_leaves_the_room(arch, small_room, plain_layout):
+    """A chat turn: decode, then feed several tokens at once, then decode again; logits equal the plain layout's.
+    Mistral's window layers are rings that have wrapped by then: compacting puts their slots back in order."""
     def turns(model):
         with torch.no_grad():
             out = model(random_prompt(50), use_cache=True)
             cache, logits = compat.cache_of(out), []
-            for step in range(14):
-                token = random_prompt(9, seed=step) if step == 7 else out.logits[:, -1:].argmax(-1)
+            for step in range(40):
+                token = random_prompt(9, seed=step) if step == 30 else out.logits[:, -1:].argmax(-1)
                 out = model(token, **compat.with_cache(cache), use_cache=True)
                 logits.append(out.logits[:, -1])
         return torch.stack(logits), cache
 
-    got, cache = turns(entropykv_fx.optimize(tiny_model("qwen3"), budget=0.4, window=4))
+    got, cache = turns(entropykv_fx.optimize(tiny_model(arch), budget=0.4, window=4))
     assert cache.room > 0
     plain_layout()
-    want, _ = turns(entropykv_fx.optimize(tiny_model("qwen3"), budget=0.4, window=4))
+    want, _ = turns(entropykv_fx.optimize(tiny_model(arch), budget=0.4, window=4))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_a_padded_step_takes_no_slot(arch, small_room, plain_layout):
+    """A one-token step whose token is masked out in one row (attention_mask 0) leaves that row's cache as it
+    was: its next token takes the same slot, in the room and in a full ring; logits equal the plain layout's."""
+    ids, mask = left_padded([random_prompt(n, seed=n)[0] for n in (40, 33)])
+
+    def steps(model):
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, use_cache=True)
+            cache, logits, seen = compat.cache_of(out), [], mask
+            for step in range(30):
+                token = out.logits[:, -1:].argmax(-1)
+                seen = torch.cat([seen, torch.tensor([[1], [0 if step in (3, 20) else 1]], device=DEVICE)], 1)
+                out = model(token, attention_mask=seen, **compat.with_cache(cache), use_cache=True)
+                logits.append(out.logits[:, -1])
+        return torch.stack(logits)
+
+    got = steps(entropykv_fx.optimize(tiny_model(arch), budget=0.5, window=4))
+    plain_layout()
+    want = steps(entropykv_fx.optimize(tiny_model(arch), budget=0.5, window=4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -484,33 +484,39 @@ def test_gather_rejects_bad_inputs():
 # --------------------------------------------------------------------------------------------- write_in_place
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 3), s=st.integers(1, 12), dtype=st.sampled_from(DTYPES), data=st.data())
-def test_write_in_place_fills_each_rows_lowest_position_slot(b, s, dtype, data):
-    """Each row's entry lands in its first empty slot, else in its oldest token's slot (loop reference); nothing
-    else changes and the buffers keep their storage (what a replayed step relies on)."""
+def test_write_in_place_writes_each_rows_next_slot(b, s, dtype, data):
+    """Row b's entry lands in slot fill[b] % S, whose count moves on for a token and not for a pad (-1) (loop
+    reference); nothing else changes and the buffers keep their storage (what a replayed step relies on)."""
     rows = [data.draw(st.lists(st.integers(-1, 40), min_size=s, max_size=s)) for _ in range(b)]
-    seed("write_in_place", b, s, dtype, rows)
+    fills = data.draw(st.lists(st.integers(0, 3 * s), min_size=b, max_size=b))
+    pads = data.draw(st.lists(st.booleans(), min_size=b, max_size=b))
+    seed("write_in_place", b, s, dtype, rows, fills, pads)
     keys, values = (torch.randn(b, 2, s, 8, device=DEVICE).to(dtype) for _ in range(2))
-    positions = torch.tensor(rows, device=DEVICE)
+    positions, fill = torch.tensor(rows, device=DEVICE), torch.tensor(fills, device=DEVICE)
     k_new, v_new = (torch.randn(b, 2, 1, 8, device=DEVICE).to(dtype) for _ in range(2))
-    new_pos = torch.arange(41, 41 + b, device=DEVICE)[:, None]
-    want = [t.clone() for t in (keys, values, positions)]
-    for row, held in enumerate(rows):
-        slot = held.index(-1) if -1 in held else held.index(min(held))
-        want[0][row, :, slot], want[1][row, :, slot], want[2][row, slot] = k_new[row, :, 0], v_new[row, :, 0], 41 + row
-    addresses = [t.data_ptr() for t in (keys, values, positions)]
-    ops.write_in_place(keys, values, positions, k_new, v_new, new_pos, 0)
-    for got, expected in zip((keys, values, positions), want):
+    new_pos = torch.tensor([[-1 if pad else 41 + row] for row, pad in enumerate(pads)], device=DEVICE)
+    want = [t.clone() for t in (keys, values, positions, fill)]
+    for row in range(b):
+        slot = fills[row] % s
+        want[0][row, :, slot], want[1][row, :, slot] = k_new[row, :, 0], v_new[row, :, 0]
+        want[2][row, slot], want[3][row] = new_pos[row, 0], fills[row] + (not pads[row])
+    addresses = [t.data_ptr() for t in (keys, values, positions, fill)]
+    ops.write_in_place(keys, values, positions, k_new, v_new, new_pos, fill, 0)
+    for got, expected in zip((keys, values, positions, fill), want):
         assert torch.equal(got, expected)
-    assert [t.data_ptr() for t in (keys, values, positions)] == addresses
+    assert [t.data_ptr() for t in (keys, values, positions, fill)] == addresses
 
 
-def test_write_in_place_opcheck_and_one_entry_per_row():
+def test_write_in_place_opcheck_and_bad_arguments():
     seed("write_in_place opcheck")
     keys, values = torch.randn(2, 2, 6, 8, device=DEVICE), torch.randn(2, 2, 6, 8, device=DEVICE)
-    positions = torch.tensor([[0, 1, 2, -1, -1, -1], [-1, -1, 0, 1, 2, 3]], device=DEVICE)
+    positions = torch.tensor([[0, 1, 2, -1, -1, -1], [0, 1, 2, 3, -1, -1]], device=DEVICE)
     args = (torch.randn(2, 2, 1, 8, device=DEVICE), torch.randn(2, 2, 1, 8, device=DEVICE),
             torch.tensor([[3], [4]], device=DEVICE))
-    torch.library.opcheck(torch.ops.entropykv.write_in_place.default, (keys, values, positions, *args, 0))
+    fill = torch.tensor([3, 4], device=DEVICE)
+    torch.library.opcheck(torch.ops.entropykv.write_in_place.default, (keys, values, positions, *args, fill, 0))
     with pytest.raises(ValueError, match="writes one entry per row, got 2"):
         ops.write_in_place(keys, values, positions, *(t.repeat_interleave(2, -2 if t.dim() == 4 else -1)
-                                                      for t in args), 0)
+                                                      for t in args), fill, 0)
+    with pytest.raises(ValueError, match=r"fill must be int64 \[2\]"):
+        ops.write_in_place(keys, values, positions, *args, fill.int(), 0)
