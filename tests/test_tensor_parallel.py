@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from tp_worker import CONFIGS, kept_positions, prompts
+from tp_worker import CONFIGS, kept_positions, prompts, static_decode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import entropykv_fx
@@ -60,6 +60,13 @@ def test_ranks_keep_and_generate_what_one_process_does(tensor_parallel_run):
         assert got["tokens"] == tokens.tolist(), where
         if budget == 1.0:
             assert got["tokens"] == unmodified.tolist(), where
+
+
+def test_static_decoder_on_ranks_decodes_what_one_process_does(tensor_parallel_run):
+    """`StaticDecoder` (the model's own modules, its sharded projections and their collectives) over each rank's
+    shard of a compressed cache gives one process's tokens."""
+    path, recorded = tensor_parallel_run
+    assert recorded["static"] == static_decode(LlamaForCausalLM.from_pretrained(path).eval())
 
 
 def test_what_is_not_supported_is_refused_and_divergence_is_caught(tensor_parallel_run):

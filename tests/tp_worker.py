@@ -12,7 +12,7 @@ import torch.distributed as dist
 from transformers import LlamaForCausalLM
 
 import entropykv_fx
-from entropykv_fx import compat, hf
+from entropykv_fx import StaticDecoder, compat, hf
 
 # (policy, scorer, budget): every layer-wise policy at full and reduced budgets; the other scorers on two of them;
 # every head-wise policy (each rank keeps its heads' share of one plan over all heads)
@@ -46,12 +46,23 @@ def run(model, policy: str, scorer: str, budget: float, **flags) -> dict:
     return {"tokens": tokens.tolist(), "positions": kept_positions(cache)}
 
 
+def static_decode(model) -> list:
+    """Greedy tokens of `StaticDecoder` after a compressed prefill (uniform, 30% kept) of the two prompts."""
+    entropykv_fx.optimize(model, policy="uniform", budget=0.3, window=8, sink_tokens=2)
+    ids, mask = prompts()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        decoder = StaticDecoder(model, compat.cache_of(out), max_new_tokens=8)
+        return decoder.generate(out.logits[:, -1:].argmax(-1), steps=6).tolist()
+
+
 def main() -> None:
     model = LlamaForCausalLM.from_pretrained(sys.argv[1], tp_plan="auto").eval()
     ids, mask = prompts()
     with torch.no_grad():
         out = {"unmodified": model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)[:, 160:].tolist()}
     out["runs"] = [run(model, *config, verify_ranks=True) for config in CONFIGS]
+    out["static"] = static_decode(model)
     refused = {}
     for name, overrides in (("key_norm", {"scorer": "key_norm"}),):
         try:
