@@ -34,7 +34,7 @@ from triton.testing import do_bench_cudagraph  # noqa: E402
 import entropykv_fx  # noqa: E402
 from benchmarks.generate_speed import commit  # noqa: E402
 from benchmarks.speed import step_ms  # noqa: E402
-from benchmarks.timing import SHAPES, random_llama, run_environment  # noqa: E402
+from benchmarks.timing import SHAPES, cuda_ms, random_llama, run_environment  # noqa: E402
 from entropykv_fx.compat import cache_of  # noqa: E402
 from entropykv_fx.decode import StaticDecoder  # noqa: E402
 
@@ -69,16 +69,6 @@ def kernel_breakdown(run, steps: int) -> tuple[dict, list[dict]]:
     per_kind = {k: round(v, 1) for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])}
     per_kind["total"] = round(sum(per_kind.values()), 1)
     return per_kind, sorted(kernels, key=lambda r: -r["us_per_step"])[:15]
-
-
-def timed_ms(run, steps: int) -> float:
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(steps):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) / steps
 
 
 def gemv_rows(config, bandwidth: float) -> list[dict]:
@@ -159,7 +149,7 @@ def main() -> None:
                 model(token, past_key_values=step_cache, use_cache=True)
 
             run(), run()  # the first step reserves room, runs eagerly and records the graph
-            wall = timed_ms(run, args.steps)
+            wall = cuda_ms(run, args.steps)
             per_kind, top = kernel_breakdown(run, args.steps)
         shown = ", ".join(f"{k}={v}" for k, v in options.items())
         row = {"path": f"optimize({shown}) decode step", "wall_ms": round(wall, 3),

@@ -36,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import entropykv_fx  # noqa: E402
 from entropykv_fx.compat import cache_of  # noqa: E402
 from entropykv_fx.decode import StaticDecoder  # noqa: E402
-from benchmarks.timing import (SHAPES, eager_decode_ms, peak_gib, random_llama, reset_peak,  # noqa: E402
+from benchmarks.timing import (SHAPES, cuda_ms, eager_decode_ms, peak_gib, random_llama, reset_peak,  # noqa: E402
                                run_environment, seconds, write_markdown)
 
 
@@ -48,13 +48,7 @@ def step_ms(decoder: StaticDecoder, steps: int, device: torch.device) -> float:
         if device.type != "cuda":
             ms = seconds(lambda: [run() for _ in range(steps)], device)[1] / steps * 1e3
         else:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(steps):
-                run()
-            end.record()
-            torch.cuda.synchronize()
-            ms = begin.elapsed_time(end) / steps
+            ms = cuda_ms(run, steps)
     decoder.rewind()
     return ms
 

@@ -66,6 +66,17 @@ def seconds(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
+def cuda_ms(run, steps: int) -> float:
+    """ms per call of `run` over `steps` calls, timed by CUDA events (the GPU's time, launch gaps included)."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(steps):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / steps
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Device-to-device copy, bytes read + written per second."""
     if device.type != "cuda":
