@@ -48,6 +48,7 @@ def _fusable(linears: list[nn.Module]) -> bool:
     first = linears[0].weight
     same = all(type(m.weight) in (Tensor, nn.Parameter) and m.weight.dtype == first.dtype and
                m.weight.device == first.device and m.in_features == linears[0].in_features for m in linears)
+    same = same and first.device.type != "meta"  # offloaded weights (accelerate) are loaded per forward: left alone
     with_bias = {m.bias is not None for m in linears}
     return same and len(with_bias) == 1
 
