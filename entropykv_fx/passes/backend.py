@@ -42,8 +42,8 @@ class EntropyKVBackend:
     on_stats: receives (scored layers, [entropy, kv_scores, layer_scores(, statistic)] * layers) after each
         prefill graph; without it scores are not computed.
     on_run: called with the number of rewritten sites after every run of a compiled graph.
-    projections: the model's fused projections; decode graphs compute each group with one matmul
-        (`passes.fuse_projections`).
+    projections: the model's fused projections; decode graphs run without gradients compute each group with one
+        matmul (`passes.fuse_projections`).
     """
 
     settings: RewriteSettings = field(default_factory=RewriteSettings)
@@ -65,7 +65,9 @@ class EntropyKVBackend:
         if self.strict and result.left_alone:
             raise UnrewrittenAttentionError("entropykv: cannot rewrite this graph's attention:\n  " +
                                             "\n  ".join(str(o) for o in result.left_alone))
-        if self.projections is not None and not result.prefill:  # prefill is compute-bound: fusing buys little
+        # Prefill is compute-bound (fusing buys little); a graph that records gradients keeps one matmul per weight,
+        # since the fused view reaches past the first weight, where its gradient cannot go.
+        if self.projections is not None and not result.prefill and not torch.is_grad_enabled():
             fuse_projections(gm, example_inputs, self.projections)
         run = self._compile(gm, example_inputs)
         n_stats, sites = result.stats_per_layer * len(result.scored_layers), result.rewritten
