@@ -139,7 +139,8 @@ def main() -> None:
         del decoder, run
         torch.cuda.empty_cache()
     token = ids[:, -1:]
-    steps = [{"fuse_projections": True}, {"fuse_projections": False}] + [{"inductor": True}] * (not args.no_inductor)
+    steps = [{"inductor": False, "fuse_projections": True}, {"inductor": False, "fuse_projections": False}] + [
+        {"inductor": True, "fuse_projections": True}] * (not args.no_inductor)
     for options in steps:  # the optimized model's own step (what generate() runs), replayed after the first
         entropykv_fx.optimize(model, budget=args.fraction, **options)
         with torch.no_grad():

@@ -57,6 +57,8 @@ ATTN_NAME = "entropykv"
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 # Keywords of the decoder's forward that select an output or a code path, hence a graph of their own.
 _GRAPH_FLAGS = ("output_hidden_states",)
+# optimize()'s options on a first call (a later call keeps the model's current ones unless given)
+_OPTION_DEFAULTS = {"inductor": False, "verify_ranks": False, "cuda_graphs": True, "fuse_projections": True}
 # Keywords that the rewritten decoder ignores: positions come from the cache (`begin_step`).
 _IGNORED = ("cache_position", "return_dict")
 _INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -454,25 +456,33 @@ def _sliding_windows(model: nn.Module, layers: nn.ModuleList) -> tuple[int, ...]
     return tuple(windows)
 
 
-def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inductor: bool = False,
-             mode: str | None = None, verify_ranks: bool = False, cuda_graphs: bool = True,
-             fuse_projections: bool = True, **overrides: Any) -> nn.Module:
+def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inductor: bool | None = None,
+             mode: str | None = None, verify_ranks: bool | None = None, cuda_graphs: bool | None = None,
+             fuse_projections: bool | None = None, **overrides: Any) -> nn.Module:
     """Make `model.generate()` (and plain forwards) compress the KV cache after prefill. Returns `model`.
 
     The decoder is compiled with the entropykv Dynamo backend (see the module docstring); the rewritten graphs
     run eagerly, or through Inductor with `inductor=True` (`mode` as in torch.compile, e.g. "reduce-overhead").
     `config` defaults to `EntropyKVConfig()`; keyword overrides replace single fields, e.g.
     `optimize(model, policy="entropy", budget=0.25)`. Calling it again on an optimized model changes its
-    configuration (overrides apply to its current config unless `config` is given) without recompiling.
-    `model.entropykv` is the handle (`Optimized`); `restore(model)` undoes it.
+    configuration: overrides apply to its current config unless `config` is given, and the options `inductor`,
+    `mode`, `verify_ranks`, `cuda_graphs` and `fuse_projections` keep their current values unless given (`mode`
+    follows `inductor` when that is given). A new budget or policy does not recompile; a change of `inductor`, `mode`
+    or `fuse_projections` drops the compiled graphs, which compile again on first use.
+    `model.entropykv` is the handle (`Optimized`); `restore(model)` undoes it. Defaults of a first call:
+    inductor=False, mode=None, verify_ranks=False, cuda_graphs=True, fuse_projections=True.
 
     Decoding (one token per row, e.g. `generate()`) writes into room reserved after each layer's kept slots
-    (`DECODE_ROOM` at a time), and on a GPU replays each step from a CUDA graph recorded at the first step
-    (`entropykv_fx.step_graph`); `cuda_graphs=False` runs every step eagerly instead (same tokens, slower).
-    Decode steps compute each layer's q/k/v projections with one matmul, and its gate/up projections with another:
-    their weights are moved into one tensor per group, each `nn.Linear` keeping a view of its rows
-    (`entropykv_fx.projections`; same memory, unfused again by `restore`). `fuse_projections=False` leaves them
-    as they are (e.g. to save the model with `save_pretrained` while optimized; tensor-parallel models never fuse).
+    (`DECODE_ROOM` at a time). On a GPU, `cuda_graphs=True` replays each step from a CUDA graph recorded at the
+    first step (`entropykv_fx.step_graph`); steps run eagerly instead (same tokens, slower) with
+    `cuda_graphs=False`, on a CPU, under Inductor's own CUDA-graph modes (`mode="reduce-overhead"`), with
+    gradients enabled, with output options such as `output_hidden_states`, and for head-wise policies (whose
+    layers keep per-head lengths, so no room).
+    `fuse_projections=True` moves, at this call, each layer's q/k/v weights (and biases) into one tensor and its
+    gate/up weights into another, each `nn.Linear` keeping a view of its rows (`entropykv_fx.projections`: same
+    memory, same `state_dict`, `save_pretrained` works); decode graphs then compute each group with one matmul.
+    `restore` or `fuse_projections=False` give every Linear its own tensor again. It is not applied to
+    tensor-parallel models, offloaded (meta) weights, or graphs compiled with gradients enabled.
 
     A model sharded by transformers' tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun)
     works with every policy and the attention scorers: every rank combines all heads' prefill statistics before
@@ -482,7 +492,7 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
 
     Raises, before any work: UnsupportedModelError (not a model of a supported architecture, or sharded by tensor
     parallelism with what that does not support), ArgumentTypeError (`config` not an EntropyKVConfig, `inductor`,
-    `verify_ranks`, `cuda_graphs` or `fuse_projections` not a bool),
+    `verify_ranks`, `cuda_graphs` or `fuse_projections` not a bool or None),
     InputError (a bad `mode`), ConfigError (a bad field, or a calibration file made for another architecture
     or layer/head count), TransformersVersionError (a known-broken transformers release). A calibration file is
     read once, here (when the config is built): editing or deleting it afterwards changes nothing.
@@ -492,12 +502,12 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
         raise ArgumentTypeError(f"entropykv_fx.optimize: config must be an EntropyKVConfig or None, got "
                                 f"{short_repr(config)}; pass fields as keywords instead, e.g. "
                                 "optimize(model, policy='entropy', budget=0.25)")
-    for flag, value in (("inductor", inductor), ("verify_ranks", verify_ranks), ("cuda_graphs", cuda_graphs),
-                        ("fuse_projections", fuse_projections)):
-        if not isinstance(value, bool):
-            raise ArgumentTypeError(f"entropykv_fx.optimize: {flag}={short_repr(value)} is invalid: expected True or False")
-    if mode is not None and not inductor:
-        raise InputError(f"entropykv_fx.optimize: mode={mode!r} is an Inductor mode; pass inductor=True with it")
+    given = {"inductor": inductor, "verify_ranks": verify_ranks, "cuda_graphs": cuda_graphs,
+             "fuse_projections": fuse_projections}
+    for flag, value in given.items():
+        if value is not None and not isinstance(value, bool):
+            raise ArgumentTypeError(f"entropykv_fx.optimize: {flag}={short_repr(value)} is invalid: expected True, "
+                                    "False, or None (keep the current value)")
     if mode is not None and mode not in _INDUCTOR_MODES:
         raise InputError(f"entropykv_fx.optimize: mode={short_repr(mode)} is invalid: expected None or one of "
                          f"{_INDUCTOR_MODES}")
@@ -507,6 +517,12 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
         raise UnsupportedModelError(f"entropykv_fx.optimize: {shown} is not supported: model must be a transformers "
                                     f"model of one of {', '.join(SUPPORTED_MODELS)}")
     existing: Optimized | None = model.__dict__.get("entropykv")
+    flags = {flag: (getattr(existing, flag) if existing is not None else default) if given[flag] is None
+             else given[flag] for flag, default in _OPTION_DEFAULTS.items()}
+    if mode is None and inductor is None and existing is not None:  # mode follows inductor when that is given
+        mode = existing.mode
+    if mode is not None and not flags["inductor"]:
+        raise InputError(f"entropykv_fx.optimize: mode={mode!r} is an Inductor mode; pass inductor=True with it")
     base = config or (existing.config if existing is not None else EntropyKVConfig())
     cfg = base.replace(**overrides) if overrides else base
     group = _check_tensor_parallel(model, cfg)
@@ -516,9 +532,11 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
         raise ConfigError(f"entropykv_fx.optimize: repeat_prompt holds token ids {sorted(set(cfg.repeat_prompt))} but "
                           f"the model's vocabulary is 0..{model.config.vocab_size - 1}")
     if existing is not None:
-        existing.reconfigure(cfg, inductor, mode, verify_ranks, cuda_graphs, fuse_projections)
+        existing.reconfigure(cfg, flags["inductor"], mode, flags["verify_ranks"], flags["cuda_graphs"],
+                             flags["fuse_projections"])
     else:
-        Optimized(model, cfg, inductor, mode, group, verify_ranks, cuda_graphs, fuse_projections).install()
+        Optimized(model, cfg, flags["inductor"], mode, group, flags["verify_ranks"], flags["cuda_graphs"],
+                  flags["fuse_projections"]).install()
     return model
 
 

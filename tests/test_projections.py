@@ -76,7 +76,7 @@ def test_weights_share_one_tensor_until_restored():
     assert k.weight.data_ptr() == q.weight.data_ptr() + q.weight.nbytes
     assert k.bias.data_ptr() == q.bias.data_ptr() + q.bias.nbytes
     for undo in (lambda: entropykv_fx.optimize(model, fuse_projections=False), lambda: entropykv_fx.restore(model)):
-        entropykv_fx.optimize(model)
+        entropykv_fx.optimize(model, fuse_projections=True)
         undo()
         storages = {m.weight.untyped_storage().data_ptr() for m in linears(model)}
         assert len(storages) == len(linears(model))
@@ -113,6 +113,26 @@ def test_a_graph_that_records_gradients_is_not_fused():
             model(ids[:, :1], **compat.with_cache(cache), use_cache=True)
 
     assert matmuls_per_decode_graph(prefill_and_step) == [21]
+
+
+def test_options_are_kept_until_given_again(tmp_path):
+    """A later optimize() call without an option keeps the model's current value; saving while fused round-trips."""
+    model = entropykv_fx.optimize(tiny_model("qwen2"), fuse_projections=False, cuda_graphs=False)
+    entropykv_fx.optimize(model, budget=0.1)
+    handle = model.entropykv
+    assert (handle.fuse_projections, handle.cuda_graphs, handle.projections) == (False, False, None)
+    entropykv_fx.optimize(model, fuse_projections=True)
+    assert handle.projections is not None and handle.cuda_graphs is False
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    entropykv_fx.optimize(model, inductor=True, mode="reduce-overhead")
+    entropykv_fx.optimize(model, policy="entropy")
+    assert (handle.inductor, handle.mode) == (True, "reduce-overhead")
+    entropykv_fx.optimize(model, inductor=False)  # the mode follows inductor when that is given
+    assert (handle.inductor, handle.mode) == (False, None)
+    with pytest.raises(entropykv_fx.errors.InputError, match="pass inductor=True with it"):
+        entropykv_fx.optimize(model, mode="max-autotune")
 
 
 def test_fuse_projections_must_be_a_bool():
