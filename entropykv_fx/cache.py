@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
-_NEVER = 2**62  # sorts after every position: where `reserve` puts empty slots
-
 from . import ops
+
+_NEVER = 2**62  # sorts after every position: where `reserve` puts empty slots
 
 
 @dataclass

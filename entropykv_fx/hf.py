@@ -87,8 +87,7 @@ class Optimized:
     """
 
     def __init__(self, model: nn.Module, config: EntropyKVConfig, inductor: bool, mode: str | None,
-                 tp_group: Any = None, verify_ranks: bool = False, cuda_graphs: bool = True,
-                 fuse_projections: bool = True) -> None:
+                 tp_group: Any, verify_ranks: bool, cuda_graphs: bool, fuse_projections: bool) -> None:
         self.model, self.config, self.inductor, self.mode = model, config, inductor, mode
         self.cuda_graphs = cuda_graphs  # decode steps on a GPU replay a recorded graph (entropykv_fx.step_graph)
         self.fuse_projections = fuse_projections  # decode graphs: q/k/v and gate/up in one matmul each
@@ -131,8 +130,8 @@ class Optimized:
         logger.info("entropykv_fx: restored %s", type(self.model).__name__)
         return self.model
 
-    def reconfigure(self, config: EntropyKVConfig, inductor: bool, mode: str | None, verify_ranks: bool = False,
-                    cuda_graphs: bool = True, fuse_projections: bool = True) -> None:
+    def reconfigure(self, config: EntropyKVConfig, inductor: bool, mode: str | None, verify_ranks: bool,
+                    cuda_graphs: bool, fuse_projections: bool) -> None:
         if (inductor, mode, fuse_projections) != (self.inductor, self.mode, self.fuse_projections):
             self._compiled.clear()  # other compilers or matmuls: the graphs are rebuilt on first use
         self._step_graph = None

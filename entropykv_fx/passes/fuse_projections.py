@@ -38,12 +38,12 @@ def fuse_projections(gm: fx.GraphModule, example_inputs: list, fused: FusedProje
         group, i = hit
         groups[id(group)] = group
         calls[(node.args[0], id(group))][i] = node
+    order = {n: i for i, n in enumerate(graph.nodes)}  # the linear calls' places; nodes added below need none
     for (x, key), found in calls.items():
         group = groups[key]
         if len(found) != len(group.linears):
             continue
         nodes = [found[i] for i in range(len(group.linears))]
-        order = {n: i for i, n in enumerate(graph.nodes)}
         with graph.inserting_before(min(nodes, key=order.__getitem__)):
             weight = graph.call_function(torch.as_strided, (nodes[0].args[1], tuple(group.weight.shape),
                                                             tuple(group.weight.stride())))
