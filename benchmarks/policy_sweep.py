@@ -16,6 +16,8 @@ question are compressed together; query-agnostic: the context alone is compresse
 
 Writes `sweep_<tag>.json` (every record) and `sweep_<tag>.md` (device, versions, commit, command, Wilson 95%
 intervals, report split) to --out, and re-writes both after every case, so a run cut short keeps its results.
+The model is small, so one GPU serves several processes: `--shard K/N` runs every N-th case from the K-th (tag
+`<tag>_K`), and `--merge A.json B.json ... --tag T` writes the tables of their records together.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ VARIANTS = {
     "adakv/reconstruct": dict(policy="adakv", scorer="reconstruct"),
     "matrix_entropy/reconstruct": dict(policy="matrix_entropy", scorer="reconstruct"),
     "entropy/reconstruct": dict(policy="entropy", scorer="reconstruct"),
+    "cache_topk/window": dict(policy="cache_topk"),
+    "cache_topk/last_query": dict(policy="cache_topk", scorer="last_query"),
+    "cache_topk/reconstruct": dict(policy="cache_topk", scorer="reconstruct"),
+    "cache_topk/reconstruct/prompted": dict(policy="cache_topk", scorer="reconstruct", repeat_prompt=REPEAT_INSTRUCTION),
 }
 
 
@@ -163,10 +169,23 @@ def write(records: list[dict], meta: dict, stem: Path) -> None:
     lines = [f"# Policy sweep: {meta['model']}, teacher-forced greedy answer match\n",
              *(f"- {k}: {v}" for k, v in meta["environment"].items()),
              f"- cases: {meta['cases_done']} of {meta['cases_total']} (tasks {meta['tasks']}, lengths {meta['lengths']}), "
-             f"{meta['seconds']:.0f} s", "\nByte fractions are measured from the compressed tensors (`report.kept_fraction`)."]
+             f"{meta['seconds']:.0f} s", *([f"- merged from the shards {', '.join(meta['shards'])}"] if "shards" in meta else []),
+             "\nByte fractions are measured from the compressed tensors (`report.kept_fraction`)."]
     for split in ("report", "select"):
         lines += tables(records, split)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def merge(paths: list[Path], stem: Path) -> int:
+    """Tabulate the records of several shards' JSONs (same model, variants and budgets) as one sweep."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    meta = {k: v for k, v in runs[0].items() if k != "records"}
+    meta.update(cases_done=sum(r["cases_done"] for r in runs), cases_total=sum(r["cases_total"] for r in runs),
+                seconds=max(r["seconds"] for r in runs), shards=[str(p.name) for p in paths])
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    write([rec for r in runs for rec in r["records"]], meta, stem)
+    print(stem.with_suffix(".md").read_text())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,17 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=540, help="seconds; stop starting new cases after it")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="gpu")
+    parser.add_argument("--shard", default="0/1", help="K/N: run cases K, K+N, K+2N, ... (0 <= K < N)")
+    parser.add_argument("--merge", nargs="+", type=Path, help="sweep JSONs to tabulate together instead of running")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out) / f"sweep_{args.tag}")
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    if not 0 <= shard < shards:
+        parser.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
     start = time.perf_counter()
     model, tokenizer = load_default_model(dtype=DTYPES[args.dtype], device=args.device)
     cases = make_cases(tokenizer, args.tasks, args.lengths, args.cases, args.seed)
     cases.sort(key=lambda c: (c.index, c.task, c.length))  # interleaved: a cut-short run still covers every cell
+    cases = cases[shard::shards]
     variants = {name: {k: repeat_prompt_ids(tokenizer, v) if k == "repeat_prompt" else v
                        for k, v in VARIANTS[name].items()} for name in args.variants}
     meta = dict(environment=environment(args.device), model="SmolLM2-135M-Instruct", dtype=args.dtype,
                 tasks=args.tasks, lengths=args.lengths, budgets=args.budgets, variants=variants, seed=args.seed,
                 cases_total=len(cases))
-    stem = Path(args.out) / f"sweep_{args.tag}"
+    stem = Path(args.out) / (f"sweep_{args.tag}" if shards == 1 else f"sweep_{args.tag}_{shard}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for i, case in enumerate(cases):

@@ -212,6 +212,9 @@ class EntropyKVConfig:
 
         if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
             _fail("scorer", self.scorer, f"one of {sorted(SCORERS)}")
+        accepted = POLICIES[self.policy].scorers
+        if accepted is not None and self.scorer not in accepted:
+            _fail("scorer", self.scorer, f"one of {list(accepted)} with policy {self.policy!r}")
         r = self.repeat_prompt
         if not isinstance(r, (tuple, list)) or len(r) > MAX_TOKENS or not all(_int_in(t, 0) for t in r):
             _fail("repeat_prompt", r, "a tuple of token ids (ints >= 0)")

@@ -131,10 +131,13 @@ def environment(device: str) -> dict:
 
     from .. import __version__
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip())
+    # $ENTROPYKV_COMMIT: set by a caller that knows better than git here (a copy of the tree whose .git lags)
+    commit = os.environ.get("ENTROPYKV_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=Path(__file__).parent).stdout.strip() \
+        or "unknown"
+    dirty = not os.environ.get("ENTROPYKV_COMMIT") and bool(subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False,
+        cwd=Path(__file__).parent).stdout.strip())
     name = torch.cuda.get_device_name() if device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     return {"device": name, "python": platform.python_version(), "torch": torch.__version__,

@@ -46,6 +46,7 @@ class Policy:
     evicts: bool = True  # False: the cache is left whole
     plan_heads: PlanHeads | None = None  # set: per-KV-head budgets and the ragged head-wise layout
     prefill_statistic: HeadStatistic | None = None  # set: stored as `PrefillStats.head_statistic` at prefill
+    scorers: tuple[str, ...] | None = None  # the scorers it accepts (`EntropyKVConfig` refuses others); None: all
 
     @property
     def headwise(self) -> bool:
@@ -145,11 +146,11 @@ class HeadPlan:
                         [s[:, kept] for s in self.scores])
 
 # (the modules use the helpers above)
-from . import adakv, entropy, entropy_head, full, matrix_entropy, pyramidkv, snapkv, streaming, uniform  # noqa: E402
+from . import adakv, cache_topk, entropy, entropy_head, full, matrix_entropy, pyramidkv, snapkv, streaming, uniform  # noqa: E402
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY, full.POLICY,
-    snapkv.POLICY, adakv.POLICY, entropy_head.POLICY, matrix_entropy.POLICY)}
+    snapkv.POLICY, adakv.POLICY, cache_topk.POLICY, entropy_head.POLICY, matrix_entropy.POLICY)}
 
 
 def policies() -> dict[str, str]:

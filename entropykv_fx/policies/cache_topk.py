@@ -1,0 +1,52 @@
+"""KVzip's allocation (Kim et al. 2025, arXiv 2505.23416, §3.3): one top-k over every layer's and KV head's scores.
+
+The cache keeps `layers x Hkv x budget` head-slots in all, like snapkv and adakv, but nothing fixes how they are
+shared: every (layer, KV head, token) score of a sequence competes in one top-k, so a head or a layer whose
+attention is concentrated on a few tokens keeps few, and one that spreads it keeps many. Each head's sinks and
+window rank +inf and are always kept. This needs scores that mean the same in every layer and head: attention
+probabilities do (the `window`, `last_query` and `reconstruct` scorers); key norms (`key_norm`) do not, and are
+refused. KVzip pairs it with context-reconstruction scores (`scorer="reconstruct"`); here it composes with any
+attention scorer. Budgets are per sequence of a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from . import HeadPlan, Policy, budget_bounds, pooled_head_scores
+
+
+def cache_budgets(ranked: list[Tensor], mean: int) -> list[Tensor]:
+    """Per layer [B, Hkv] token budgets from one top-k per row over all of `ranked` (per layer [B, Hkv, S_l],
+    as `ops.selection_ranks` gives). Each row's total is the sum over layers of Hkv x min(mean, S_l)."""
+    flat = torch.cat([r.flatten(1) for r in ranked], 1)  # [B, sum_l Hkv * S_l]
+    total = sum(r.shape[1] * min(mean, r.shape[2]) for r in ranked)
+    owner = torch.cat([torch.arange(r.shape[1], device=flat.device).repeat_interleave(r.shape[2]) + start
+                       for r, start in zip(ranked, _head_offsets(ranked))])  # (layer, head) index of each entry
+    won = flat.new_zeros(flat.shape[0], sum(r.shape[1] for r in ranked), dtype=torch.int64)
+    won.scatter_add_(1, owner[flat.topk(total, dim=-1).indices], torch.ones(1, dtype=torch.int64,
+                                                                          device=flat.device).expand(flat.shape[0], total))
+    return list(won.split([r.shape[1] for r in ranked], dim=1))
+
+
+def _head_offsets(ranked: list[Tensor]) -> list[int]:
+    offsets, start = [], 0
+    for r in ranked:
+        offsets.append(start)
+        start += r.shape[1]
+    return offsets
+
+
+def plan_heads(layers, n_tokens, config) -> HeadPlan:
+    _, mean, _ = budget_bounds(n_tokens, config)
+    scores = [pooled_head_scores(layer, config) for layer in layers]
+    ranked = [ops.selection_ranks(s, layer.positions, config.sink_tokens, config.window)
+              for s, layer in zip(scores, layers)]
+    return HeadPlan(cache_budgets(ranked, mean), [[False] * s.shape[1] for s in scores], scores)
+
+
+POLICY = Policy("cache_topk", None, needs_scores=True, plan_heads=plan_heads,
+                scorers=("window", "last_query", "reconstruct"),  # attention probabilities: comparable everywhere
+                summary="per-(layer, KV head) budgets from one top-k over the whole cache's scores (KVzip's allocation)")
