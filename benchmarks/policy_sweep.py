@@ -76,6 +76,10 @@ VARIANTS = {
     "cache_topk/last_query": dict(policy="cache_topk", scorer="last_query"),
     "cache_topk/reconstruct": dict(policy="cache_topk", scorer="reconstruct"),
     "cache_topk/reconstruct/prompted": dict(policy="cache_topk", scorer="reconstruct", repeat_prompt=REPEAT_INSTRUCTION),
+    "cache_topk_layer/window": dict(policy="cache_topk_layer"),
+    "cache_topk_layer/reconstruct": dict(policy="cache_topk_layer", scorer="reconstruct"),
+    "cache_topk_layer/reconstruct/prompted": dict(policy="cache_topk_layer", scorer="reconstruct",
+                                                  repeat_prompt=REPEAT_INSTRUCTION),
 }
 
 

@@ -160,7 +160,8 @@ def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens:
         if heads is not None:
             plan = plan.heads(heads)
         return compress_heads(cache, plan, config, n_tokens, entropies)
-    budgets = layer_budgets(entropies, n_tokens, config)
+    budgets = policy.plan_layers(layers, n_tokens, config) if policy.plan_layers and config.budget_source == "dynamic" \
+        else layer_budgets(entropies, n_tokens, config)
     reports = []
     for i, (layer, budget, ent) in enumerate(zip(layers, budgets, entropies)):
         slots, nbytes = layer.get_seq_length(), layer.nbytes

@@ -38,10 +38,10 @@ class StaticCacheModel:
     def __init__(self, model: nn.Module, config: EntropyKVConfig | None = None, *, inductor: bool = False,
                  mode: str | None = None, **overrides: Any) -> None:
         cfg = (config or EntropyKVConfig()).replace(**overrides) if overrides or config is None else config
-        if POLICIES[cfg.policy].headwise or cfg.budget_source != "dynamic":
+        if POLICIES[cfg.policy].allocate is None or cfg.budget_source != "dynamic":
             raise ValueError(f"StaticCacheModel: policy {cfg.policy!r} with budget_source={cfg.budget_source!r} is "
-                             "not supported; use a layer-wise policy with dynamic budgets (entropy, uniform, "
-                             "pyramidkv, streaming, full)")
+                             "not supported; use a policy whose layer budgets come from entropies alone, with "
+                             "dynamic budgets (entropy, uniform, pyramidkv, streaming, full)")
         if SCORERS[cfg.scorer].reconstruct:
             raise ValueError("StaticCacheModel: scorer='reconstruct' needs a reconstruction prefill (the prompt run "
                              "twice), which static buffers do not hold; use scorer='window', 'last_query' or 'key_norm'")

@@ -38,10 +38,10 @@ def head_positions(layer) -> list[torch.Tensor]:
 
 def test_every_policy_is_listed_with_a_summary():
     listed = entropykv_fx.policies()
-    expected = {"entropy", "uniform", "pyramidkv", "streaming", "full", "snapkv", "adakv", "entropy_head",
-                "matrix_entropy"}
+    expected = {"entropy", "uniform", "pyramidkv", "streaming", "full", "snapkv", "adakv", "cache_topk",
+                "cache_topk_layer", "entropy_head", "matrix_entropy"}
     assert set(listed) == expected == set(POLICIES) and all(listed.values())
-    assert set(HEADWISE) == {"snapkv", "adakv", "entropy_head", "matrix_entropy"}
+    assert set(HEADWISE) == {"snapkv", "adakv", "cache_topk", "entropy_head", "matrix_entropy"}
 
 
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"mistral"}))  # window layers: test_sliding_window.py

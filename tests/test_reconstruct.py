@@ -144,7 +144,8 @@ def test_full_budget_generates_the_unmodified_tokens_with_a_repeat_prompt():
     assert torch.equal(greedy(model, ids, n=6), reference)
 
 
-@pytest.mark.parametrize("policy", ["uniform", "pyramidkv", "adakv", "matrix_entropy"])
+@pytest.mark.parametrize("policy", ["uniform", "pyramidkv", "adakv", "matrix_entropy", "cache_topk",
+                                    "cache_topk_layer"])
 def test_every_row_of_a_batch_keeps_and_generates_what_it_does_alone(policy):
     model = entropykv_fx.optimize(tiny_model("qwen3"), policy=policy, scorer="reconstruct", budget=0.4, window=6,
                                   sink_tokens=2)

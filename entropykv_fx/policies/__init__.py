@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 Allocate = Callable[[Sequence[float], int, "EntropyKVConfig"], list[int]]
 TokenScores = Callable[["CompressedLayer", "EntropyKVConfig"], "Tensor"]
 PlanHeads = Callable[[Sequence["CompressedLayer"], int, "EntropyKVConfig"], "HeadPlan"]
+PlanLayers = Callable[[Sequence["CompressedLayer"], int, "EntropyKVConfig"], list[int]]
 # (query [B,Hq,L,D], key [B,Hkv,S,D], query positions [B,L], config) -> a per-head statistic of the prefill
 HeadStatistic = Callable[["Tensor", "Tensor", "Tensor", "EntropyKVConfig"], "Tensor"]
 
@@ -39,7 +40,7 @@ HeadStatistic = Callable[["Tensor", "Tensor", "Tensor", "EntropyKVConfig"], "Ten
 @dataclass(frozen=True)
 class Policy:
     name: str
-    allocate: Allocate | None  # per-layer budgets; None for head-wise policies (they use plan_heads)
+    allocate: Allocate | None  # per-layer budgets from entropies; None: plan_heads or plan_layers decides
     needs_scores: bool  # False: prefill runs without the scoring op (entropies are then nan)
     summary: str
     token_scores: TokenScores | None = None  # which tokens to keep; None: pooled window attention scores
@@ -47,6 +48,7 @@ class Policy:
     plan_heads: PlanHeads | None = None  # set: per-KV-head budgets and the ragged head-wise layout
     prefill_statistic: HeadStatistic | None = None  # set: stored as `PrefillStats.head_statistic` at prefill
     scorers: tuple[str, ...] | None = None  # the scorers it accepts (`EntropyKVConfig` refuses others); None: all
+    plan_layers: PlanLayers | None = None  # set: per-layer budgets from the scored layers, not from entropies alone
 
     @property
     def headwise(self) -> bool:
@@ -150,7 +152,7 @@ from . import adakv, cache_topk, entropy, entropy_head, full, matrix_entropy, py
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY, full.POLICY,
-    snapkv.POLICY, adakv.POLICY, cache_topk.POLICY, entropy_head.POLICY, matrix_entropy.POLICY)}
+    snapkv.POLICY, adakv.POLICY, cache_topk.POLICY, cache_topk.LAYER_POLICY, entropy_head.POLICY, matrix_entropy.POLICY)}
 
 
 def policies() -> dict[str, str]:

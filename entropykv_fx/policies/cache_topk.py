@@ -7,6 +7,11 @@ window rank +inf and are always kept. This needs scores that mean the same in ev
 probabilities do (the `window`, `last_query` and `reconstruct` scorers); key norms (`key_norm`) do not, and are
 refused. KVzip pairs it with context-reconstruction scores (`scorer="reconstruct"`); here it composes with any
 attention scorer. Budgets are per sequence of a batch.
+
+`cache_topk_layer` is the same allocation at layer granularity: each layer ranks tokens by its layer scores (the
+heads' scores combined as the scorer says: summed, or max for `reconstruct`), one top-k over all layers sets each
+layer's budget, and every KV head of a layer keeps the same tokens (the layer-wise layout, so decode keeps one
+attention call per layer).
 """
 
 from __future__ import annotations
@@ -39,14 +44,27 @@ def _head_offsets(ranked: list[Tensor]) -> list[int]:
     return offsets
 
 
+def _ranked(scores: list[Tensor], layers, config) -> list[Tensor]:
+    return [ops.selection_ranks(s, layer.positions, config.sink_tokens, config.window) for s, layer in zip(scores, layers)]
+
+
+def plan_layers(layers, n_tokens, config) -> list[int]:
+    from ..scorers import SCORERS  # late import: scorers import this package
+
+    _, mean, _ = budget_bounds(n_tokens, config)
+    scores = [SCORERS[config.scorer].layer_scores(layer, config) for layer in layers]
+    budgets = cache_budgets([r[:, None] for r in _ranked(scores, layers, config)], mean)
+    return [int(b.amax()) for b in budgets]  # one sequence at a time (`compress_cache` splits batches)
+
+
 def plan_heads(layers, n_tokens, config) -> HeadPlan:
     _, mean, _ = budget_bounds(n_tokens, config)
     scores = [pooled_head_scores(layer, config) for layer in layers]
-    ranked = [ops.selection_ranks(s, layer.positions, config.sink_tokens, config.window)
-              for s, layer in zip(scores, layers)]
-    return HeadPlan(cache_budgets(ranked, mean), [[False] * s.shape[1] for s in scores], scores)
+    return HeadPlan(cache_budgets(_ranked(scores, layers, config), mean), [[False] * s.shape[1] for s in scores], scores)
 
 
-POLICY = Policy("cache_topk", None, needs_scores=True, plan_heads=plan_heads,
-                scorers=("window", "last_query", "reconstruct"),  # attention probabilities: comparable everywhere
+ATTENTION_SCORERS = ("window", "last_query", "reconstruct")  # attention probabilities: comparable everywhere
+POLICY = Policy("cache_topk", None, needs_scores=True, plan_heads=plan_heads, scorers=ATTENTION_SCORERS,
                 summary="per-(layer, KV head) budgets from one top-k over the whole cache's scores (KVzip's allocation)")
+LAYER_POLICY = Policy("cache_topk_layer", None, needs_scores=True, plan_layers=plan_layers, scorers=ATTENTION_SCORERS,
+                      summary="per-layer budgets from one top-k over every layer's scores; one token set per layer")
