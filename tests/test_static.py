@@ -94,7 +94,7 @@ def test_reset_starts_a_new_sequence_and_a_new_prompt_length_recompiles_with_the
 def test_models_it_cannot_rewrite_and_unsupported_policies_are_refused():
     from test_passes import MathAttention
 
-    with pytest.raises(ValueError, match="layer-wise policy with dynamic budgets"):
+    with pytest.raises(ValueError, match="layer budgets come from entropies alone, with dynamic budgets"):
         StaticCacheModel(TinyGPT(), policy="snapkv")
     wrapped = StaticCacheModel(MathAttention())
     with pytest.raises(Exception, match="not static buffers written at input_pos"):
