@@ -155,8 +155,9 @@ class EntropyKVConfig:
     scorer: how tokens are ranked inside each budget (`entropykv_fx.scorers`): "window" (attention from the
         observation window, SnapKV), "last_query" (attention from the last prompt query, TOVA) or "key_norm"
         (negated key norm, Knorm) or "reconstruct" (attention received while the model re-reads the prompt,
-        KVzip; about twice a plain prefill's work). Policies that rank by position (streaming) or keep
-        everything ignore it.
+        KVzip; about twice a plain prefill's work). None (default): the policy's own, `Policy.scorer`
+        ("reconstruct" for cache_topk and cache_topk_layer, "window" for the others). Policies that rank by
+        position (streaming) or keep everything ignore it.
     repeat_prompt: token ids placed between the prompt and its repetition by the "reconstruct" scorer (e.g. the
         tokenized "Repeat the previous context exactly."); empty: the prompt is simply repeated.
     window: the last `window` prompt queries measure attention entropy (and score tokens, for the "window"
@@ -181,7 +182,7 @@ class EntropyKVConfig:
     head_groups / layer_groups (matrix_entropy): how many budget tiers the heads of a layer, and the layers, form.
     """
 
-    policy: str = "uniform"  # the most accurate layer-wise policy measured (README, Policies)
+    policy: str = "cache_topk"  # with the reconstruct scorer: the most accurate measured (README, Quality)
     budget: float | int = 0.25
     window: int = 32
     sink_tokens: int = 4
@@ -198,10 +199,13 @@ class EntropyKVConfig:
     matrix_rank: int = 32
     head_groups: int = 2
     layer_groups: int = 2
-    scorer: str = "window"  # after the older fields: they keep their positions
+    scorer: str | None = None  # after the older fields: they keep their positions
     repeat_prompt: tuple[int, ...] = ()
     # Set by the config itself from calibration_file (kept across `replace` while the file name is unchanged).
     calibration: Calibration | None = dataclasses.field(default=None, repr=False, compare=False)
+    # Set by the config itself: the scorer is the policy's own (scorer=None), so `replace(policy=...)` takes the new
+    # policy's.
+    scorer_from_policy: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from .policies import POLICIES  # late import: policies import the config module
@@ -210,6 +214,9 @@ class EntropyKVConfig:
             _fail("policy", self.policy, f"one of {sorted(POLICIES)}")
         from .scorers import SCORERS
 
+        object.__setattr__(self, "scorer_from_policy", self.scorer is None)
+        if self.scorer is None:
+            object.__setattr__(self, "scorer", POLICIES[self.policy].scorer)
         if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
             _fail("scorer", self.scorer, f"one of {sorted(SCORERS)}")
         accepted = POLICIES[self.policy].scorers
@@ -286,10 +293,12 @@ class EntropyKVConfig:
                 _fail(name, getattr(self, name), f"an int >= 1 (at most {MAX_TOKENS})")
 
     def replace(self, **overrides: Any) -> EntropyKVConfig:
-        names = {f.name for f in dataclasses.fields(self)}
+        names = {f.name for f in dataclasses.fields(self) if f.init}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(f"unknown EntropyKVConfig field(s) {unknown}: accepted fields are {sorted(names)}")
+        if "policy" in overrides and "scorer" not in overrides and self.scorer_from_policy:
+            overrides = {**overrides, "scorer": None}  # the new policy's own scorer
         return dataclasses.replace(self, **overrides)
 
     def layer_fractions(self, num_layers: int) -> list[float]:

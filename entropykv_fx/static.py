@@ -10,7 +10,7 @@ multi-token calls). After a prefill, each layer's kept tokens are packed at the 
 -1 after them), so later tokens follow them. The buffers keep their size: the model allocated them; what
 compression buys here is room, since `max_seq_len` now bounds the kept tokens, not all tokens seen.
 A call whose positions start again at 0 begins a new sequence (`reset()` does the same by hand). Layer-wise
-policies only; shapes are static, so a new prompt length compiles a new prefill graph, and the decode graph suits
+policies with entropy-based budgets only (default `uniform`); shapes are static, so a new prompt length compiles a new prefill graph, and the decode graph suits
 CUDA graphs: `StaticCacheModel(gpt, inductor=True, mode="reduce-overhead")`.
 """
 
@@ -37,7 +37,9 @@ class StaticCacheModel:
 
     def __init__(self, model: nn.Module, config: EntropyKVConfig | None = None, *, inductor: bool = False,
                  mode: str | None = None, **overrides: Any) -> None:
-        cfg = (config or EntropyKVConfig()).replace(**overrides) if overrides or config is None else config
+        # the library's default (cache_topk, reconstruct) needs a reconstruction prefill: the static default is uniform
+        cfg = (config or EntropyKVConfig(policy="uniform")).replace(**overrides) if overrides or config is None \
+            else config
         if POLICIES[cfg.policy].allocate is None or cfg.budget_source != "dynamic":
             raise ValueError(f"StaticCacheModel: policy {cfg.policy!r} with budget_source={cfg.budget_source!r} is "
                              "not supported; use a policy whose layer budgets come from entropies alone, with "

@@ -49,6 +49,7 @@ class Policy:
     prefill_statistic: HeadStatistic | None = None  # set: stored as `PrefillStats.head_statistic` at prefill
     scorers: tuple[str, ...] | None = None  # the scorers it accepts (`EntropyKVConfig` refuses others); None: all
     plan_layers: PlanLayers | None = None  # set: per-layer budgets from the scored layers, not from entropies alone
+    scorer: str = "window"  # its own token scorer, used when the config names none (`entropykv_fx.scorers`)
 
     @property
     def headwise(self) -> bool:
