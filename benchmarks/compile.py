@@ -26,6 +26,9 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import FAST_POLICY  # noqa: E402
+
 import entropykv_fx  # noqa: E402
 from entropykv_fx.exported import ExportedGenerator  # noqa: E402
 
@@ -105,7 +108,7 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     for inductor in [False] + ([] if args.no_inductor else [True]):
-        model = entropykv_fx.optimize(fresh(), budget=1.0, inductor=inductor)
+        model = entropykv_fx.optimize(fresh(), policy=FAST_POLICY, budget=1.0, inductor=inductor)
         start = time.perf_counter()
         got = [greedy(model, prompts[0])]
         first = time.perf_counter() - start
@@ -128,7 +131,8 @@ def main() -> None:
         for fraction in args.export_fractions:
             cal = Path(tmp) / f"cal{fraction}.json"
             cal.write_text(json.dumps({"layer_fractions": [fraction] * n_layers}))
-            model = entropykv_fx.optimize(fresh(), budget_source="calibrated", calibration_file=str(cal))
+            model = entropykv_fx.optimize(fresh(), policy=FAST_POLICY, budget_source="calibrated",
+                                          calibration_file=str(cal))
             ids = prompts[-1]
             expected = greedy(model, ids)
             out = Path(tmp) / f"export{fraction}"

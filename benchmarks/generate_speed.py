@@ -31,7 +31,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 import entropykv_fx  # noqa: E402
 from benchmarks.speed import step_ms  # noqa: E402
-from benchmarks.timing import SHAPES, random_llama, run_environment, sync, write_markdown  # noqa: E402
+from benchmarks.timing import FAST_POLICY, SHAPES, random_llama, run_environment, sync, write_markdown  # noqa: E402
 from entropykv_fx.compat import cache_of  # noqa: E402
 from entropykv_fx.decode import StaticDecoder  # noqa: E402
 
@@ -110,7 +110,8 @@ def main() -> None:
             tokens = {}
             for shown, graphs, fuse in (("cuda_graphs=True", True, True), ("cuda_graphs=False", False, True),
                                         ("fuse_projections=False", True, False)):
-                entropykv_fx.optimize(model, budget=fraction, inductor=False, cuda_graphs=graphs, fuse_projections=fuse)
+                entropykv_fx.optimize(model, policy=FAST_POLICY, budget=fraction, inductor=False, cuda_graphs=graphs,
+                                      fuse_projections=fuse)
                 gaps, tokens[shown] = generate_steps(model, ids, total, device)
                 record({"path": f"optimize({shown}) generate()",
                         "context": n, "kept_fraction": fraction, "decode_ms": round(statistics.median(gaps[args.warmup:]), 3),
@@ -131,7 +132,8 @@ def main() -> None:
                     "tokens_equal_graph_vs_eager": bool(torch.equal(tokens["cuda_graphs=True"],
                                                                     tokens["cuda_graphs=False"]))})
             if args.inductor:
-                entropykv_fx.optimize(model, budget=fraction, inductor=True, cuda_graphs=True, fuse_projections=True)
+                entropykv_fx.optimize(model, policy=FAST_POLICY, budget=fraction, inductor=True, cuda_graphs=True,
+                                      fuse_projections=True)
                 gaps, _ = generate_steps(model, ids, total, device)
                 record({"path": "optimize(inductor=True) generate()", "context": n, "kept_fraction": fraction,
                         "decode_ms": round(statistics.median(gaps[args.warmup:]), 3),

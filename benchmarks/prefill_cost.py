@@ -1,10 +1,10 @@
-"""Prefill time and peak memory of each scorer against the unmodified model's prefill (issue 17: what the
-`reconstruct` scorer costs).
+"""Prefill time and peak memory of each policy/scorer composition against the unmodified model's prefill (issue
+17: what the `reconstruct` scorer and the default composition cost).
 
     python benchmarks/prefill_cost.py --shape llama3-8b --contexts 2048 8192 32768 --device cuda --tag h200
 
-Per context: the unmodified model's prefill (SDPA, its own cache), then `optimize(model, scorer=S, budget=0.25)`
-for each scorer S: one untimed call (graphs compile), then the median of --repeats timed prefills (synchronized),
+Per context: the unmodified model's prefill (SDPA, its own cache), then `optimize(model, policy=P, scorer=S,
+budget=0.25)` for each --compositions entry P/S: one untimed call (graphs compile), then the median of --repeats timed prefills (synchronized),
 the peak memory of one of them, and the ratio to the unmodified prefill. Random bf16 weights at the shape's sizes.
 Writes prefill_cost_<tag>.json and .md to --out.
 """
@@ -38,7 +38,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768])
-    parser.add_argument("--scorers", nargs="+", default=["window", "last_query", "key_norm", "reconstruct"])
+    parser.add_argument("--compositions", nargs="+", default=["uniform/window", "uniform/last_query", "uniform/key_norm",
+                                                              "uniform/reconstruct", "cache_topk/reconstruct"],
+                        help="policy/scorer pairs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="benchmarks/results")
@@ -59,10 +61,11 @@ def main() -> None:
         plain, plain_peak = timed_prefill(model, ids, args.repeats, device)
         rows.append(dict(context=n, prefill="unmodified", ms=round(plain * 1e3, 1), ratio=1.0,
                          peak_GiB=round(plain_peak, 2)))
-        for scorer in args.scorers:
-            entropykv_fx.optimize(model, scorer=scorer, budget=0.25)
+        for composition in args.compositions:
+            policy, scorer = composition.split("/")
+            entropykv_fx.optimize(model, policy=policy, scorer=scorer, budget=0.25)
             t, peak = timed_prefill(model, ids, args.repeats, device)
-            rows.append(dict(context=n, prefill=f"uniform/{scorer}", ms=round(t * 1e3, 1), ratio=round(t / plain, 2),
+            rows.append(dict(context=n, prefill=composition, ms=round(t * 1e3, 1), ratio=round(t / plain, 2),
                              peak_GiB=round(peak, 2)))
             print(rows[-1], flush=True)
         stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))

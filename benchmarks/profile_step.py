@@ -34,7 +34,7 @@ from triton.testing import do_bench_cudagraph  # noqa: E402
 import entropykv_fx  # noqa: E402
 from benchmarks.generate_speed import commit  # noqa: E402
 from benchmarks.speed import step_ms  # noqa: E402
-from benchmarks.timing import SHAPES, cuda_ms, random_llama, run_environment  # noqa: E402
+from benchmarks.timing import FAST_POLICY, SHAPES, cuda_ms, random_llama, run_environment  # noqa: E402
 from entropykv_fx.compat import cache_of  # noqa: E402
 from entropykv_fx.decode import StaticDecoder  # noqa: E402
 
@@ -115,7 +115,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"profile_step_{args.tag}.json"
 
-    entropykv_fx.optimize(model, budget=args.fraction)
+    entropykv_fx.optimize(model, policy=FAST_POLICY, budget=args.fraction)
     ids = torch.randint(1, model.config.vocab_size, (1, args.context), device=device)
     with torch.no_grad():
         cache = cache_of(model(ids, use_cache=True, logits_to_keep=1))
@@ -142,7 +142,7 @@ def main() -> None:
     steps = [{"inductor": False, "fuse_projections": True}, {"inductor": False, "fuse_projections": False}] + [
         {"inductor": True, "fuse_projections": True}] * (not args.no_inductor)
     for options in steps:  # the optimized model's own step (what generate() runs), replayed after the first
-        entropykv_fx.optimize(model, budget=args.fraction, **options)
+        entropykv_fx.optimize(model, policy=FAST_POLICY, budget=args.fraction, **options)
         with torch.no_grad():
             step_cache = cache_of(model(ids, use_cache=True, logits_to_keep=1))
 

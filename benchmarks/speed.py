@@ -36,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import entropykv_fx  # noqa: E402
 from entropykv_fx.compat import cache_of  # noqa: E402
 from entropykv_fx.decode import StaticDecoder  # noqa: E402
-from benchmarks.timing import (SHAPES, cuda_ms, eager_decode_ms, peak_gib, random_llama, reset_peak,  # noqa: E402
+from benchmarks.timing import (FAST_POLICY, SHAPES, cuda_ms, eager_decode_ms, peak_gib, random_llama, reset_peak,  # noqa: E402
                                run_environment, seconds, write_markdown)
 
 
@@ -94,7 +94,7 @@ def main() -> None:
         optimized = LlamaForCausalLM(config).eval()
     optimized.load_state_dict(model.state_dict(), assign=True)
     optimized.model.rotary_emb = model.model.rotary_emb  # its inv_freq buffer is not in the state dict
-    entropykv_fx.optimize(optimized, budget=args.fractions[0])
+    entropykv_fx.optimize(optimized, policy=FAST_POLICY, budget=args.fractions[0])
 
     env, bandwidth, weight_bytes = run_environment(device, args.shape, model)
     env["transformers"] = transformers.__version__
@@ -151,7 +151,7 @@ def main() -> None:
 
         first_call = {}
         for fraction in args.fractions:
-            entropykv_fx.optimize(optimized, budget=fraction)  # budgets apply after the graphs: no recompile
+            entropykv_fx.optimize(optimized, policy=FAST_POLICY, budget=fraction)  # budgets apply after the graphs: no recompile
             with torch.no_grad():
                 if not first_call:  # a new length's first call costs more (kernel specializations): not timed below
                     _, first_s = seconds(lambda: optimized(ids, use_cache=True, logits_to_keep=1), device)

@@ -18,6 +18,11 @@ from torch import Tensor
 
 from entropykv_fx.compat import with_cache
 
+# The speed benchmarks time the layer-wise decode path (one attention call per layer, StaticDecoder's layout): the
+# `uniform` policy with its `window` scorer, the fast preset (README). The default (cache_topk with reconstruct
+# scores) is the accurate one and costs a reconstruction prefill and one attention call per KV head.
+FAST_POLICY = "uniform"
+
 SHAPES = {  # Llama-3-8B: 32 layers, 32 query / 8 KV heads of 128, vocabulary 128256
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),

@@ -25,6 +25,7 @@ from .hf import optimize, report
 def calibrate(model: nn.Module, samples: Iterable[torch.Tensor], path: str | Path,
               config: EntropyKVConfig | None = None, **overrides: Any) -> Path:
     """Prefill each sample (input ids [1, n]) with dynamic budgets; write the mean kept fraction per layer.
+    The policy is `uniform` unless `config` or `policy=` names another (static budgets are for layer-wise policies).
 
     The fractions are rescaled so their mean equals the mean measured over the samples (rounding aside),
     and the JSON also records the policy, the budget, the number of samples and their lengths, and the model it
@@ -36,7 +37,9 @@ def calibrate(model: nn.Module, samples: Iterable[torch.Tensor], path: str | Pat
     link, a missing parent that cannot be created), ConfigError for a bad field.
     """
     out = writable_output(path, "calibrate")
-    cfg = (config or EntropyKVConfig()).replace(budget_source="dynamic", calibration_file=None, **overrides)
+    # calibrations give static budgets (exports, StaticCacheModel), which take layer-wise policies: uniform by default
+    cfg = (config or EntropyKVConfig(policy="uniform")).replace(budget_source="dynamic", calibration_file=None,
+                                                                 **overrides)
     optimize(model, cfg)
     per_sample: list[list[float]] = []
     per_head: list[list[list[float]]] = []

@@ -17,8 +17,6 @@ from pathlib import Path
 from .errors import EntropyKVError, InputError  # needs no torch: --help stays instant
 
 RUNNABLE_FORMATS = ("tensorrt", "onnx", "aoti", "pt2")  # in the order `run` picks one when a directory holds several
-# The demo's policy: layer-wise (the fast decode path) and the one that keeps its planted fact at 25% (README).
-DEMO_POLICY = "uniform"
 
 
 def _budget(value: str) -> float | int:
@@ -163,12 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt-tokens", type=_positive_int, default=2000, help="length of the text around the fact (tokens)")
     demo.add_argument("--budgets", type=_budget, nargs="+", default=[0.25, 0.1],
                       help="kept fraction of the prompt in (0, 1], or tokens per layer as an integer > 1; one run each")
-    demo.add_argument("--policy", default=DEMO_POLICY,
-                      help="compression policy: entropy, uniform, pyramidkv, streaming, snapkv, adakv, entropy_head or "
-                           "matrix_entropy (entropykv_fx.policies() describes them)")
-    demo.add_argument("--scorer", default="window",
-                      help="how tokens are ranked inside each budget: window, last_query, key_norm or reconstruct "
-                           "(entropykv_fx.scorers; reconstruct repeats the prompt after KVzip's instruction)")
+    demo.add_argument("--policy", default=None,
+                      help="compression policy (default: the library's, cache_topk): cache_topk, cache_topk_layer, "
+                           "uniform, entropy, pyramidkv, streaming, snapkv, adakv, entropy_head or matrix_entropy "
+                           "(entropykv_fx.policies() describes them)")
+    demo.add_argument("--scorer", default=None,
+                      help="how tokens are ranked inside each budget (default: the policy's own): window, last_query, "
+                           "key_norm or reconstruct (entropykv_fx.scorers; a reconstruct named here repeats the prompt "
+                           "after KVzip's instruction)")
     demo.add_argument("--depth", type=_unit_float, default=0.5, help="where the fact sits in the text (0..1)")
     demo.add_argument("--out", default="entropykv_demo", help="folder for the PNG plot")
 

@@ -24,6 +24,9 @@ _MATRIX_STATES = ("query", "key")
 MAX_TOKENS = 2**31 - 1
 # A layer budget of mean budget x max_layer_budget must stay a finite float with an exact integer part.
 MAX_LAYER_BUDGET = 1e6
+# KVzip's cache-wide allocation over its reconstruction scores: the most accurate composition on the H200 needle
+# sweeps (README, "The default"); the fast, exportable preset is "uniform".
+DEFAULT_POLICY = "cache_topk"
 _HEAD_TABLES = ("{{'head_fractions': {shape} numbers in (0, 1], 'int8_heads': {shape} booleans}}, as "
                 "entropykv_fx.calibrate writes for a head-wise policy")
 
@@ -150,6 +153,9 @@ def model_shape(model: Any) -> dict[str, Any]:
 class EntropyKVConfig:
     """How the KV cache is compressed after prefill.
 
+    policy: one of `entropykv_fx.policies()`; None (default): the policy a calibration file records when
+        budget_source="calibrated" (it was measured with it; "uniform" for a file of per-layer fractions that
+        records none), else DEFAULT_POLICY ("cache_topk").
     budget: a float in (0, 1] is the fraction of the prompt kept per layer on average; an int >= 1 is a token
         count per layer on average (capped at the prompt length).
     scorer: how tokens are ranked inside each budget (`entropykv_fx.scorers`): "window" (attention from the
@@ -182,7 +188,7 @@ class EntropyKVConfig:
     head_groups / layer_groups (matrix_entropy): how many budget tiers the heads of a layer, and the layers, form.
     """
 
-    policy: str = "cache_topk"  # with the reconstruct scorer: the most accurate measured (README, Quality)
+    policy: str | None = None  # DEFAULT_POLICY, or a calibration file's own
     budget: float | int = 0.25
     window: int = 32
     sink_tokens: int = 4
@@ -203,13 +209,17 @@ class EntropyKVConfig:
     repeat_prompt: tuple[int, ...] = ()
     # Set by the config itself from calibration_file (kept across `replace` while the file name is unchanged).
     calibration: Calibration | None = dataclasses.field(default=None, repr=False, compare=False)
-    # Set by the config itself: the scorer is the policy's own (scorer=None), so `replace(policy=...)` takes the new
-    # policy's.
+    # Set by the config itself: the policy / scorer were not named (None), so `replace` resolves them again (a new
+    # policy brings its own scorer; a new calibration file its own policy).
+    policy_by_default: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
     scorer_from_policy: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from .policies import POLICIES  # late import: policies import the config module
 
+        object.__setattr__(self, "policy_by_default", self.policy is None)
+        if self.policy is None:
+            object.__setattr__(self, "policy", self._calibrated_policy() or DEFAULT_POLICY)
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
             _fail("policy", self.policy, f"one of {sorted(POLICIES)}")
         from .scorers import SCORERS
@@ -297,9 +307,21 @@ class EntropyKVConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(f"unknown EntropyKVConfig field(s) {unknown}: accepted fields are {sorted(names)}")
-        if "policy" in overrides and "scorer" not in overrides and self.scorer_from_policy:
-            overrides = {**overrides, "scorer": None}  # the new policy's own scorer
-        return dataclasses.replace(self, **overrides)
+        again = {name: None for name, unnamed in (("policy", self.policy_by_default), ("scorer", self.scorer_from_policy))
+                 if unnamed and name not in overrides}
+        return dataclasses.replace(self, **again, **overrides)
+
+    def _calibrated_policy(self) -> str | None:
+        """The policy a calibration file was measured with, when budgets come from one (read once, here)."""
+        if self.budget_source != "calibrated" or not isinstance(self.calibration_file, (str, os.PathLike)):
+            return None  # the checks below name what is wrong
+        if self.calibration is None or self.calibration.path != str(self.calibration_file):
+            if not Path(self.calibration_file).is_file():
+                return None
+            object.__setattr__(self, "calibration", Calibration.read(self.calibration_file))
+        if self.calibration.policy is None and self.calibration.head_fractions is None:
+            return "uniform"  # an unrecorded policy of per-layer fractions: a layer-wise one (the static budgets)
+        return self.calibration.policy
 
     def layer_fractions(self, num_layers: int) -> list[float]:
         """Per-layer kept fractions of the calibration parsed when the config was built (never re-read)."""

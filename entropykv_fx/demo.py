@@ -102,13 +102,16 @@ def plot(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(prompt_tokens: int = 2000, budgets: tuple[float, ...] = (0.25, 0.1), policy: str = "uniform",
-             depth: float = 0.5, max_new_tokens: int = 16, out_dir: str | Path = ".", scorer: str = "window") -> list[Run]:
+def run_demo(prompt_tokens: int = 2000, budgets: tuple[float, ...] = (0.25, 0.1), policy: str | None = None,
+             depth: float = 0.5, max_new_tokens: int = 16, out_dir: str | Path = ".",
+             scorer: str | None = None) -> list[Run]:
     """The demo (`entropykv-fx demo`); its arguments are checked before the model loads (ConfigError for a policy,
-    scorer or budget, InputError for depth or out_dir). scorer="reconstruct" repeats the prompt after KVzip's
-    instruction (`scorers.repeat_prompt_ids`)."""
+    scorer or budget, InputError for depth or out_dir). policy / scorer None: the library's default composition
+    (`EntropyKVConfig`). A scorer="reconstruct" asked for by name repeats the prompt after KVzip's instruction
+    (`scorers.repeat_prompt_ids`); the default repeats it bare, as `optimize(model)` does."""
+    chosen = EntropyKVConfig(**({"policy": policy} if policy is not None else {}), scorer=scorer)
     for b in budgets:
-        EntropyKVConfig(policy=policy, budget=b, scorer=scorer)
+        chosen.replace(budget=b)
     if not 0.0 <= depth <= 1.0:
         raise InputError(f"demo: depth={depth!r} is invalid: expected a number in [0, 1]")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -121,9 +124,9 @@ def run_demo(prompt_tokens: int = 2000, budgets: tuple[float, ...] = (0.25, 0.1)
     print(f"model {DEFAULT_MODEL} | prompt {n} tokens with a planted fact at depth {depth:.0%} | "
           f"question: {QUESTION!r} | expected: {ANSWER_KEY!r}\n")
     runs = []
-    method = policy if scorer == "window" else f"{policy}/{scorer}"
-    compressed = {"policy": policy, "scorer": scorer}
-    if SCORERS[scorer].reconstruct:
+    method = f"{chosen.policy}/{chosen.scorer}"
+    compressed = {"policy": chosen.policy, "scorer": chosen.scorer}
+    if scorer is not None and SCORERS[scorer].reconstruct:
         compressed["repeat_prompt"] = repeat_prompt_ids(tokenizer)
     plan = [("full cache", {"policy": "full", "scorer": "window"}),
             *((f"{method} {b:.0%}" if b <= 1 else f"{method} {b}", {**compressed, "budget": b}) for b in budgets)]

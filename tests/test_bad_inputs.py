@@ -228,7 +228,7 @@ ROWS = [
     ("calibration", lambda c, t: optimize_calibrated(c, t, {"layer_fractions": [0.5] * 3}, policy="snapkv"),
      ConfigError, "head_fractions"),
     ("calibration", lambda c, t: optimize_calibrated(c, t, {"head_fractions": [[0.5, 0.5]] * 3,
-                                                             "int8_heads": [[False, False]] * 3}),
+                                                             "int8_heads": [[False, False]] * 3}, policy="uniform"),
      ConfigError, "'layer_fractions'"),
     ("calibration", lambda c, t: optimize_calibrated(c, t, {"head_fractions": [[0.5] * 4] * 3,
                                                              "int8_heads": [[False] * 4] * 3}, policy="snapkv"),

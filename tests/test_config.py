@@ -14,7 +14,7 @@ from entropykv_fx.policies import POLICIES
 # (field, invalid value, a fragment of what the message must say is accepted)
 BAD = [
     ("policy", "nope", "one of ["), ("policy", "", "one of ["), ("policy", "Entropy", "one of ["),
-    ("policy", None, "one of ["), ("policy", ["entropy"], "one of ["),
+    ("policy", ["entropy"], "one of ["),
     ("budget", 0.0, "(0, 1]"), ("budget", -0.25, "(0, 1]"), ("budget", 1.5, "(0, 1]"), ("budget", 1.0000001, "(0, 1]"),
     ("budget", math.nan, "(0, 1]"), ("budget", math.inf, "(0, 1]"),
     ("budget", 0, "int >= 1"), ("budget", -3, "int >= 1"),
@@ -83,7 +83,27 @@ def test_valid_edges_are_accepted(kw):
 def test_defaults():
     cfg = EntropyKVConfig()
     assert (cfg.policy, cfg.budget, cfg.window, cfg.sink_tokens, cfg.pooling, cfg.pool_kernel,
-            cfg.budget_source, cfg.calibration_file, cfg.scorer) == ("uniform", 0.25, 32, 4, "max", 7, "dynamic", None, "window")
+            cfg.budget_source, cfg.calibration_file, cfg.scorer) == ("cache_topk", 0.25, 32, 4, "max", 7, "dynamic", None,
+                                                                     "reconstruct")
+
+
+def test_each_policy_brings_its_own_scorer_unless_one_is_named():
+    assert (EntropyKVConfig(policy="snapkv").scorer, EntropyKVConfig(policy="cache_topk_layer").scorer) == (
+        "window", "reconstruct")
+    assert EntropyKVConfig().replace(policy="uniform").scorer == "window", "the new policy's own"
+    assert EntropyKVConfig(scorer="last_query").replace(policy="adakv").scorer == "last_query", "named: kept"
+    assert EntropyKVConfig(policy="uniform").replace(budget=0.5).policy == "uniform", "named: kept"
+
+
+def test_an_unnamed_policy_follows_the_calibration_file(tmp_path):
+    recorded = tmp_path / "entropy.json"
+    recorded.write_text(json.dumps({"layer_fractions": [0.5, 0.5], "policy": "entropy"}))
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"layer_fractions": [0.5, 0.5]}))
+    calibrated = EntropyKVConfig(budget_source="calibrated", calibration_file=str(recorded))
+    assert (calibrated.policy, calibrated.scorer) == ("entropy", "window")
+    assert EntropyKVConfig(budget_source="calibrated", calibration_file=str(bare)).policy == "uniform"
+    assert calibrated.replace(budget_source="dynamic", calibration_file=None).policy == "cache_topk"
 
 
 def test_config_is_frozen():
