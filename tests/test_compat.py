@@ -37,7 +37,7 @@ def test_either_spelling_of_the_cache_argument_reaches_the_compressed_cache(arch
     from 5.24 on) continues the compressed cache, with the same logits either way."""
     if name not in ("past_key_values", compat.CACHE_ARG):
         pytest.skip(f"transformers {compat.INSTALLED} has no `{name}` argument")
-    model = entropykv_fx.optimize(tiny_model(arch), budget=0.5, window=8, sink_tokens=2)
+    model = entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.5, window=8, sink_tokens=2)  # layer-wise
     ids = random_prompt(48)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

@@ -1,6 +1,7 @@
 """The decode layout (issue 18): one-token steps write into room reserved after each layer's slots, and on a GPU
 replay a recorded CUDA graph. Reference: the same calls on the plain layout (every step appends a copy), which
-the rest of the suite checks against the unmodified model."""
+the rest of the suite checks against the unmodified model. The room is the layer-wise layout's (head-wise layers
+append), so calls that name no policy use `uniform`, the fast preset."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_room_decodes_exactly_what_the_plain_layout_decodes(arch, policy, small_
 def test_a_step_writes_in_place_and_a_full_room_is_refilled(small_room):
     """Steps within the room keep every buffer where it is (no copy of the cache); the step that finds the room
     used up reserves a new one, and the slots held are the prefill's kept ones plus one per step."""
-    model = entropykv_fx.optimize(tiny_model("llama"), budget=0.5, window=4)
+    model = entropykv_fx.optimize(tiny_model("llama"), policy="uniform", budget=0.5, window=4)
     ids = random_prompt(40)
     with torch.no_grad():
         out = model(ids, use_cache=True)
@@ -86,10 +87,10 @@ def test_a_longer_continuation_after_decoding_leaves_the_room(arch, small_room, 
                 logits.append(out.logits[:, -1])
         return torch.stack(logits), cache
 
-    got, cache = turns(entropykv_fx.optimize(tiny_model(arch), budget=0.4, window=4))
+    got, cache = turns(entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.4, window=4))
     assert cache.room > 0
     plain_layout()
-    want, _ = turns(entropykv_fx.optimize(tiny_model(arch), budget=0.4, window=4))
+    want, _ = turns(entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.4, window=4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -110,9 +111,9 @@ def test_a_padded_step_takes_no_slot(arch, small_room, plain_layout):
                 logits.append(out.logits[:, -1])
         return torch.stack(logits)
 
-    got = steps(entropykv_fx.optimize(tiny_model(arch), budget=0.5, window=4))
+    got = steps(entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.5, window=4))
     plain_layout()
-    want = steps(entropykv_fx.optimize(tiny_model(arch), budget=0.5, window=4))
+    want = steps(entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.5, window=4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -134,9 +135,9 @@ def test_beam_search_matches_the_plain_layout(plain_layout):
     ids = random_prompt(40)
     kw = dict(max_new_tokens=8, num_beams=3, do_sample=False)
     with torch.no_grad():
-        got = entropykv_fx.optimize(tiny_model("llama"), budget=0.5, window=4).generate(ids, **kw)
+        got = entropykv_fx.optimize(tiny_model("llama"), policy="uniform", budget=0.5, window=4).generate(ids, **kw)
         plain_layout()
-        want = entropykv_fx.optimize(tiny_model("llama"), budget=0.5, window=4).generate(ids, **kw)
+        want = entropykv_fx.optimize(tiny_model("llama"), policy="uniform", budget=0.5, window=4).generate(ids, **kw)
     assert torch.equal(got, want)
 
 
@@ -152,7 +153,7 @@ def test_replayed_steps_equal_eager_steps(arch, small_room):
     ids, mask = left_padded(prompts)
     runs = {}
     for graphs in (True, False):
-        model = entropykv_fx.optimize(tiny_model(arch), budget=0.3, window=6, cuda_graphs=graphs)
+        model = entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.3, window=6, cuda_graphs=graphs)
         runs[graphs] = generate(model, ids, 40, attention_mask=mask)
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     torch.testing.assert_close(torch.stack(runs[True].scores), torch.stack(runs[False].scores), rtol=1e-5, atol=1e-5)
@@ -163,8 +164,8 @@ def test_sampling_and_a_new_cache_record_new_graphs():
     """Seeded sampling gives the eager steps' tokens; a second generate (a new cache) does not replay the first
     one's graph."""
     ids = random_prompt(64)
-    model = entropykv_fx.optimize(tiny_model("llama"), budget=0.5, window=4)
-    eager = entropykv_fx.optimize(tiny_model("llama"), budget=0.5, window=4, cuda_graphs=False)
+    model = entropykv_fx.optimize(tiny_model("llama"), policy="uniform", budget=0.5, window=4)
+    eager = entropykv_fx.optimize(tiny_model("llama"), policy="uniform", budget=0.5, window=4, cuda_graphs=False)
     for prompt in (ids, random_prompt(64, seed=5)):
         outs = []
         for m in (model, eager):

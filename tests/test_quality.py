@@ -103,7 +103,7 @@ def held(layer) -> list[torch.Tensor]:
 def test_fanout_copy_equals_compressing_during_prefill(policy):
     model = tiny_model("llama")
     prompt = random_prompt(200)
-    shared, logits = scored_prefill(model, prompt)
+    shared, logits = scored_prefill(model, prompt, entropykv_fx.EntropyKVConfig(policy=policy))  # its own scorer's
     for budget in (0.5, 0.25):
         cache, report = compressed_copy(shared, entropykv_fx.EntropyKVConfig(policy=policy, budget=budget))
         entropykv_fx.optimize(model, policy=policy, budget=budget)

@@ -118,8 +118,9 @@ def test_a_reconstruction_prefill_looks_like_a_prefill_of_the_prompt(arch):
     """Outputs of every column, positions and (at full budget) the cached keys equal a plain prefill's, for a
     left-padded batch; mistral's sliding window (24) is shorter than the prompts."""
     ids, mask = left_padded([random_prompt(50, seed=5)[0], random_prompt(33, seed=6)[0]])
-    plain = entropykv_fx.optimize(tiny_model(arch), budget=1.0)
-    model = entropykv_fx.optimize(tiny_model(arch), scorer="reconstruct", budget=1.0, repeat_prompt=(7, 8, 9))
+    plain = entropykv_fx.optimize(tiny_model(arch), policy="uniform", scorer="window", budget=1.0)  # layer-wise caches
+    model = entropykv_fx.optimize(tiny_model(arch), policy="uniform", scorer="reconstruct", budget=1.0,
+                                  repeat_prompt=(7, 8, 9))
     with torch.no_grad():
         want = plain(ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
         got = model(ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
@@ -163,7 +164,7 @@ def test_scores_differ_from_the_window_scorer_and_entropies_do_not():
     ids = random_prompt(90, seed=7)
     model = tiny_model()
     rec, _ = scored_prefill(model, ids, EntropyKVConfig(scorer="reconstruct"))
-    win, _ = scored_prefill(model, ids, EntropyKVConfig())
+    win, _ = scored_prefill(model, ids, EntropyKVConfig(scorer="window"))
     for a, b in zip(rec.layers, win.layers):
         assert a.positions.tolist() == b.positions.tolist() == [list(range(90))]
         torch.testing.assert_close(a.stats.entropy, b.stats.entropy, atol=1e-5, rtol=1e-5)

@@ -21,8 +21,8 @@ def test_unknown_scorer_is_refused():
 def test_last_query_scores_come_from_the_last_query_and_entropies_from_the_window():
     model, ids = tiny_model(), random_prompt(90)
     last, _ = scored_prefill(model, ids, EntropyKVConfig(scorer="last_query"))
-    one_query, _ = scored_prefill(model, ids, EntropyKVConfig(window=1))
-    window, _ = scored_prefill(model, ids, EntropyKVConfig())
+    one_query, _ = scored_prefill(model, ids, EntropyKVConfig(scorer="window", window=1))
+    window, _ = scored_prefill(model, ids, EntropyKVConfig(scorer="window"))
     for a, b, c in zip(last.layers, one_query.layers, window.layers):
         torch.testing.assert_close(a.stats.kv_scores, b.stats.kv_scores)
         torch.testing.assert_close(a.stats.layer_scores, b.stats.layer_scores)
