@@ -31,7 +31,7 @@ def test_full_budget_reproduces_unmodified_tokens(arch, full):
 
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"mistral"}))  # window layers: test_sliding_window.py
 def test_compressed_cache_holds_only_kept_bytes(arch):
-    model = entropykv_fx.optimize(tiny_model(arch), budget=0.5, window=8, sink_tokens=2)
+    model = entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.5, window=8, sink_tokens=2)
     ids = random_prompt(64)
     with torch.no_grad():
         out = model(ids, use_cache=True)
@@ -91,7 +91,7 @@ def test_left_padded_batch_matches_single_sequences(arch):
 
 
 def test_pads_are_never_kept_when_the_budget_allows():
-    model = entropykv_fx.optimize(tiny_model("llama"), budget=20, window=8, sink_tokens=2)
+    model = entropykv_fx.optimize(tiny_model("llama"), policy="uniform", budget=20, window=8, sink_tokens=2)
     ids = random_prompt(50, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :15] = 0  # row 1 has 35 real tokens
@@ -125,7 +125,7 @@ def test_sampling_and_second_generate_start_clean():
 
 
 def test_integer_budget_and_short_prompt():
-    model = entropykv_fx.optimize(tiny_model("llama"), budget=24, window=8, sink_tokens=4)
+    model = entropykv_fx.optimize(tiny_model("llama"), policy="uniform", budget=24, window=8, sink_tokens=4)
     with torch.no_grad():
         model(random_prompt(100), use_cache=True)
     assert sum(lr.slots_after for lr in entropykv_fx.report(model).layers) == 3 * 24

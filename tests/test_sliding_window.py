@@ -8,6 +8,7 @@ from tiny_models import random_prompt, tiny_model
 
 import entropykv_fx
 from entropykv_fx import compat
+from entropykv_fx.headwise import HeadwiseLayer
 
 pytestmark = pytest.mark.filterwarnings("ignore:entropykv. budget")
 WINDOW = 24  # tiny_models' Mistral
@@ -45,10 +46,13 @@ def test_window_layers_never_hold_more_than_the_window_and_tokens_match(settings
         assert torch.equal(torch.cat(tokens, 1), expected)
 
 
-def test_a_window_layers_budget_is_not_spent_on_tokens_it_can_never_attend():
+@pytest.mark.parametrize("policy", ["uniform", "cache_topk"])  # one token set per layer; per KV head
+def test_a_window_layers_budget_is_not_spent_on_tokens_it_can_never_attend(policy):
     """At a budget above the window, a window layer keeps exactly the window - 1 reachable tokens (the last ones)."""
-    model = entropykv_fx.optimize(tiny_model("mistral"), budget=0.5, window=8, sink_tokens=4)
+    model = entropykv_fx.optimize(tiny_model("mistral"), policy=policy, budget=0.5, window=8, sink_tokens=4)
     with torch.no_grad():
         cache = compat.cache_of(model(random_prompt(200), use_cache=True))
     for layer in cache.layers:
-        assert layer.positions[0].tolist() == list(range(200 - WINDOW + 1, 200))
+        heads = [head.positions for head in layer.heads] if isinstance(layer, HeadwiseLayer) else [layer.positions]
+        for positions in heads:
+            assert positions[0].tolist() == list(range(200 - WINDOW + 1, 200))
