@@ -48,7 +48,7 @@ def test_either_spelling_of_the_cache_argument_reaches_the_compressed_cache(arch
         step = model(ids[:, -1:], **{name: cache}, use_cache=True)
         assert compat.cache_of(step) is cache
         assert cache.get_seq_length() == 49
-        reference = entropykv_fx.optimize(tiny_model(arch), budget=0.5, window=8, sink_tokens=2)
+        reference = entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.5, window=8, sink_tokens=2)
         ref_cache = compat.cache_of(reference(ids, use_cache=True))
         ref_step = reference(ids[:, -1:], **compat.with_cache(ref_cache), use_cache=True)
     torch.testing.assert_close(step.logits, ref_step.logits)
