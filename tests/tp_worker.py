@@ -15,12 +15,13 @@ import entropykv_fx
 from entropykv_fx import StaticDecoder, compat, hf
 
 # (policy, scorer, budget): every layer-wise policy at full and reduced budgets; the other scorers on two of them;
-# every head-wise policy (each rank keeps its heads' share of one plan over all heads)
+# every head-wise policy (each rank keeps its heads' share of one plan over all heads); the cache-wide top-k, both
+# granularities (the default composition, cache_topk + reconstruct, among them)
 CONFIGS = [(p, "window", b) for p in ("uniform", "entropy", "pyramidkv", "streaming", "full") for b in (1.0, 0.3)] + [
     ("uniform", "last_query", 0.3), ("entropy", "last_query", 40), ("uniform", "reconstruct", 0.3),
     ("pyramidkv", "reconstruct", 1.0)] + [
     ("adakv", "window", 1.0), ("adakv", "window", 0.3), ("snapkv", "last_query", 0.3), ("entropy_head", "window", 0.5),
-    ("matrix_entropy", "window", 0.3)]
+    ("matrix_entropy", "window", 0.3), ("cache_topk", "reconstruct", 0.3), ("cache_topk_layer", "reconstruct", 0.3)]
 
 
 def kept_positions(cache) -> list:
@@ -48,7 +49,7 @@ def run(model, policy: str, scorer: str, budget: float, **flags) -> dict:
 
 def static_decode(model) -> list:
     """Greedy tokens of `StaticDecoder` after a compressed prefill (uniform, 30% kept) of the two prompts."""
-    entropykv_fx.optimize(model, policy="uniform", budget=0.3, window=8, sink_tokens=2)
+    entropykv_fx.optimize(model, policy="uniform", scorer="window", budget=0.3, window=8, sink_tokens=2)
     ids, mask = prompts()
     with torch.no_grad():
         out = model(ids, attention_mask=mask, use_cache=True)
