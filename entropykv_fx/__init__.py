@@ -1,6 +1,6 @@
 """entropykv_fx: entropy-guided KV-cache compression for Hugging Face causal LMs.
 
-    model = entropykv_fx.optimize(model, budget=0.25)   # policy="uniform", scorer="window"
+    model = entropykv_fx.optimize(model, budget=0.25)   # policy="cache_topk", scorer="reconstruct" (the defaults)
     out = model.generate(**inputs, max_new_tokens=64)
     print(entropykv_fx.report(model))
 

@@ -1,7 +1,9 @@
 """Token scorers: which prompt tokens a layer (or a KV head) keeps, independent of how many it keeps.
 
 A policy decides budgets (the allocation, per layer or per KV head); a scorer ranks the tokens inside each budget.
-Any policy that ranks tokens composes with any scorer: `optimize(model, policy="uniform", scorer="last_query")`.
+Any policy that ranks tokens composes with any scorer: `optimize(model, policy="uniform", scorer="last_query")`;
+a config that names no scorer uses the policy's own (`Policy.scorer`: `reconstruct` for the default `cache_topk`,
+`window` for the SnapKV family).
 Scores are float32, higher = kept first; the sinks and the last `window` prompt tokens are always kept whatever
 the scorer says (`ops.select`).
 
