@@ -10,8 +10,9 @@ multi-token calls). After a prefill, each layer's kept tokens are packed at the 
 -1 after them), so later tokens follow them. The buffers keep their size: the model allocated them; what
 compression buys here is room, since `max_seq_len` now bounds the kept tokens, not all tokens seen.
 A call whose positions start again at 0 begins a new sequence (`reset()` does the same by hand). Layer-wise
-policies with entropy-based budgets only (default `uniform`); shapes are static, so a new prompt length compiles a new prefill graph, and the decode graph suits
-CUDA graphs: `StaticCacheModel(gpt, inductor=True, mode="reduce-overhead")`.
+policies with entropy-based budgets only (default `uniform`); shapes are static, so a new prompt length compiles a
+new prefill graph, and the decode graph suits CUDA graphs: `StaticCacheModel(gpt, inductor=True,
+mode="reduce-overhead")`.
 """
 
 from __future__ import annotations

@@ -28,20 +28,12 @@ def cache_budgets(ranked: list[Tensor], mean: int) -> list[Tensor]:
     as `ops.selection_ranks` gives). Each row's total is the sum over layers of Hkv x min(mean, S_l)."""
     flat = torch.cat([r.flatten(1) for r in ranked], 1)  # [B, sum_l Hkv * S_l]
     total = sum(r.shape[1] * min(mean, r.shape[2]) for r in ranked)
-    owner = torch.cat([torch.arange(r.shape[1], device=flat.device).repeat_interleave(r.shape[2]) + start
-                       for r, start in zip(ranked, _head_offsets(ranked))])  # (layer, head) index of each entry
-    won = flat.new_zeros(flat.shape[0], sum(r.shape[1] for r in ranked), dtype=torch.int64)
-    won.scatter_add_(1, owner[flat.topk(total, dim=-1).indices], torch.ones(1, dtype=torch.int64,
-                                                                          device=flat.device).expand(flat.shape[0], total))
+    lengths = torch.tensor([r.shape[2] for r in ranked for _ in range(r.shape[1])], device=flat.device)
+    owner = torch.arange(len(lengths), device=flat.device).repeat_interleave(lengths)  # (layer, head) of each entry
+    top = flat.topk(total, dim=-1).indices
+    won = torch.zeros(flat.shape[0], len(lengths), dtype=torch.int64, device=flat.device)
+    won.scatter_add_(1, owner[top], torch.ones_like(top))
     return list(won.split([r.shape[1] for r in ranked], dim=1))
-
-
-def _head_offsets(ranked: list[Tensor]) -> list[int]:
-    offsets, start = [], 0
-    for r in ranked:
-        offsets.append(start)
-        start += r.shape[1]
-    return offsets
 
 
 def _ranked(scores: list[Tensor], layers, config) -> list[Tensor]:
