@@ -72,11 +72,11 @@ VARIANTS = {
     "adakv/reconstruct": dict(policy="adakv", scorer="reconstruct"),
     "matrix_entropy/reconstruct": dict(policy="matrix_entropy", scorer="reconstruct"),
     "entropy/reconstruct": dict(policy="entropy", scorer="reconstruct"),
-    "cache_topk/window": dict(policy="cache_topk"),
+    "cache_topk/window": dict(policy="cache_topk", scorer="window"),
     "cache_topk/last_query": dict(policy="cache_topk", scorer="last_query"),
     "cache_topk/reconstruct": dict(policy="cache_topk", scorer="reconstruct"),
     "cache_topk/reconstruct/prompted": dict(policy="cache_topk", scorer="reconstruct", repeat_prompt=REPEAT_INSTRUCTION),
-    "cache_topk_layer/window": dict(policy="cache_topk_layer"),
+    "cache_topk_layer/window": dict(policy="cache_topk_layer", scorer="window"),
     "cache_topk_layer/reconstruct": dict(policy="cache_topk_layer", scorer="reconstruct"),
     "cache_topk_layer/reconstruct/prompted": dict(policy="cache_topk_layer", scorer="reconstruct",
                                                   repeat_prompt=REPEAT_INSTRUCTION),
@@ -112,13 +112,20 @@ def forced_match(model, cache, first_logits: torch.Tensor | None, feed: list[int
     return predicted[:len(target)] == target
 
 
+def prefill_of(fields: dict) -> tuple[str, tuple[int, ...]]:
+    """(scorer, repeat prompt) of a variant as its config resolves them (a policy's own scorer when none is named):
+    what its prefill computes."""
+    config = EntropyKVConfig(**fields)
+    return config.scorer, config.repeat_prompt
+
+
 def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str]) -> list[dict]:
     records = []
     q = case.questions[0]
     split = "select" if case.index % 2 == 0 else "report"
     base = dict(task=case.task, length=case.length, case=case.index, split=split)
     # one prefill per (scorer, repeat prompt): what the prefill computes depends on nothing else
-    prefills = sorted({(v.get("scorer", "window"), v.get("repeat_prompt", ())) for v in variants.values()})
+    prefills = sorted({prefill_of(v) for v in variants.values()})
     for setting in settings:
         prompt = case.context_ids + (q.question_ids if setting == "question_aware" else [])
         feed = [] if setting == "question_aware" else q.question_ids
@@ -137,7 +144,7 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                 target, right = answer_target(tokenizer, generated, q.answers)
                 records.append(dict(base, setting=setting, method="full", budget=1.0, kept=1.0, correct=right))
             for name, fields in variants.items():
-                if (fields.get("scorer", "window"), fields.get("repeat_prompt", ())) != (scorer, repeat):
+                if prefill_of(fields) != (scorer, repeat):
                     continue
                 for budget in budgets:
                     cache, report = compressed_copy(full, EntropyKVConfig(budget=budget, **fields))
