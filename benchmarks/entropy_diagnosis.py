@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         q = case.questions[0]
         needle = set(value_positions(tokenizer, case.context_ids, q.answers[0]))
-        full, _ = scored_prefill(model, torch.tensor([case.context_ids + q.question_ids]))
+        full, _ = scored_prefill(model, torch.tensor([case.context_ids + q.question_ids]),
+                                 EntropyKVConfig(policy="uniform"))  # window scores, as uniform and entropy rank
         kept = {}
         for policy in ("uniform", "entropy"):
             cache, report = compressed_copy(full, EntropyKVConfig(policy=policy, budget=args.budget))

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from entropykv_fx.bench.cases import make_cases
-from entropykv_fx.bench.fanout import compressed_copy, scored_prefill
+from entropykv_fx.bench.fanout import compressed_copy, prefill_of, scored_prefill
 from entropykv_fx.bench.quality import DTYPES, environment
 from entropykv_fx.bench.scoring import answer_recall
 from entropykv_fx.compat import with_cache
@@ -112,11 +112,9 @@ def forced_match(model, cache, first_logits: torch.Tensor | None, feed: list[int
     return predicted[:len(target)] == target
 
 
-def prefill_of(fields: dict) -> tuple[str, tuple[int, ...]]:
-    """(scorer, repeat prompt) of a variant as its config resolves them (a policy's own scorer when none is named):
-    what its prefill computes."""
-    config = EntropyKVConfig(**fields)
-    return config.scorer, config.repeat_prompt
+def variant_prefill(fields: dict) -> tuple[str, tuple[int, ...]]:
+    """(scorer, repeat prompt) of a variant as its config resolves them (a policy's own scorer when none is named)."""
+    return prefill_of(EntropyKVConfig(**fields))
 
 
 def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str]) -> list[dict]:
@@ -125,7 +123,7 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
     split = "select" if case.index % 2 == 0 else "report"
     base = dict(task=case.task, length=case.length, case=case.index, split=split)
     # one prefill per (scorer, repeat prompt): what the prefill computes depends on nothing else
-    prefills = sorted({prefill_of(v) for v in variants.values()})
+    prefills = sorted({variant_prefill(v) for v in variants.values()})
     for setting in settings:
         prompt = case.context_ids + (q.question_ids if setting == "question_aware" else [])
         feed = [] if setting == "question_aware" else q.question_ids
@@ -144,7 +142,7 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                 target, right = answer_target(tokenizer, generated, q.answers)
                 records.append(dict(base, setting=setting, method="full", budget=1.0, kept=1.0, correct=right))
             for name, fields in variants.items():
-                if prefill_of(fields) != (scorer, repeat):
+                if variant_prefill(fields) != (scorer, repeat):
                     continue
                 for budget in budgets:
                     cache, report = compressed_copy(full, EntropyKVConfig(budget=budget, **fields))

@@ -99,7 +99,8 @@ def run(lengths: list[int], depths: list[float], out_dir: Path) -> dict:
         scored, first = scored_prefill(model, case["inputs"])
         n_prompt = case["inputs"]["input_ids"].shape[1]
         for policy, budget in settings:
-            cfg = entropykv_fx.EntropyKVConfig(policy=policy, budget=budget)
+            # the shared prefill scored with the window: every policy ranks by it (cache_topk too, not its own scorer)
+            cfg = entropykv_fx.EntropyKVConfig(policy=policy, budget=budget, scorer="window")
             entropykv_fx.optimize(model, cfg)
             cache = copy.deepcopy(scored)
             rep = compress_cache(cache, cfg) if POLICIES[policy].evicts else uncompressed_report(cache, cfg)

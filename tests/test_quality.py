@@ -124,6 +124,13 @@ def test_compressed_copy_needs_a_scored_prefill():
         compressed_copy(compress_context(model, random_prompt(50)), entropykv_fx.EntropyKVConfig())
 
 
+def test_compressed_copy_refuses_a_config_that_ranks_by_other_scores():
+    shared, _ = scored_prefill(tiny_model("llama"), random_prompt(60), entropykv_fx.EntropyKVConfig(policy="uniform"))
+    with pytest.raises(ValueError, match=r"scored for .*'window'.* ranks by \('reconstruct'"):
+        compressed_copy(shared, entropykv_fx.EntropyKVConfig(policy="cache_topk"))  # its own scorer: reconstruct
+    compressed_copy(shared, entropykv_fx.EntropyKVConfig(policy="streaming"))  # ranks by position: any prefill
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_asking_a_reused_full_cache_equals_plain_generate(arch):
     model = entropykv_fx.optimize(tiny_model(arch), policy="full")

@@ -25,19 +25,32 @@ from ..policies import POLICIES
 def scored_prefill(model: nn.Module, input_ids: Tensor, base: EntropyKVConfig | None = None) -> tuple[EntropyKVCache, Tensor]:
     """(uncompressed cache holding every layer's prefill statistics, logits [vocab] of the last position).
 
-    Leaves `model` optimized with `base` (default `EntropyKVConfig()`).
+    Leaves `model` optimized with `base` (default `EntropyKVConfig()`). The scores are `base`'s scorer's: copies
+    compress only with configs that score the same way (`compressed_copy`; `prefill_of` groups configs by it).
     """
-    optimize(model, base or EntropyKVConfig())
+    base = base or EntropyKVConfig()
+    optimize(model, base)
     # Head-wise policies may rank by a statistic of their own (matrix_entropy's): the shared prefill computes it too.
     with_statistic = [name for name, p in POLICIES.items() if p.prefill_statistic is not None]
     cache, logits = optimized(model).scored_prefill(input_ids.to(model.device),
                                                     statistic_of=with_statistic[0] if with_statistic else None)
+    cache.scored_with = prefill_of(base)
     return cache, logits[0]
+
+
+def prefill_of(config: EntropyKVConfig) -> tuple[str, tuple[int, ...]]:
+    """What a prefill scored for `config` computes: its (resolved) scorer and repeat prompt."""
+    return config.scorer, config.repeat_prompt
 
 
 def compressed_copy(cache: EntropyKVCache, config: EntropyKVConfig) -> tuple[EntropyKVCache, CompressionReport]:
     """A copy of a `scored_prefill` cache compressed by `config` (policy 'full' keeps everything)."""
     if any(layer.stats is None for layer in cache.layers):
         raise ValueError("compressed_copy needs a cache from scored_prefill (its layers carry prefill scores)")
+    policy = POLICIES[config.policy]
+    if policy.evicts and policy.needs_scores and cache.scored_with != prefill_of(config):
+        raise ValueError(f"compressed_copy: the cache was scored for (scorer, repeat_prompt) {cache.scored_with} but "
+                         f"policy {config.policy!r} ranks by {prefill_of(config)}; prefill with a config that scores "
+                         "the same way (scored_prefill(model, ids, EntropyKVConfig(scorer=...)))")
     copied = copy.deepcopy(cache)
     return copied, compress_cache(copied, config)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..compat import with_cache
 from .arguments import DTYPE_NAMES, add_arguments
 from .cases import QA_TASKS, Case, make_cases, stop_token_ids
-from .fanout import compressed_copy, scored_prefill
+from .fanout import compressed_copy, prefill_of, scored_prefill
 from .report import write_outputs
 from .scoring import answer_recall, rouge_l
 
@@ -51,7 +51,7 @@ def continuation_nll(model, cache, continuation_ids: torch.Tensor) -> float:
 
 def run_policies(model, cases: list[Case], policies: list[str], budgets: list[float], settings: list[str],
                   stops: dict[str, list[int]]) -> list[dict]:
-    """Generations / NLLs of every (policy, budget) plus the full cache, one shared prefill per prompt."""
+    """Generations / NLLs of every (policy, budget) plus the full cache, one shared prefill per prompt and scorer."""
     from ..config import EntropyKVConfig
     from ..reuse import ask, continue_greedy
 
@@ -64,19 +64,27 @@ def run_policies(model, cases: list[Case], policies: list[str], budgets: list[fl
                             length=case.length, case=case.index, question=question,
                             kept_fraction=report.kept_fraction, **result))
 
+    # one prefill per way of scoring (each policy ranks with its own scorer), shared by its policies and budgets
+    by_prefill: dict[tuple, list] = {}
+    for method, budget in grid:
+        config = EntropyKVConfig(policy=method, budget=budget)
+        by_prefill.setdefault(prefill_of(config), []).append((method, budget, config))
+
+    def compressed(prompt):
+        for group in by_prefill.values():
+            full, logits = scored_prefill(model, ids(prompt), group[0][2])
+            for method, budget, config in group:
+                yield method, budget, logits, *compressed_copy(full, config)
+
     for case in tqdm(cases, desc="entropykv_fx", unit="case"):
         stop = stops["line" if case.one_line else "eos"]
         if "question_aware" in settings and case.task in QA_TASKS:
             for qi, q in enumerate(case.questions):
-                full, logits = scored_prefill(model, ids(case.context_ids + q.question_ids))
-                for method, budget in grid:
-                    cache, report = compressed_copy(full, EntropyKVConfig(policy=method, budget=budget))
+                for method, budget, logits, cache, report in compressed(case.context_ids + q.question_ids):
                     tokens = continue_greedy(model, cache, logits, case.max_new_tokens, stop)
                     record(case, "question_aware", method, budget, qi, report, tokens=tokens.tolist())
         if "query_agnostic" in settings:
-            full, _ = scored_prefill(model, ids(case.context_ids))
-            for method, budget in grid:
-                cache, report = compressed_copy(full, EntropyKVConfig(policy=method, budget=budget))
+            for method, budget, _, cache, report in compressed(case.context_ids):
                 for qi, q in enumerate(case.questions):
                     if case.task == "perplexity":
                         nll = continuation_nll(model, cache, ids(q.continuation_ids))
