@@ -11,6 +11,10 @@ transformers' own per-step work is included), median over the steps after `--war
 `optimize(..., inductor=True)` (the rewritten graphs compiled by Inductor, then replayed); then `StaticDecoder` replayed from a
 CUDA graph over the same compressed cache (the low-level fast path), the bandwidth ideal (weights + kept KV read
 once / copy bandwidth measured in this run), and transformers' own eager `generate()` over its full cache.
+`--policies` times other policies' `generate()` the same way (`policy/scorer` names a scorer; head-wise policies
+decode over their packed layout, which `StaticDecoder` does not take, so their ideal uses the bytes `report()`
+counts). Decode time depends on the kept sizes, not on how they were scored: `cache_topk/window` times the
+default's layout without its reconstruction prefill.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from benchmarks.speed import step_ms  # noqa: E402
 from benchmarks.timing import FAST_POLICY, SHAPES, random_llama, run_environment, sync, write_markdown  # noqa: E402
 from entropykv_fx.compat import cache_of  # noqa: E402
 from entropykv_fx.decode import StaticDecoder  # noqa: E402
+from entropykv_fx.policies import POLICIES  # noqa: E402
 
 
 class StepClock(StoppingCriteria):
@@ -77,6 +82,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.2, 0.1])
     parser.add_argument("--steps", type=int, default=48, help="timed decode steps per generate()")
     parser.add_argument("--warmup", type=int, default=4, help="decode steps not timed (graph recording, refills)")
+    parser.add_argument("--policies", nargs="+", default=[FAST_POLICY],
+                        help="policies to time, each `policy` or `policy/scorer` (default: the fast preset)")
     parser.add_argument("--inductor", action="store_true",
                         help="also optimize(inductor=True): the rewritten graphs compiled by Inductor, then replayed")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -107,35 +114,47 @@ def main() -> None:
         record({"path": "transformers generate(), full cache", "context": n, "kept_fraction": 1.0,
                 "decode_ms": round(statistics.median(hf_gaps[args.warmup:]), 3)})
         for fraction in args.fractions:
-            tokens = {}
-            for shown, graphs, fuse in (("cuda_graphs=True", True, True), ("cuda_graphs=False", False, True),
-                                        ("fuse_projections=False", True, False)):
-                entropykv_fx.optimize(model, policy=FAST_POLICY, budget=fraction, inductor=False, cuda_graphs=graphs,
-                                      fuse_projections=fuse)
-                gaps, tokens[shown] = generate_steps(model, ids, total, device)
-                record({"path": f"optimize({shown}) generate()",
-                        "context": n, "kept_fraction": fraction, "decode_ms": round(statistics.median(gaps[args.warmup:]), 3),
-                        "first_step_ms": round(gaps[0], 1), "max_step_ms": round(max(gaps[args.warmup:]), 3)})
-            with torch.no_grad():
-                out = model(ids, use_cache=True, logits_to_keep=1)
-                decoder = StaticDecoder(model, cache_of(out), max_new_tokens=args.steps + 2)
-                del out
-                cache_bytes = decoder.kv_bytes
-                static = step_ms(decoder, args.steps, device)
-            del decoder
-            ideal = (weight_bytes + cache_bytes) / bandwidth * 1e3
-            graph_ms = next(r["decode_ms"] for r in rows if r["path"] == "optimize(cuda_graphs=True) generate()"
-                            and (r["context"], r["kept_fraction"]) == (n, fraction))
-            record({"path": "StaticDecoder (same compressed cache)", "context": n, "kept_fraction": fraction,
-                    "decode_ms": round(static, 3), "kv_GB": round(cache_bytes / 1e9, 3), "ideal_ms": round(ideal, 3),
-                    "generate_vs_static": round(graph_ms / static, 3), "generate_vs_ideal": round(graph_ms / ideal, 3),
-                    "tokens_equal_graph_vs_eager": bool(torch.equal(tokens["cuda_graphs=True"],
-                                                                    tokens["cuda_graphs=False"]))})
-            if args.inductor:
-                entropykv_fx.optimize(model, policy=FAST_POLICY, budget=fraction, inductor=True, cuda_graphs=True,
-                                      fuse_projections=True)
+            ideals = {}
+            for name in args.policies:
+                policy, _, scorer = name.partition("/")
+                chosen = dict(policy=policy, budget=fraction, scorer=scorer or None)
+                tokens = {}
+                for shown, graphs, fuse in (("cuda_graphs=True", True, True), ("cuda_graphs=False", False, True),
+                                            ("fuse_projections=False", True, False)):
+                    entropykv_fx.optimize(model, **chosen, inductor=False, cuda_graphs=graphs, fuse_projections=fuse)
+                    gaps, tokens[shown] = generate_steps(model, ids, total, device)
+                    record({"path": f"optimize({shown}) generate()", "policy": name, "context": n,
+                            "kept_fraction": fraction, "decode_ms": round(statistics.median(gaps[args.warmup:]), 3),
+                            "first_step_ms": round(gaps[0], 1), "max_step_ms": round(max(gaps[args.warmup:]), 3)})
+                graph_ms = rows[-3]["decode_ms"]
+                same = bool(torch.equal(tokens["cuda_graphs=True"], tokens["cuda_graphs=False"]))
+                if POLICIES[policy].headwise:
+                    cache_bytes = entropykv_fx.report(model).bytes_after
+                    ideal = ideals[name] = (weight_bytes + cache_bytes) / bandwidth * 1e3
+                    record({"path": "(head-wise: no StaticDecoder)", "policy": name, "context": n,
+                            "kept_fraction": fraction, "kv_GB": round(cache_bytes / 1e9, 3), "ideal_ms": round(ideal, 3),
+                            "generate_vs_ideal": round(graph_ms / ideal, 3), "tokens_equal_graph_vs_eager": same})
+                    continue
+                with torch.no_grad():
+                    out = model(ids, use_cache=True, logits_to_keep=1)
+                    decoder = StaticDecoder(model, cache_of(out), max_new_tokens=args.steps + 2)
+                    del out
+                    cache_bytes = decoder.kv_bytes
+                    static = step_ms(decoder, args.steps, device)
+                del decoder
+                ideal = ideals[name] = (weight_bytes + cache_bytes) / bandwidth * 1e3
+                record({"path": "StaticDecoder (same compressed cache)", "policy": name, "context": n,
+                        "kept_fraction": fraction, "decode_ms": round(static, 3), "kv_GB": round(cache_bytes / 1e9, 3),
+                        "ideal_ms": round(ideal, 3), "generate_vs_static": round(graph_ms / static, 3),
+                        "generate_vs_ideal": round(graph_ms / ideal, 3), "tokens_equal_graph_vs_eager": same})
+            if args.inductor:  # the first policy
+                policy, _, scorer = args.policies[0].partition("/")
+                entropykv_fx.optimize(model, policy=policy, scorer=scorer or None, budget=fraction, inductor=True,
+                                      cuda_graphs=True, fuse_projections=True)
                 gaps, _ = generate_steps(model, ids, total, device)
-                record({"path": "optimize(inductor=True) generate()", "context": n, "kept_fraction": fraction,
+                ideal = ideals[args.policies[0]]
+                record({"path": "optimize(inductor=True) generate()", "policy": args.policies[0], "context": n,
+                        "kept_fraction": fraction,
                         "decode_ms": round(statistics.median(gaps[args.warmup:]), 3),
                         "first_step_ms": round(gaps[0], 1), "ideal_ms": round(ideal, 3),
                         "generate_vs_ideal": round(statistics.median(gaps[args.warmup:]) / ideal, 3)})

@@ -62,6 +62,12 @@ def pad_slots(t: Tensor, length: int, dim: int, fill: float) -> Tensor:
     return torch.cat([t, t.new_full(shape, fill)], dim)
 
 
+def held_first(positions: Tensor) -> Tensor:
+    """Slot order [B, S] putting each row's held slots (position >= 0) first, in position order, its empty ones
+    after them: the order `reserve` lays a layer out in, which a row's `fill` counts from."""
+    return positions.masked_fill(positions < 0, _NEVER).sort(dim=-1, stable=True).indices
+
+
 def kept_slot_index(keep: Tensor) -> tuple[Tensor, Tensor]:
     """(idx [B, n], valid [B, n]) for a slot mask `keep` [B, S]: each row's kept slots in order, n the most any
     row keeps; `valid` is False where a row keeps fewer (idx there points at a dropped slot)."""
@@ -82,8 +88,6 @@ def take_slots(t: Tensor, idx: Tensor) -> Tensor:
 class CompressedLayer(DynamicLayer):
     """A dynamic layer whose slots carry logical positions and which can be shrunk in place (or hold room for the
     coming tokens: `reserve`)."""
-
-    reservable = True  # dense keys/values: `reserve` applies
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,13 +162,21 @@ class CompressedLayer(DynamicLayer):
         ring = 0 < window and held < window
         extra = window - held if ring else slots
         # each row's held slots first, in position order, its empty ones after them: what `fill` counts from
-        order = self.positions.masked_fill(self.positions < 0, _NEVER).sort(dim=-1, stable=True).indices
+        order = held_first(self.positions)
         self.keys, self.values = (torch.cat([take_slots(t, order), t.new_zeros(b, t.shape[1], extra, t.shape[-1])], 2)
                                   for t in (self.keys, self.values))
         positions = take_slots(self.positions, order)
         self.fill = (positions >= 0).sum(-1)
         self.positions = torch.cat([positions, positions.new_full((b, extra), -1)], 1)
         self.reserved, self.ring, self.used = True, ring, held
+
+    def can_reserve(self) -> bool:
+        """Whether `reserve` applies: the layer holds tokens."""
+        return self.positions is not None
+
+    def buffers(self) -> list[Tensor]:
+        """The tensors a decode step reads and writes (a recorded CUDA graph needs them where they were)."""
+        return [t for t in (self.keys, self.values, self.positions, self.fill) if t is not None]
 
     def wrote(self, tokens: int) -> None:
         """Count `tokens` more written into the room (`EntropyKVCache.begin_step`)."""
@@ -284,8 +296,8 @@ class EntropyKVCache(Cache):
         return min(layer.room for layer in self.layers)
 
     def can_reserve(self) -> bool:
-        """Whether every layer is dense and holds tokens (head-wise layers keep per-head lengths: no room)."""
-        return all(layer.reservable and layer.positions is not None for layer in self.layers)
+        """Whether every layer can take the decode layout (`CompressedLayer.can_reserve`)."""
+        return all(layer.can_reserve() for layer in self.layers)
 
     def make_room(self, slots: int, windows: tuple[int, ...]) -> None:
         """Every layer in the decode layout (module docstring) with room for at least `slots` more tokens;

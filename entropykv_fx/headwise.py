@@ -9,10 +9,19 @@ One head's storage (`HeadSlots`) is keys / values [B, 1, K_h, D] in the model's 
 float32 scales [B, 1, K_h], plus its own logical positions [B, K_h] (-1 = empty). The singleton head axis lets
 the decode path hand each head to the unchanged `entropykv::attention` / `attention_int8` ops (a KV group of
 Hq / Hkv query heads over one KV head): the plain-torch reference on CPU, the Triton kernel on CUDA.
+
+Decode layout (`PackedHeads`): for one-token steps a layer whose heads are all stored in the model's dtype packs
+its heads one after another along one slot axis, each followed by room for the coming tokens, so a step writes
+one entry per head in place (`entropykv::write_heads_in_place`) and attends with one call
+(`entropykv::attention_packed`): no copy of the cache per step, and fixed shapes and addresses, which is what
+a CUDA graph of the step needs (`entropykv_fx.step_graph`). Memory held is still the sum of the per-head lengths
+plus the room.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .cache import CompressedLayer, kept_slot_index, pad_slots, take_slots
+from .cache import CompressedLayer, held_first, kept_slot_index, pad_slots, take_slots
 from .policies import HeadPlan
 
 
@@ -109,6 +118,67 @@ class HeadSlots:
                 setattr(self, name, fn(t))
 
 
+@dataclass
+class PackedHeads:
+    """A head-wise layer in the decode layout (module docstring): KV head h owns slots starts[h]..starts[h+1]-1
+    of keys [B, T, D], values [B, T, Dv] and positions [B, T] (-1 = empty): its held slots first, in position
+    order, then its room. fill [B, Hkv] (int64) is each row's next slot within each head's segment. `held` and
+    `caps` are the heads' held and total slot counts, on the host; a ring (sliding-window layer) gives every head
+    exactly `window` slots, and a full ring's oldest token is the one no later query can attend."""
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    starts: Tensor
+    fill: Tensor
+    held: list[int]
+    caps: list[int]
+    ring: bool
+
+    @classmethod
+    def pack(cls, heads: list[HeadSlots], slots: int, window: int) -> PackedHeads:
+        """`heads` (none int8) with room for `slots` tokens each, or, for a sliding-window layer (window > 0)
+        whose heads all hold fewer than `window` slots, as rings of `window` slots."""
+        held = [head.positions.shape[-1] for head in heads]
+        ring = 0 < window and max(held) < window
+        caps = [window if ring else n + slots for n in held]
+        parts: dict[str, list[Tensor]] = {"keys": [], "values": [], "positions": [], "fill": []}
+        for head, cap in zip(heads, caps):
+            order = held_first(head.positions)
+            for name in ("keys", "values"):
+                parts[name].append(pad_slots(take_slots(getattr(head, name), order)[:, 0], cap, 1, 0))
+            positions = take_slots(head.positions, order)
+            parts["fill"].append((positions >= 0).sum(-1))
+            parts["positions"].append(pad_slots(positions, cap, 1, -1))
+        starts = torch.tensor([0, *itertools.accumulate(caps)], dtype=torch.int64, device=heads[0].positions.device)
+        return cls(torch.cat(parts["keys"], 1), torch.cat(parts["values"], 1), torch.cat(parts["positions"], 1),
+                   starts, torch.stack(parts["fill"], 1), held, caps, ring)
+
+    def room(self, written: int) -> float:
+        """Tokens every head can still take after `written` steps (unbounded for a ring)."""
+        return math.inf if self.ring else min(c - n for c, n in zip(self.caps, self.held)) - written
+
+    def unpack(self, written: int) -> list[HeadSlots]:
+        """The heads in the plain layout after `written` steps: views of the slots written so far (a ring's in
+        position order, empty slots first)."""
+        heads = []
+        for start, n, cap in zip(itertools.accumulate([0, *self.caps]), self.held, self.caps):
+            end = start + (cap if self.ring else n + written)
+            head = HeadSlots(self.keys[:, None, start:end], self.values[:, None, start:end],
+                             self.positions[:, start:end])
+            if self.ring:
+                order = head.positions.sort(dim=-1, stable=True).indices
+                head.map(lambda t, order=order: take_slots(t, order))
+            heads.append(head)
+        return heads
+
+    def buffers(self) -> list[Tensor]:
+        return [self.keys, self.values, self.positions, self.starts, self.fill]
+
+    def lengths(self, written: int) -> list[int]:
+        return list(self.caps) if self.ring else [n + written for n in self.held]
+
+
 def select_per_head(ranked: Tensor, budgets: Tensor) -> list[Tensor]:
     """Kept slot indices per KV head from `ops.selection_ranks` output [B, Hkv, S] and budgets [B, Hkv].
 
@@ -153,15 +223,22 @@ class HeadwiseLayer(CompressedLayer):
 
     `update` appends the new tokens to every head and returns `entropykv::headwise_cache`'s dense view, which
     the graph pass replaces by `attend_heads` over the heads' own slots (no single K/V tensor is ever built).
+    With room reserved (`reserve`, heads in the model's dtype only) the heads are packed (`PackedHeads`) until
+    `compact`; `heads` gives them back in the plain layout.
     """
-
-    reservable = False  # heads of their own lengths: no shared room to write a step into
 
     def __init__(self, heads: list[HeadSlots], dtype: torch.dtype) -> None:
         super().__init__()
-        self.heads = heads
+        self._heads = heads
+        self.packed: PackedHeads | None = None
         self.dtype, self.device = dtype, heads[0].positions.device
         self.is_initialized = True
+
+    @property
+    def heads(self) -> list[HeadSlots]:
+        """Every KV head's slots in the plain layout (a packed layer is unpacked first)."""
+        self.compact()
+        return self._heads
 
     @classmethod
     def from_plan(cls, layer: CompressedLayer, budgets: Tensor, int8_heads: list[bool], ranked: Tensor) -> HeadwiseLayer:
@@ -178,7 +255,13 @@ class HeadwiseLayer(CompressedLayer):
                    dtype)
 
     def update(self, key_states: Tensor, value_states: Tensor, positions: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        for h, head in enumerate(self.heads):
+        packed = self.packed
+        if packed is not None:  # `used` is counted by the cache (`begin_step`), outside any compiled graph
+            ops.write_heads_in_place(packed.keys, packed.values, packed.positions, key_states, value_states, positions,
+                                     packed.starts, packed.fill, layer)
+            return ops.packed_cache(key_states, packed.keys, packed.values, packed.positions, packed.starts,
+                                    positions, layer)
+        for h, head in enumerate(self._heads):
             head.append(key_states[:, h:h + 1], value_states[:, h:h + 1], positions)
         return ops.headwise_cache(key_states, *self.slots(), positions, layer)
 
@@ -191,15 +274,47 @@ class HeadwiseLayer(CompressedLayer):
         """query [B, Hq, L, D] over every head's own slots -> [B, Hq, L, Dv]."""
         return attend_heads(query, *self.slots(), q_pos, scale, sliding_window)
 
+    # --------------------------------------------------------------------------------- decode layout
+    def can_reserve(self) -> bool:
+        """Packing needs one storage dtype: a layer with int8 heads keeps appending per head."""
+        return self.packed is not None or not any(head.int8 for head in self._heads)
+
+    def reserve(self, slots: int, window: int = 0) -> None:
+        """Pack the heads with room for `slots` tokens each, or as rings of `window` slots (`PackedHeads.pack`)."""
+        self.compact()
+        self.packed = PackedHeads.pack(self._heads, slots, window)
+        self._heads = []
+        self.reserved, self.ring, self.used = True, self.packed.ring, 0
+
+    @property
+    def room(self) -> float:
+        return self.packed.room(self.used) if self.packed is not None else 0
+
+    def wrote(self, tokens: int) -> None:
+        self.used += tokens
+
+    def compact(self) -> None:
+        if self.packed is not None:
+            self._heads = self.packed.unpack(self.used)
+            self.packed = None
+            self.reserved, self.ring, self.used = False, False, 0
+
+    def buffers(self) -> list[Tensor]:
+        return self.packed.buffers() if self.packed is not None else []
+
     def layout_key(self) -> tuple:
-        return ("heads", tuple(head.int8 for head in self.heads))
+        if self.packed is not None:
+            return ("packed",)
+        return ("heads", tuple(head.int8 for head in self._heads))
 
     def keep_reachable(self, floor: Tensor) -> None:
         for head in self.heads:
             head.keep_reachable(floor)
 
     def head_lengths(self) -> list[int]:
-        return [head.positions.shape[-1] for head in self.heads]
+        if self.packed is not None:
+            return self.packed.lengths(self.used)
+        return [head.positions.shape[-1] for head in self._heads]
 
     def get_seq_length(self) -> int:
         """The longest head's slot count (heads differ; `head_lengths` has them all)."""
@@ -207,11 +322,16 @@ class HeadwiseLayer(CompressedLayer):
 
     @property
     def nbytes(self) -> int:
-        return sum(head.nbytes for head in self.heads)
+        """Bytes of keys and values (and int8 scales) held, room included."""
+        if self.packed is not None:
+            return sum(t.numel() * t.element_size() for t in (self.packed.keys, self.packed.values))
+        return sum(head.nbytes for head in self._heads)
 
     @property
     def index_nbytes(self) -> int:
-        return sum(head.index_nbytes for head in self.heads)
+        if self.packed is not None:
+            return sum(t.numel() * t.element_size() for t in (self.packed.positions, self.packed.starts))
+        return sum(head.index_nbytes for head in self._heads)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         for head in self.heads:

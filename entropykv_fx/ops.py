@@ -439,6 +439,109 @@ def _(k_new, keys, values, positions, key_scales, value_scales, new_pos, layer):
     return k_new.new_empty(b, len(keys), length, d), k_new.new_empty(b, len(values), length, dv)
 
 
+# --------------------------------------------------------------------------------------------- packed heads
+def _check_packed(op: str, q: Tensor, keys: Tensor, values: Tensor, q_pos: Tensor, positions: Tensor,
+                  starts: Tensor) -> None:
+    _check(keys.dim() == 3 and values.dim() == 3 and keys.shape[:2] == values.shape[:2],
+           f"{op}: keys/values must be [B, T, D] and [B, T, Dv] with one T, got {tuple(keys.shape)}, "
+           f"{tuple(values.shape)}")
+    _check(starts.dim() == 1 and starts.numel() >= 2 and starts.dtype == torch.int64 and starts.device == keys.device,
+           f"{op}: starts must be int64 [Hkv + 1] on the cache's device, got {starts.dtype} {tuple(starts.shape)} "
+           f"on {starts.device}")
+    like_q = q.new_empty(()).expand  # checks the rest as `attention` would: q's dtype, Hkv heads of T slots
+    _check(keys.dtype == values.dtype == q.dtype, f"{op}: dtype mismatch, q is {q.dtype} but keys/values are "
+           f"{keys.dtype}/{values.dtype}")
+    _check_qkv(op, q, like_q(keys.shape[0], starts.numel() - 1, keys.shape[1], keys.shape[2]), None, q_pos, positions)
+
+
+def packed_segments(starts: Tensor, slots: int) -> list[tuple[int, int]]:
+    """Each KV head's slot range (start, end) from `starts` [Hkv + 1] (read on the host), checked to tile 0..slots."""
+    bounds = starts.tolist()
+    _check(bounds[0] == 0 and bounds[-1] == slots and all(a <= b for a, b in zip(bounds, bounds[1:])),
+           f"entropykv: starts must rise from 0 to the {slots} packed slots, got {bounds}")
+    return list(zip(bounds, bounds[1:]))
+
+
+@torch.library.custom_op("entropykv::attention_packed", mutates_args=())
+def attention_packed(q: Tensor, keys: Tensor, values: Tensor, q_pos: Tensor, positions: Tensor, starts: Tensor,
+                     scale: float, sliding_window: int) -> Tensor:
+    """`attention` over a packed head-wise layer (`headwise.PackedHeads`): KV head h holds the slots
+    starts[h]..starts[h+1]-1 of keys [B, T, D], values [B, T, Dv] and positions [B, T] (-1 = empty), so heads of
+    different lengths share one buffer with no padding between them. q [B, Hq, L, D], q_pos [B, L], starts
+    [Hkv + 1] int64 with Hq a multiple of Hkv; returns [B, Hq, L, Dv]. Raises ValueError on mismatched shapes,
+    dtypes or devices, and (reference) on starts that do not tile 0..T.
+    """
+    _check_packed("entropykv.attention_packed", q, keys, values, q_pos, positions, starts)
+    segments = packed_segments(starts, keys.shape[1])
+    group = q.shape[1] // len(segments)
+    return torch.cat([attention(q[:, h * group:(h + 1) * group], keys[:, None, a:e], values[:, None, a:e], q_pos,
+                                positions[:, a:e], scale, sliding_window) for h, (a, e) in enumerate(segments)], 1)
+
+
+@attention_packed.register_fake
+def _(q, keys, values, q_pos, positions, starts, scale, sliding_window):
+    _check_packed("entropykv.attention_packed", q, keys, values, q_pos, positions, starts)
+    return q.new_empty(*q.shape[:3], values.shape[-1])
+
+
+def _check_write_heads(keys: Tensor, values: Tensor, positions: Tensor, k_new: Tensor, v_new: Tensor,
+                       new_pos: Tensor, starts: Tensor, fill: Tensor) -> None:
+    op = "entropykv.write_heads_in_place"
+    hkv = starts.numel() - 1
+    _check(k_new.dim() == 4 and k_new.shape[1:3] == (hkv, 1) and v_new.shape[:3] == k_new.shape[:3],
+           f"{op}: k_new/v_new must be [B, Hkv={hkv}, 1, D], got {tuple(k_new.shape)}, {tuple(v_new.shape)}")
+    _check_packed(op, k_new.new_empty(()).expand(k_new.shape[0], hkv, 1, k_new.shape[-1]), keys, values, new_pos,
+                  positions, starts)
+    _check(v_new.shape[-1] == values.shape[-1] and v_new.dtype == values.dtype,
+           f"{op}: v_new {v_new.dtype} {tuple(v_new.shape)} does not match values {values.dtype} {tuple(values.shape)}")
+    _check(fill.shape == (keys.shape[0], hkv) and fill.dtype == torch.int64 and fill.device == keys.device,
+           f"{op}: fill must be int64 [{keys.shape[0]}, {hkv}] on the cache's device, got {fill.dtype} "
+           f"{tuple(fill.shape)} on {fill.device}")
+
+
+@torch.library.custom_op("entropykv::write_heads_in_place",
+                         mutates_args=("keys", "values", "positions", "fill"))
+def write_heads_in_place(keys: Tensor, values: Tensor, positions: Tensor, k_new: Tensor, v_new: Tensor,
+                         new_pos: Tensor, starts: Tensor, fill: Tensor, layer: int) -> None:
+    """`write_in_place` for a packed head-wise layer: row b's entry of KV head h (k_new/v_new [B, Hkv, 1, D])
+    goes into slot starts[h] + fill[b, h] % (starts[h+1] - starts[h]) of keys/values [B, T, D] and positions
+    [B, T], and fill [B, Hkv] (int64) counts it when it is a token (new_pos [B, 1] >= 0); every segment needs at
+    least one slot. Nothing is read on the
+    host, so the step can be replayed from a CUDA graph; the caller keeps count of the room.
+    """
+    _check_write_heads(keys, values, positions, k_new, v_new, new_pos, starts, fill)
+    slot = starts[:-1] + fill % (starts[1:] - starts[:-1])  # [B, Hkv]
+    keys.scatter_(1, slot[..., None].expand(-1, -1, keys.shape[-1]), k_new[:, :, 0])
+    values.scatter_(1, slot[..., None].expand(-1, -1, values.shape[-1]), v_new[:, :, 0])
+    positions.scatter_(1, slot, new_pos.expand(-1, slot.shape[1]))
+    fill.add_(new_pos >= 0)
+
+
+@write_heads_in_place.register_fake
+def _(keys, values, positions, k_new, v_new, new_pos, starts, fill, layer):
+    _check_write_heads(keys, values, positions, k_new, v_new, new_pos, starts, fill)
+
+
+@torch.library.custom_op("entropykv::packed_cache", mutates_args=())
+def packed_cache(k_new: Tensor, keys: Tensor, values: Tensor, positions: Tensor, starts: Tensor, new_pos: Tensor,
+                 layer: int) -> tuple[Tensor, Tensor]:
+    """A packed head-wise layer as a dense [B, Hkv, T, D] view (head h's slots first, zeros after): what a model's
+    attention reads in a traced graph. As with `headwise_cache`, the graph pass pairs it with the packed buffers and
+    attends over those (`attention_packed`), so the view is dead code and never computed."""
+    dense = [torch.zeros(keys.shape[0], starts.numel() - 1, *t.shape[1:], dtype=t.dtype, device=t.device)
+             for t in (keys, values)]
+    for h, (a, e) in enumerate(packed_segments(starts, keys.shape[1])):
+        for d, t in zip(dense, (keys, values)):
+            d[:, h, :e - a] = t[:, a:e]
+    return dense[0], dense[1]
+
+
+@packed_cache.register_fake
+def _(k_new, keys, values, positions, starts, new_pos, layer):
+    hkv = starts.numel() - 1
+    return keys.new_empty(keys.shape[0], hkv, *keys.shape[1:]), values.new_empty(values.shape[0], hkv, *values.shape[1:])
+
+
 # =============================================================================================================
 # int8 storage and the Triton kernels (owned by entropykv_fx/kernels; keep this section last)
 # =============================================================================================================

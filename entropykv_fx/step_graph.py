@@ -25,8 +25,7 @@ from .cache import EntropyKVCache
 
 
 def _addresses(cache: EntropyKVCache) -> tuple:
-    return tuple((t.data_ptr(), tuple(t.shape)) for layer in cache.layers
-                 for t in (layer.keys, layer.values, layer.positions, layer.fill) if t is not None)
+    return tuple((t.data_ptr(), tuple(t.shape)) for layer in cache.layers for t in layer.buffers())
 
 
 class StepGraph:

@@ -1,7 +1,7 @@
 """The decode layout (issue 18): one-token steps write into room reserved after each layer's slots, and on a GPU
 replay a recorded CUDA graph. Reference: the same calls on the plain layout (every step appends a copy), which
-the rest of the suite checks against the unmodified model. The room is the layer-wise layout's (head-wise layers
-append), so calls that name no policy use `uniform`, the fast preset."""
+the rest of the suite checks against the unmodified model. Layer-wise layers reserve room after their slots;
+head-wise layers (adakv, cache_topk) pack their heads with room after each (`headwise.PackedHeads`)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def plain_layout(monkeypatch):
 @pytest.mark.parametrize("policy", ["uniform", "entropy", "adakv"])
 def test_room_decodes_exactly_what_the_plain_layout_decodes(arch, policy, small_room, plain_layout):
     """Greedy tokens and every step's logits of a left-padded batch, across several refills of the room (sliding
-    windows included, mistral), equal the plain layout's; a head-wise policy (adakv) keeps the plain layout."""
+    windows included, mistral), equal the plain layout's; a head-wise policy (adakv) through its packed layout."""
     prompts = [random_prompt(n, seed=n)[0] for n in (70, 41)]
     ids, mask = left_padded(prompts)
     model = entropykv_fx.optimize(tiny_model(arch), policy=policy, budget=0.3, window=6, sink_tokens=2)
@@ -73,8 +73,32 @@ def test_a_step_writes_in_place_and_a_full_room_is_refilled(small_room):
     assert cache.room == 3 and all(layer.keys.shape[2] == k + 15 for layer, k in zip(cache.layers, kept))
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
-def test_a_longer_continuation_after_decoding_leaves_the_room(arch, small_room, plain_layout):
+def test_headwise_layers_pack_their_heads_and_write_in_place(small_room):
+    """A head-wise layer's steps write into its packed buffers without moving them until the room is used up;
+    every head holds its own kept slots plus one per step, and the bytes held are those slots plus the room."""
+    model = entropykv_fx.optimize(tiny_model("llama"), policy="adakv", budget=0.5, window=4)
+    with torch.no_grad():
+        out = model(random_prompt(40), use_cache=True)
+        cache = compat.cache_of(out)
+        kept = [layer.head_lengths() for layer in cache.layers]
+        token, addresses = out.logits[:, -1:].argmax(-1), []
+        for _ in range(12):
+            out = model(token, **compat.with_cache(cache), use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            addresses.append(cache.layers[0].packed.keys.data_ptr())
+    layer = cache.layers[0]
+    assert len(set(addresses[:5])) == 1 and len(set(addresses[5:10])) == 1 and addresses[4] != addresses[5]
+    assert [layer.head_lengths() for layer in cache.layers] == [[n + 12 for n in k] for k in kept]
+    assert cache.room == 3 and layer.packed.caps == [n + 15 for n in kept[0]]
+    keys = layer.packed.keys
+    assert layer.nbytes == 2 * sum(n + 15 for n in kept[0]) * keys.shape[-1] * keys.element_size()
+    heads = layer.heads  # back to the plain layout: each head's written slots, in order
+    assert layer.packed is None and [h.positions.shape[-1] for h in heads] == [n + 12 for n in kept[0]]
+    assert all(h.positions[0, -12:].tolist() == list(range(40, 52)) for h in heads)
+
+
+@pytest.mark.parametrize(("arch", "policy"), [("qwen3", "uniform"), ("mistral", "uniform"), ("mistral", "adakv")])
+def test_a_longer_continuation_after_decoding_leaves_the_room(arch, policy, small_room, plain_layout):
     """A chat turn: decode, then feed several tokens at once, then decode again; logits equal the plain layout's.
     Mistral's window layers are rings that have wrapped by then: compacting puts their slots back in order."""
     def turns(model):
@@ -87,15 +111,15 @@ def test_a_longer_continuation_after_decoding_leaves_the_room(arch, small_room, 
                 logits.append(out.logits[:, -1])
         return torch.stack(logits), cache
 
-    got, cache = turns(entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.4, window=4))
+    got, cache = turns(entropykv_fx.optimize(tiny_model(arch), policy=policy, budget=0.4, window=4))
     assert cache.room > 0
     plain_layout()
-    want, _ = turns(entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.4, window=4))
+    want, _ = turns(entropykv_fx.optimize(tiny_model(arch), policy=policy, budget=0.4, window=4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_a_padded_step_takes_no_slot(arch, small_room, plain_layout):
+@pytest.mark.parametrize(("arch", "policy"), [("llama", "uniform"), ("mistral", "uniform"), ("mistral", "adakv")])
+def test_a_padded_step_takes_no_slot(arch, policy, small_room, plain_layout):
     """A one-token step whose token is masked out in one row (attention_mask 0) leaves that row's cache as it
     was: its next token takes the same slot, in the room and in a full ring; logits equal the plain layout's."""
     ids, mask = left_padded([random_prompt(n, seed=n)[0] for n in (40, 33)])
@@ -111,9 +135,9 @@ def test_a_padded_step_takes_no_slot(arch, small_room, plain_layout):
                 logits.append(out.logits[:, -1])
         return torch.stack(logits)
 
-    got = steps(entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.5, window=4))
+    got = steps(entropykv_fx.optimize(tiny_model(arch), policy=policy, budget=0.5, window=4))
     plain_layout()
-    want = steps(entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.5, window=4))
+    want = steps(entropykv_fx.optimize(tiny_model(arch), policy=policy, budget=0.5, window=4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -147,13 +171,15 @@ gpu_only = pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU: ENTROPYKV
 
 @gpu_only
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_replayed_steps_equal_eager_steps(arch, small_room):
-    """Greedy tokens and logits over many refills and a batch with pads: replayed graphs = eager steps."""
+@pytest.mark.parametrize("policy", ["uniform", "adakv"])
+def test_replayed_steps_equal_eager_steps(arch, policy, small_room):
+    """Greedy tokens and logits over many refills and a batch with pads: replayed graphs = eager steps, layer-wise
+    and packed head-wise."""
     prompts = [random_prompt(n, seed=n)[0] for n in (90, 57)]
     ids, mask = left_padded(prompts)
     runs = {}
     for graphs in (True, False):
-        model = entropykv_fx.optimize(tiny_model(arch), policy="uniform", budget=0.3, window=6, cuda_graphs=graphs)
+        model = entropykv_fx.optimize(tiny_model(arch), policy=policy, budget=0.3, window=6, cuda_graphs=graphs)
         runs[graphs] = generate(model, ids, 40, attention_mask=mask)
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     torch.testing.assert_close(torch.stack(runs[True].scores), torch.stack(runs[False].scores), rtol=1e-5, atol=1e-5)

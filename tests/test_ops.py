@@ -520,3 +520,87 @@ def test_write_in_place_opcheck_and_bad_arguments():
                                                       for t in args), fill, 0)
     with pytest.raises(ValueError, match=r"fill must be int64 \[2\]"):
         ops.write_in_place(keys, values, positions, *args, fill.int(), 0)
+
+
+# --------------------------------------------------------------------------------------------- packed heads
+def packed_layer(b: int, caps: list[int], d: int, dtype: torch.dtype):
+    """keys/values [b, sum(caps), d], positions with empty slots, starts [len(caps) + 1]."""
+    t = sum(caps)
+    keys, values = (torch.randn(b, t, d, device=DEVICE).to(dtype) for _ in range(2))
+    positions = torch.randint(0, 50, (b, t), device=DEVICE)
+    positions[torch.rand(b, t, device=DEVICE) < 0.2] = -1
+    starts = torch.tensor([0, *torch.tensor(caps).cumsum(0).tolist()], device=DEVICE)
+    return keys, values, positions, starts
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), caps=st.lists(st.integers(0, 20), min_size=1, max_size=4), group=st.integers(1, 3),
+       window=st.sampled_from([0, 7]), dtype=st.sampled_from(DTYPES))
+def test_attention_packed_is_attention_over_each_heads_segment(b, caps, group, window, dtype):
+    """Query head g*group.. of KV head h attends exactly h's segment starts[h]..starts[h+1]-1 (loop reference over
+    the heads, each through `attention` on its own slots); an empty segment gives zeros."""
+    seed("attention_packed", b, caps, group, window, dtype)
+    keys, values, positions, starts = packed_layer(b, caps, 8, dtype)
+    q = torch.randn(b, group * len(caps), 1, 8, device=DEVICE).to(dtype)
+    q_pos = torch.full((b, 1), 50, device=DEVICE)
+    got = ops.attention_packed(q, keys, values, q_pos, positions, starts, 0.3, window)
+    start = 0
+    for h, cap in enumerate(caps):
+        rows = slice(h * group, (h + 1) * group)
+        seg = slice(start, start + cap)
+        if cap:
+            want = ops.attention(q[:, rows], keys[:, None, seg], values[:, None, seg], q_pos, positions[:, seg], 0.3,
+                                 window)
+        else:
+            want = torch.zeros_like(got[:, rows])
+        torch.testing.assert_close(got[:, rows], want, rtol=ATTN_TOL[dtype], atol=ATTN_TOL[dtype])
+        start += cap
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), caps=st.lists(st.integers(1, 6), min_size=1, max_size=4), data=st.data())
+def test_write_heads_in_place_writes_each_rows_next_slot_of_each_head(b, caps, data):
+    """Row b's entry of head h lands in slot starts[h] + fill[b, h] % caps[h] (loop reference), fill moves on for a
+    token and not for a pad; nothing else changes and the buffers keep their storage."""
+    fills = data.draw(st.lists(st.lists(st.integers(0, 15), min_size=len(caps), max_size=len(caps)), min_size=b,
+                               max_size=b))
+    pads = data.draw(st.lists(st.booleans(), min_size=b, max_size=b))
+    seed("write_heads_in_place", b, caps, fills, pads)
+    keys, values, positions, starts = packed_layer(b, caps, 8, torch.float32)
+    fill = torch.tensor(fills, device=DEVICE)
+    k_new, v_new = (torch.randn(b, len(caps), 1, 8, device=DEVICE) for _ in range(2))
+    new_pos = torch.tensor([[-1 if pad else 60 + row] for row, pad in enumerate(pads)], device=DEVICE)
+    want = [t.clone() for t in (keys, values, positions, fill)]
+    for row in range(b):
+        for h, cap in enumerate(caps):
+            slot = int(starts[h]) + fills[row][h] % cap
+            want[0][row, slot], want[1][row, slot] = k_new[row, h, 0], v_new[row, h, 0]
+            want[2][row, slot], want[3][row, h] = new_pos[row, 0], fills[row][h] + (not pads[row])
+    addresses = [t.data_ptr() for t in (keys, values, positions, fill)]
+    ops.write_heads_in_place(keys, values, positions, k_new, v_new, new_pos, starts, fill, 0)
+    for got, expected in zip((keys, values, positions, fill), want):
+        assert torch.equal(got, expected)
+    assert [t.data_ptr() for t in (keys, values, positions, fill)] == addresses
+
+
+def test_packed_ops_opcheck_and_bad_arguments():
+    seed("packed opcheck")
+    keys, values, positions, starts = packed_layer(2, [5, 0, 9], 8, torch.float32)
+    q, q_pos = torch.randn(2, 6, 1, 8, device=DEVICE), torch.full((2, 1), 50, device=DEVICE)
+    new = (torch.randn(2, 3, 1, 8, device=DEVICE), torch.randn(2, 3, 1, 8, device=DEVICE))
+    fill = torch.tensor([[1, 0, 3], [4, 0, 8]], device=DEVICE)
+    torch.library.opcheck(torch.ops.entropykv.attention_packed.default, (q, keys, values, q_pos, positions, starts,
+                                                                         0.3, 0))
+    room = packed_layer(2, [5, 2, 9], 8, torch.float32)  # writing needs a slot in every segment
+    torch.library.opcheck(torch.ops.entropykv.write_heads_in_place.default, (*room[:3], *new, q_pos, room[3], fill, 0))
+    torch.library.opcheck(torch.ops.entropykv.packed_cache.default, (new[0], keys, values, positions, starts, q_pos, 0))
+    dense_k, _ = ops.packed_cache(new[0], keys, values, positions, starts, q_pos, 0)
+    assert torch.equal(dense_k[:, 2, :9], keys[:, 5:]) and not dense_k[:, 1].any()
+    with pytest.raises(ValueError, match="starts must rise from 0 to the 14 packed slots"):
+        ops.attention_packed(q, keys, values, q_pos, positions, starts.flip(0), 0.3, 0)
+    with pytest.raises(ValueError, match=r"starts must be int64 \[Hkv \+ 1\]"):
+        ops.attention_packed(q, keys, values, q_pos, positions, starts.int(), 0.3, 0)
+    with pytest.raises(ValueError, match="query heads 6 not a multiple of kv heads 4"):
+        ops.attention_packed(q, keys, values, q_pos, positions, torch.cat([starts[:1], starts]), 0.3, 0)
+    with pytest.raises(ValueError, match=r"fill must be int64 \[2, 3\]"):
+        ops.write_heads_in_place(keys, values, positions, *new, q_pos, starts, fill[:, :2], 0)

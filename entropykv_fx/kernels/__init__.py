@@ -7,7 +7,7 @@ Imported by `entropykv_fx.ops` when triton is installed. The host wrappers (`sco
 from __future__ import annotations
 
 from .. import ops
-from .decode import _attention_cuda, _attention_int8_cuda, attention
+from .decode import _attention_cuda, _attention_int8_cuda, _attention_packed_cuda, attention
 from .gather import gather, gather_int8
 from .score import max_attention, score
 
@@ -17,5 +17,6 @@ ops.gather.register_kernel("cuda")(gather)
 ops.gather_int8.register_kernel("cuda")(gather_int8)
 ops.attention.register_kernel("cuda")(_attention_cuda)
 ops.attention_int8.register_kernel("cuda")(_attention_int8_cuda)
+ops.attention_packed.register_kernel("cuda")(_attention_packed_cuda)
 
 __all__ = ["attention", "gather", "gather_int8", "max_attention", "score"]

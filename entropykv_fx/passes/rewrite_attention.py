@@ -5,7 +5,8 @@ A site is rewritable when its keys and values are outputs 0 and 1 of one cache u
 wrote (a layer with room), whose `layer` argument names the layer: the site becomes
 `entropykv::attention(q, keys, values, new_pos, positions, scale, sliding_window)`, which masks by positions
 (causal, padding, sliding window, evicted slots) — so a site must not carry any other mask. A site reading a
-head-wise layer (`entropykv::headwise_cache`) becomes `headwise.attend_heads` over the per-head slots. On a prefill
+head-wise layer (`entropykv::headwise_cache`) becomes `headwise.attend_heads` over the per-head slots, and one
+reading a packed head-wise layer with room (`entropykv::packed_cache`) `entropykv::attention_packed`. On a prefill
 graph (the layer's cache is empty before the append, or a static write of several tokens) the pass also adds `entropykv::score` over the last
 `score_window` queries (and the policy's per-head statistic, if any) and hands them to `use_scores`.
 """
@@ -27,7 +28,8 @@ from .find_attention import AttentionSite, find_attention_sites
 aten = torch.ops.aten
 _APPEND = torch.ops.entropykv.append.default
 _HEADWISE = torch.ops.entropykv.headwise_cache.default
-_CACHE_OPS = (_APPEND, torch.ops.entropykv.write.default, _HEADWISE)
+_PACKED = torch.ops.entropykv.packed_cache.default
+_CACHE_OPS = (_APPEND, torch.ops.entropykv.write.default, _HEADWISE, _PACKED)
 _IN_PLACE = torch.ops.entropykv.write_in_place.default
 _END = 2**63 - 1  # slice end meaning "to the end"
 _CARRY = {"to", "contiguous", aten._to_copy.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
@@ -152,11 +154,11 @@ def _is_prefill(cache_op: fx.Node) -> bool:
     empty/non-empty distinction in their shape, so a multi-token write is taken as the prompt)."""
     if cache_op.target is _APPEND:
         return _val(cache_op.args[0]).shape[2] == 0
-    return cache_op.target not in (_HEADWISE, _IN_PLACE) and _val(cache_op.args[3]).shape[2] > 1
+    return cache_op.target not in (_HEADWISE, _PACKED, _IN_PLACE) and _val(cache_op.args[3]).shape[2] > 1
 
 
 def _new_pos(cache_op: fx.Node) -> fx.Node:
-    return cache_op.args[6] if cache_op.target is _HEADWISE else cache_op.args[5]
+    return cache_op.args[6] if cache_op.target is _HEADWISE else cache_op.args[5]  # _PACKED's too
 
 
 def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, settings: RewriteSettings,
@@ -169,6 +171,10 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
     with graph.inserting_before(site.output):
         if cache_op.target is _HEADWISE:
             out = graph.call_function(attend_heads, (site.query, *cache_op.args[1:6], q_pos, scale, window))
+        elif cache_op.target is _PACKED:
+            keys, values, positions, starts = cache_op.args[1:5]
+            out = graph.call_function(torch.ops.entropykv.attention_packed.default,
+                                      (site.query, keys, values, q_pos, positions, starts, scale, window))
         else:
             keys, values, positions = (_output(graph, cache_op, i) for i in range(3))
             out = graph.call_function(torch.ops.entropykv.attention.default,

@@ -1,7 +1,10 @@
-"""The Triton decode kernel over the head-wise layout: one launch per KV head, ragged lengths, int8 heads."""
+"""The Triton decode kernel over the head-wise layout: one launch per KV head, ragged lengths, int8 heads; and over
+the packed decode layout (every head's slots on one axis, one launch per layer)."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kernel_testing import DEVICE, OUT_TOL, compressed_positions, randn, rel_err, seed
 
 from entropykv_fx import kernels, ops
@@ -58,3 +61,27 @@ def test_gather_kernels_copy_one_heads_slice(quant):
                 assert (g.cpu().int() - r.int()).abs().max() <= 1, f"head {h}"
             else:
                 torch.testing.assert_close(g.cpu(), r, rtol=1e-6, atol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 2), caps=st.lists(st.integers(0, 300), min_size=1, max_size=5), group=st.sampled_from([1, 4]),
+       window=st.sampled_from([0, 50]), splits=st.sampled_from([None, 1, 3]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_kernel_over_packed_heads_equals_the_reference(b, caps, group, window, splits, dtype):
+    """Chunks never cross a head's segment, however the segments fall against the chunk size (empty heads too)."""
+    seed("packed kernel", b, caps, group, window, splits, dtype)
+    t, d = sum(caps), 32
+    keys, values = randn(b, t, d, dtype=dtype), randn(b, t, d, dtype=dtype)
+    positions = torch.randint(0, 400, (b, t), device=DEVICE)
+    positions[torch.rand(b, t, device=DEVICE) < 0.2] = -1
+    starts = torch.tensor([0, *torch.tensor(caps).cumsum(0).tolist()], device=DEVICE)
+    q = randn(b, group * len(caps), 1, d, dtype=dtype)
+    q_pos = torch.full((b, 1), 400, device=DEVICE)
+    out = kernels.attention(q, keys, values, q_pos, positions, d ** -0.5, window, splits=splits, starts=starts)
+    cpu = [t.cpu() for t in (q.float(), keys.float(), values.float(), q_pos, positions, starts)]
+    ref = ops.attention_packed(*cpu[:3], cpu[3], cpu[4], cpu[5], d ** -0.5, window)
+    assert out.dtype == dtype
+    if ref.norm() > 0:
+        assert rel_err(out, ref) < OUT_TOL[dtype]
+    else:
+        assert not out.any()

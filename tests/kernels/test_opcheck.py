@@ -22,3 +22,6 @@ def test_opcheck_through_the_cuda_kernels(dtype):
     idx = torch.arange(0, s, 3, device=k.device)[None].expand(b, -1).contiguous()
     torch.library.opcheck(ops.gather, (k, v, idx))
     torch.library.opcheck(ops.gather, (k, v, idx[:, None].expand(-1, hkv, -1).contiguous()))
+    starts = torch.tensor([0, 220, 600], device=k.device)  # a packed head-wise layer: heads of 220 and 380 slots
+    packed = (k.reshape(b, hkv * s, d), v.reshape(b, hkv * s, d), q_pos, k_pos.repeat(1, hkv), starts)
+    torch.library.opcheck(ops.attention_packed, (q, packed[0], packed[1], *packed[2:], d ** -0.5, 0))
