@@ -12,6 +12,8 @@ Shapes: q [B, Hq, L, D]; k, v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA, not
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -457,9 +459,9 @@ def _check_packed(op: str, q: Tensor, keys: Tensor, values: Tensor, q_pos: Tenso
 def packed_segments(starts: Tensor, slots: int) -> list[tuple[int, int]]:
     """Each KV head's slot range (start, end) from `starts` [Hkv + 1] (read on the host), checked to tile 0..slots."""
     bounds = starts.tolist()
-    _check(bounds[0] == 0 and bounds[-1] == slots and all(a <= b for a, b in zip(bounds, bounds[1:])),
+    _check(bounds[0] == 0 and bounds[-1] == slots and all(a <= b for a, b in itertools.pairwise(bounds)),
            f"entropykv: starts must rise from 0 to the {slots} packed slots, got {bounds}")
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 @torch.library.custom_op("entropykv::attention_packed", mutates_args=())
