@@ -19,8 +19,8 @@ WINDOW = 24  # tiny_models' Mistral
 def test_window_layers_never_hold_more_than_the_window_and_tokens_match(settings):
     """200-token prompt, 50 new tokens: after the prefill every layer holds at most window - 1 slots (what HF's own
     sliding-window cache holds); decoding, a dense layer holds exactly `window` slots (a ring: the window - 1 a
-    query can still attend and the step's own token, which HF's cache concatenates for the step), a head-wise layer
-    at most window - 1 per head; with the full policy the tokens are the unmodified model's."""
+    query can still attend and the step's own token, which HF's cache concatenates for the step), and a head-wise
+    layer exactly `window` slots per head (packed rings); with the full policy the tokens are the unmodified model's."""
     plain = tiny_model("mistral")
     model = entropykv_fx.optimize(tiny_model("mistral"), window=8, sink_tokens=2, **settings)
     ids = random_prompt(200)
@@ -33,8 +33,8 @@ def test_window_layers_never_hold_more_than_the_window_and_tokens_match(settings
         for _ in range(50):
             step = model(tokens[-1], **compat.with_cache(cache), use_cache=True)
             for layer in cache.layers:
-                if hasattr(layer, "heads"):
-                    assert max(layer.head_lengths()) <= WINDOW - 1
+                if isinstance(layer, HeadwiseLayer):
+                    assert layer.packed.ring and layer.head_lengths() == [WINDOW] * len(layer.packed.caps)
                 else:
                     assert layer.get_seq_length() <= WINDOW and layer.keys.shape[2] == WINDOW
             tokens.append(step.logits[:, -1:].argmax(-1))
