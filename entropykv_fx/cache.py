@@ -12,7 +12,8 @@ then costs its own entries' bytes instead of a copy of the whole cache, and its 
 addresses from step to step, which a CUDA graph of the step needs. A sliding-window layer gets exactly `window`
 slots and never runs out: it is a ring whose oldest token, once it is full, no query can attend any more.
 Each row's next slot is counted on the device (`fill`), so a step searches nothing.
-`compact` returns a layer to the plain layout.
+`compact` returns a layer to the plain layout. Head-wise layers have their own decode layout, packed heads with room
+after each (`headwise.PackedHeads`), behind the same `can_reserve` / `reserve` / `compact` / `buffers` protocol.
 """
 
 from __future__ import annotations
