@@ -259,8 +259,7 @@ class HeadwiseLayer(CompressedLayer):
         if packed is not None:  # `used` is counted by the cache (`begin_step`), outside any compiled graph
             ops.write_heads_in_place(packed.keys, packed.values, packed.positions, key_states, value_states, positions,
                                      packed.starts, packed.fill, layer)
-            return ops.packed_cache(key_states, packed.keys, packed.values, packed.positions, packed.starts,
-                                    positions, layer)
+            return ops.packed_cache(packed.keys, packed.values, packed.positions, packed.starts, positions, layer)
         for h, head in enumerate(self._heads):
             head.append(key_states[:, h:h + 1], value_states[:, h:h + 1], positions)
         return ops.headwise_cache(key_states, *self.slots(), positions, layer)

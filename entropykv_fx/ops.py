@@ -525,7 +525,7 @@ def _(keys, values, positions, k_new, v_new, new_pos, starts, fill, layer):
 
 
 @torch.library.custom_op("entropykv::packed_cache", mutates_args=())
-def packed_cache(k_new: Tensor, keys: Tensor, values: Tensor, positions: Tensor, starts: Tensor, new_pos: Tensor,
+def packed_cache(keys: Tensor, values: Tensor, positions: Tensor, starts: Tensor, new_pos: Tensor,
                  layer: int) -> tuple[Tensor, Tensor]:
     """A packed head-wise layer as a dense [B, Hkv, T, D] view (head h's slots first, zeros after): what a model's
     attention reads in a traced graph. As with `headwise_cache`, the graph pass pairs it with the packed buffers and
@@ -539,7 +539,7 @@ def packed_cache(k_new: Tensor, keys: Tensor, values: Tensor, positions: Tensor,
 
 
 @packed_cache.register_fake
-def _(k_new, keys, values, positions, starts, new_pos, layer):
+def _(keys, values, positions, starts, new_pos, layer):
     hkv = starts.numel() - 1
     return keys.new_empty(keys.shape[0], hkv, *keys.shape[1:]), values.new_empty(values.shape[0], hkv, *values.shape[1:])
 

@@ -593,8 +593,8 @@ def test_packed_ops_opcheck_and_bad_arguments():
                                                                          0.3, 0))
     room = packed_layer(2, [5, 2, 9], 8, torch.float32)  # writing needs a slot in every segment
     torch.library.opcheck(torch.ops.entropykv.write_heads_in_place.default, (*room[:3], *new, q_pos, room[3], fill, 0))
-    torch.library.opcheck(torch.ops.entropykv.packed_cache.default, (new[0], keys, values, positions, starts, q_pos, 0))
-    dense_k, _ = ops.packed_cache(new[0], keys, values, positions, starts, q_pos, 0)
+    torch.library.opcheck(torch.ops.entropykv.packed_cache.default, (keys, values, positions, starts, q_pos, 0))
+    dense_k, _ = ops.packed_cache(keys, values, positions, starts, q_pos, 0)
     assert torch.equal(dense_k[:, 2, :9], keys[:, 5:]) and not dense_k[:, 1].any()
     with pytest.raises(ValueError, match="starts must rise from 0 to the 14 packed slots"):
         ops.attention_packed(q, keys, values, q_pos, positions, starts.flip(0), 0.3, 0)

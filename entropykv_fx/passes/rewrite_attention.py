@@ -158,7 +158,7 @@ def _is_prefill(cache_op: fx.Node) -> bool:
 
 
 def _new_pos(cache_op: fx.Node) -> fx.Node:
-    return cache_op.args[6] if cache_op.target is _HEADWISE else cache_op.args[5]  # _PACKED's too
+    return cache_op.args[{_HEADWISE: 6, _PACKED: 4}.get(cache_op.target, 5)]
 
 
 def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, settings: RewriteSettings,
@@ -172,7 +172,7 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
         if cache_op.target is _HEADWISE:
             out = graph.call_function(attend_heads, (site.query, *cache_op.args[1:6], q_pos, scale, window))
         elif cache_op.target is _PACKED:
-            keys, values, positions, starts = cache_op.args[1:5]
+            keys, values, positions, starts = cache_op.args[:4]
             out = graph.call_function(torch.ops.entropykv.attention_packed.default,
                                       (site.query, keys, values, q_pos, positions, starts, scale, window))
         else:
