@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the fast test suite (everything but the real-model tests) against one transformers release, in the current
+# Run the compatibility suite (the tests marked `compat`: where the library meets transformers: cache arguments,
+# generate(), masks, graph capture and export of its models, on tiny random-weight models) against one transformers release, in the current
 # Python environment (set up by scripts/setup.sh first): `bash scripts/test_transformers.sh 5.17.0`, or `latest`
 # for the newest release on PyPI. Extra arguments go to pytest. SKIP_IF_UNCHANGED=1: nothing to do when the release
 # asked for is the one already installed (CI: the newest release is often the locked one it just tested).
@@ -16,8 +17,8 @@ else
 fi
 now=$($PY -c 'import transformers; print(transformers.__version__)')
 if [ -n "${SKIP_IF_UNCHANGED:-}" ] && [ "$now" = "$before" ]; then
-    echo "== transformers $now is the version just tested: fast suite not run again"
+    echo "== transformers $now is the version just tested: compatibility suite not run again"
     exit 0
 fi
-echo "== fast suite on transformers $now"
-$PY -m pytest -q -m "not slow" -p no:cacheprovider "$@"
+echo "== compatibility suite on transformers $now"
+$PY -m pytest -q -m "compat and not slow" -p no:cacheprovider "$@"

@@ -23,6 +23,7 @@ def _calibrated(tmp_path, arch, fractions):
     return entropykv_fx.optimize(tiny_model(arch), budget_source="calibrated", calibration_file=str(path))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_exported_programs_generate_the_optimized_models_tokens_with_compressed_kv_inputs(tmp_path, arch):
     model = _calibrated(tmp_path, arch, [0.6, 0.5, 0.7])

@@ -13,6 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import entropykv_fx
 from entropykv_fx import EntropyKVCache, compat
 
+pytestmark = pytest.mark.compat  # in the compatibility suite (scripts/test_transformers.sh)
+
 
 def test_issue_reproduction_generates_on_the_installed_release():
     """The issue's reproduction: an optimized model's generate() (which passes the cache under the installed

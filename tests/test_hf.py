@@ -10,7 +10,8 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 import entropykv_fx
 from entropykv_fx import EntropyKVCache, UnsupportedModelError
 
-pytestmark = pytest.mark.filterwarnings("ignore:entropykv. budget")
+pytestmark = [pytest.mark.filterwarnings("ignore:entropykv. budget"),
+              pytest.mark.compat]  # in the compatibility suite (scripts/test_transformers.sh)
 
 
 def greedy(model, ids, n=12, **kw):

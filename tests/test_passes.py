@@ -12,6 +12,8 @@ from torch import nn
 
 from entropykv_fx.passes import explain, find_attention_sites
 
+pytestmark = pytest.mark.compat  # in the compatibility suite (scripts/test_transformers.sh)
+
 
 def static_cache_attention() -> nn.Module:
     """gpt-fast style: static KV buffers written at input_pos, SDPA with a mask over the whole buffer."""

@@ -44,8 +44,13 @@ def test_every_policy_is_listed_with_a_summary():
     assert set(HEADWISE) == {"snapkv", "adakv", "cache_topk", "entropy_head", "matrix_entropy"}
 
 
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"mistral"}))  # window layers: test_sliding_window.py
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+# Every policy on llama; on qwen2 (biased projections) and qwen3 (q/k norms, wider heads) a layer-wise and a
+# head-wise one each. Mistral's window layers: test_sliding_window.py.
+E2E_CASES = [("llama", policy) for policy in sorted(POLICIES)] + [
+    ("qwen2", "uniform"), ("qwen2", "adakv"), ("qwen3", "entropy_head"), ("qwen3", "cache_topk")]
+
+
+@pytest.mark.parametrize("arch, policy", E2E_CASES)
 def test_policy_end_to_end_budget_and_bytes(arch, policy):
     model = entropykv_fx.optimize(tiny_model(arch), policy=policy, budget=BUDGET, window=WINDOW, sink_tokens=SINKS)
     ids = random_prompt(N)

@@ -10,7 +10,8 @@ import entropykv_fx
 from entropykv_fx import compat
 from entropykv_fx.headwise import HeadwiseLayer
 
-pytestmark = pytest.mark.filterwarnings("ignore:entropykv. budget")
+pytestmark = [pytest.mark.filterwarnings("ignore:entropykv. budget"),
+              pytest.mark.compat]  # in the compatibility suite (scripts/test_transformers.sh)
 WINDOW = 24  # tiny_models' Mistral
 
 
