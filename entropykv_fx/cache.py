@@ -315,13 +315,17 @@ class EntropyKVCache(Cache):
             layer.compact()
 
     def end_reconstruction(self, positions: Tensor) -> None:
-        """Forget the repeated part of a reconstruction prefill (`entropykv_fx.reconstruct`): each row keeps the
-        slots of its prompt, and the cache counts tokens as after a prefill whose positions [B, L] (-1 for pads)
-        were `positions`."""
-        ends = positions.max(-1).values + 1
+        """Forget the repeated part of a reconstruction prefill (`entropykv_fx.reconstruct`): each layer keeps its
+        first L slots, the prompt's, laid out as a prefill of the prompt would, and the cache counts tokens as after
+        that prefill, whose positions [B, L] (-1 for pads) were `positions`. The prefill graph has already dropped
+        the rest (`reconstruct.context_slots`) wherever it returned the layer."""
+        length = positions.shape[1]
         for layer in self.layers:
-            layer.keep_slots((layer.positions >= 0) & (layer.positions < ends[:, None]))
-        self.seen_tokens, self.step_positions, self.next_positions = positions.shape[1], positions, ends
+            if layer.positions.shape[1] > length:
+                layer.keep_slots((torch.arange(layer.positions.shape[1], device=positions.device) < length)
+                                 .expand(positions.shape[0], -1))
+        self.seen_tokens, self.step_positions = length, positions
+        self.next_positions = positions.max(-1).values + 1
 
     def prompt_lengths(self) -> list[int]:
         """Tokens of each row fed by the last step (pads excluded): a prefill's prompt lengths."""

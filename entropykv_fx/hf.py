@@ -47,7 +47,7 @@ from .passes.backend import EntropyKVBackend, own_code
 from .passes.rewrite_attention import RewriteResult, RewriteSettings
 from .policies import POLICIES
 from .projections import FusedProjections
-from .reconstruct import original_columns, repeat_context
+from .reconstruct import repeat_context
 from .scorers import SCORERS
 from .step_graph import StepGraph
 
@@ -190,7 +190,7 @@ class Optimized:
                                            "padding); pass none, or use another scorer")
             prompt_pos, length = mask_pos, embeds.shape[1]
             repeat = torch.tensor(self.config.repeat_prompt, dtype=torch.long, device=embeds.device)
-            embeds, mask_pos, shift = repeat_context(embeds, mask_pos, self.decoder.embed_tokens(repeat))
+            embeds, mask_pos = repeat_context(embeds, mask_pos, self.decoder.embed_tokens(repeat))
             model_pos = mask_pos.clamp(min=0)
         if not prefill:
             self._decode_layout(cache, embeds.shape[1])
@@ -224,9 +224,9 @@ class Optimized:
         with torch.no_grad():
             if reconstruct:  # callers see a prefill of their prompt: the repetition leaves no trace
                 cache.end_reconstruction(prompt_pos)
-                out.last_hidden_state = original_columns(out.last_hidden_state, shift, length)
+                out.last_hidden_state = out.last_hidden_state[:, :length]
                 if out.hidden_states is not None:
-                    out.hidden_states = tuple(original_columns(h, shift, length) for h in out.hidden_states)
+                    out.hidden_states = tuple(h[:, :length] for h in out.hidden_states)
             headwise = POLICIES[self.config.policy].headwise
             if prefill and self.tp_group is not None:  # every rank decides from all heads' statistics
                 combine_prefill_stats(cache, self.tp_group, SCORERS[self.config.scorer].combine, heads=headwise)

@@ -149,10 +149,11 @@ def _(q, k, q_pos, k_pos, scale, sliding_window):
 
 # --------------------------------------------------------------------------------------------- reconstruction
 def reconstruction_layout(q_pos: Tensor, repeat_tokens: int) -> tuple[Tensor, Tensor]:
-    """(context tokens n [B], left pads [B]) of a reconstruction prefill, whose rows are left-padded
-    [context (n tokens), `repeat_tokens` prompt tokens, the context again]: 2n + repeat_tokens valid positions."""
+    """(context tokens n [B], left pads p [B]) of a reconstruction prefill, whose rows hold p pads, the context (n
+    tokens), `repeat_tokens` prompt tokens, the context again and p pads (`entropykv_fx.reconstruct`): 2n +
+    repeat_tokens valid positions, contiguous from column p."""
     valid = (q_pos >= 0).sum(-1)
-    return (valid - repeat_tokens) // 2, q_pos.shape[-1] - valid
+    return (valid - repeat_tokens) // 2, (q_pos.shape[-1] - valid) // 2
 
 
 def context_queries(q_pos: Tensor, repeat_tokens: int) -> Tensor:
@@ -209,8 +210,8 @@ def score_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, sca
                          window: int, repeat_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
     """Token scores by context reconstruction (KVzip, Kim et al. 2025, https://arxiv.org/abs/2505.23416).
 
-    The prefill holds, per row (left-padded), the context (n tokens), `repeat_tokens` prompt tokens and the
-    context again (`reconstruction_layout`); q [B, Hq, L, D] are all its queries, k [B, Hkv, L, D] its keys (the
+    The prefill holds, per row, the context (n tokens), `repeat_tokens` prompt tokens and the context again
+    between p pads on either side (`reconstruction_layout`); q [B, Hq, L, D] are all its queries, k [B, Hkv, L, D] its keys (the
     prefill's slots: slot j holds column j). Returns float32 tensors shaped as `score`'s:
       entropy [B, Hq]: `score`'s entropy over the context's last `window` queries (what a prefill of the context
         alone measures, up to rounding);

@@ -14,21 +14,23 @@ from test_runtime import greedy, kept_positions
 from tiny_models import DEVICE, calibrated, left_padded, random_prompt, tiny_model
 
 import entropykv_fx
-from entropykv_fx import compat, ops
+from entropykv_fx import EntropyKVCache, compat, ops
 from entropykv_fx.aot import check_export
 from entropykv_fx.bench.fanout import scored_prefill
 from entropykv_fx.config import ConfigError, EntropyKVConfig
 from entropykv_fx.errors import ExportError
 from entropykv_fx.hf import UnsupportedCallError
+from entropykv_fx.reconstruct import repeat_context
 from entropykv_fx.static import StaticCacheModel
 
 
 def reconstruction_batch(lengths: list[int], repeat: int, hq: int = 4, hkv: int = 2, d: int = 8,
                          dtype: torch.dtype = torch.float32):
-    """Random q, k and the positions of a left-padded reconstruction prefill of contexts of `lengths` tokens."""
+    """Random q, k and the positions of a reconstruction prefill of contexts of `lengths` tokens (each row's pads
+    split between its two ends, `entropykv_fx.reconstruct`)."""
     total = 2 * max(lengths) + repeat
-    pos = torch.tensor([[-1] * (total - 2 * n - repeat) + list(range(2 * n + repeat)) for n in lengths],
-                       device=DEVICE)
+    pos = torch.tensor([[-1] * (max(lengths) - n) + list(range(2 * n + repeat)) + [-1] * (max(lengths) - n)
+                        for n in lengths], device=DEVICE)
     q = torch.randn(len(lengths), hq, total, d, device=DEVICE).to(dtype)
     k = torch.randn(len(lengths), hkv, total, d, device=DEVICE).to(dtype)
     return q, k, pos
@@ -51,7 +53,7 @@ def reference(q, k, pos, scale, sliding_window, window, repeat):
         if win:
             entropy[bi] = ref_score(q[bi:bi + 1, :, win], k[bi:bi + 1], pos[bi:bi + 1, win], pos[bi:bi + 1], scale,
                                     sliding_window)[0][0]
-    reach = max(len(p) - (sum(x >= 0 for x in p) + repeat) // 2 for p in pos.tolist())  # pads + n
+    reach = (pos.shape[1] - repeat) // 2  # the prompt's columns, pads included
     kv[..., reach:] = 0  # past every row's context: not scored
     return entropy, kv
 
@@ -108,15 +110,39 @@ def test_score_reconstruction_rejects_bad_arguments():
 
 
 def test_context_queries_hides_the_repetition():
-    pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]])
-    assert ops.context_queries(pos, 1).tolist() == [[-1, -1, 0, 1, -1, -1, -1], [0, 1, 2, -1, -1, -1, -1]]
+    pos = torch.tensor([[-1, 0, 1, 2, 3, 4, -1], [0, 1, 2, 3, 4, 5, 6]])
+    assert ops.context_queries(pos, 1).tolist() == [[-1, 0, 1, -1, -1, -1, -1], [0, 1, 2, -1, -1, -1, -1]]
+
+
+def test_repeat_context_lays_the_prompt_out_in_the_prefills_own_columns():
+    """Row b: its p_b left pads and n_b tokens where the prefill had them, the repeat prompt, the n_b tokens again,
+    p_b pads; every column's embedding is the token's at its position."""
+    length, hidden = 5, 3
+    positions = torch.tensor([[-1, -1, 0, 1, 2], [0, 1, 2, 3, 4]])
+    embeds = torch.arange(2 * length * hidden, dtype=torch.float32).view(2, length, hidden)
+    prompt = -torch.arange(2 * hidden, dtype=torch.float32).view(2, hidden) - 1
+    got, pos = repeat_context(embeds, positions, prompt)
+    assert pos.tolist() == [[-1, -1, 0, 1, 2, 3, 4, 5, 6, 7, -1, -1], list(range(12))]
+    for b, pads in enumerate((2, 0)):
+        want = torch.cat([embeds[b, pads:], prompt, embeds[b, pads:]])
+        assert torch.equal(got[b][pos[b] >= 0], want), f"row {b}"
+        assert torch.equal(got[b, pads:length], embeds[b, pads:]), "the prompt stays in the prefill's columns"
 
 
 # --------------------------------------------------------------------------------------- the runtime
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
-def test_a_reconstruction_prefill_looks_like_a_prefill_of_the_prompt(arch):
+def test_a_reconstruction_prefill_looks_like_a_prefill_of_the_prompt(arch, monkeypatch):
     """Outputs of every column, positions and (at full budget) the cached keys equal a plain prefill's, for a
-    left-padded batch; mistral's sliding window (24) is shorter than the prompts."""
+    left-padded batch; mistral's sliding window (24) is shorter than the prompts. The prefill graph itself already
+    left only the prompt's slots in every layer (the repetition's keys and values never outlive their layer)."""
+    held_after_forward = []
+    end = EntropyKVCache.end_reconstruction
+
+    def recording_end(cache, positions):
+        held_after_forward.extend(layer.positions.shape[1] for layer in cache.layers)
+        end(cache, positions)
+
+    monkeypatch.setattr(EntropyKVCache, "end_reconstruction", recording_end)
     ids, mask = left_padded([random_prompt(50, seed=5)[0], random_prompt(33, seed=6)[0]])
     plain = entropykv_fx.optimize(tiny_model(arch), policy="uniform", scorer="window", budget=1.0)  # layer-wise caches
     model = entropykv_fx.optimize(tiny_model(arch), policy="uniform", scorer="reconstruct", budget=1.0,
@@ -131,7 +157,9 @@ def test_a_reconstruction_prefill_looks_like_a_prefill_of_the_prompt(arch):
     got_cache, want_cache = compat.cache_of(got), compat.cache_of(want)
     assert got_cache.get_seq_length() == want_cache.get_seq_length() == ids.shape[1]
     assert got_cache.next_positions.tolist() == [50, 33]
+    assert held_after_forward == [ids.shape[1]] * len(got_cache.layers)
     for g, w in zip(got_cache.layers, want_cache.layers):
+        assert torch.equal(g.positions, w.positions), "the plain prefill's layout, left pads included"
         for b in range(2):
             keep_g, keep_w = g.positions[b] >= 0, w.positions[b] >= 0
             assert torch.equal(g.positions[b, keep_g], w.positions[b, keep_w])

@@ -22,6 +22,7 @@ from torch import Tensor, fx
 
 from .. import ops
 from ..headwise import attend_heads
+from ..reconstruct import context_slots
 from .dead_code import eliminate_dead_code
 from .find_attention import AttentionSite, find_attention_sites
 
@@ -198,6 +199,9 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
                 ranked = scored if settings.rank_queries is None else score_last(settings.rank_queries)
             stats = (graph.call_function(operator.getitem, (scored, 0)),
                      *(graph.call_function(operator.getitem, (ranked, i)) for i in (1, 2)))
+            if settings.reconstructs:  # the scores of the prompt's slots, the ones its cache keeps
+                stats = (stats[0], *(graph.call_function(context_slots, (t, -1, settings.repeat_tokens))
+                                     for t in stats[1:]))
             if settings.prefill_statistic is not None:
                 stats += (graph.call_function(settings.prefill_statistic, (site.query, keys, stat_pos)),)
             stats += (keys, values, positions)
@@ -207,6 +211,18 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
         if not node.users:
             graph.erase_node(node)
     return stats
+
+
+def _keep_context_slots(graph: fx.Graph, append: fx.Node, repeat_tokens: int) -> None:
+    """In a reconstruction prefill, the layer's cache (the graph outputs that become its keys, values and
+    positions) keeps copies of the prompt's slots only (`reconstruct.context_slots`): the repetition's keys and
+    values are released as soon as the layer's attention and scoring have read them, not after the forward."""
+    output = graph.output_node()
+    for index, dim in ((0, 2), (1, 2), (2, 1)):
+        full = _output(graph, append, index)
+        with graph.inserting_before(output):
+            kept = graph.call_function(context_slots, (full, dim, repeat_tokens))
+        output.args = fx.node.map_arg(output.args, lambda n, full=full, kept=kept: kept if n is full else n)
 
 
 # (graph, {layer: (entropy, kv_scores, layer_scores[, statistic], keys, values, positions) nodes}) -> None
@@ -239,6 +255,8 @@ def rewrite_attention(gm: fx.GraphModule, settings: RewriteSettings,
         prefill = _is_prefill(append)
         result.prefill |= prefill
         stats = _rewrite_site(graph, site, append, settings, score=prefill and settings.score_window is not None)
+        if prefill and settings.reconstructs:
+            _keep_context_slots(graph, append, settings.repeat_tokens)
         if stats is not None:
             result.scored_layers.append(layer)
             result.stats_per_layer = len(stats) - 3
