@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,17 +61,6 @@ def generate_steps(model, ids, steps: int, device: torch.device) -> tuple[list[f
     return gaps, out[:, ids.shape[1]:]
 
 
-def commit() -> str:
-    """The code's commit: $ENTROPYKV_COMMIT when the caller knows it better (a copy whose .git lags), else git's."""
-    if os.environ.get("ENTROPYKV_COMMIT"):
-        return os.environ["ENTROPYKV_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=False, cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -94,7 +81,7 @@ def main() -> None:
     model = random_llama(args.shape, device, max(args.contexts) + args.steps + args.warmup + 8)
     model.generation_config.eos_token_id = None
     env, bandwidth, weight_bytes = run_environment(device, args.shape, model)
-    env.update(transformers=transformers.__version__, commit=commit(), steps=args.steps, warmup=args.warmup)
+    env.update(transformers=transformers.__version__, steps=args.steps, warmup=args.warmup)
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
 

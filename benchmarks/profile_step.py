@@ -32,7 +32,6 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
 import entropykv_fx  # noqa: E402
-from benchmarks.generate_speed import commit  # noqa: E402
 from benchmarks.speed import step_ms  # noqa: E402
 from benchmarks.timing import FAST_POLICY, SHAPES, cuda_ms, random_llama, run_environment  # noqa: E402
 from entropykv_fx.compat import cache_of  # noqa: E402
@@ -109,7 +108,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = random_llama(args.shape, device, args.context + 64)
     env, bandwidth, weight_bytes = run_environment(device, args.shape, model)
-    env.update(transformers=transformers.__version__, triton=triton.__version__, commit=commit(),
+    env.update(transformers=transformers.__version__, triton=triton.__version__,
                context=args.context, kept_fraction=args.fraction, steps=args.steps)
     result: dict = {"env": env, "paths": []}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,13 +7,16 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+import transformers
 from torch import Tensor
 
 from entropykv_fx.compat import with_cache
@@ -47,6 +50,17 @@ def random_llama(shape: str, device: torch.device, max_context: int):
     return model
 
 
+def commit() -> str:
+    """The code's commit: $ENTROPYKV_COMMIT when the caller knows it better (a copy whose .git lags), else git's."""
+    if os.environ.get("ENTROPYKV_COMMIT"):
+        return os.environ["ENTROPYKV_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=False, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def run_environment(device: torch.device, shape: str, model) -> tuple[dict, float, int]:
     """(what a run's JSON records about the machine and model, copy bandwidth in B/s, weight bytes read per token)."""
     bandwidth = copy_bandwidth(device)
@@ -54,7 +68,8 @@ def run_environment(device: torch.device, shape: str, model) -> tuple[dict, floa
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU",
            "torch": torch.__version__, "python": platform.python_version(), "shape": shape, "dtype": "bfloat16",
            "copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "weights_read_per_token_GB": round(weight_bytes / 1e9, 2),
-           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+           "transformers": transformers.__version__,
+           "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": commit()}
     return env, bandwidth, weight_bytes
 
 

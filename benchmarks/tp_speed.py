@@ -32,8 +32,8 @@ import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList  # noqa: E402
 
 import entropykv_fx  # noqa: E402
-from benchmarks.generate_speed import StepClock, commit  # noqa: E402
-from benchmarks.timing import SHAPES, peak_gib, reset_peak  # noqa: E402
+from benchmarks.generate_speed import StepClock  # noqa: E402
+from benchmarks.timing import SHAPES, commit, peak_gib, reset_peak  # noqa: E402
 
 
 def make_checkpoint(args) -> None:
