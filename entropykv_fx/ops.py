@@ -188,14 +188,19 @@ def max_attention(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: flo
     hkv, s = k.shape[1], k.shape[2]
     group = hq // hkv
     out = q.new_zeros(b, hkv, slots, dtype=torch.float32)
-    chunk = max(1, 2**26 // max(b * group * s, 1))
-    for h in range(hkv):
+    chunk = max(1, 2**26 // max(hq * s, 1))
+    for row in range(b):  # row by row: only the queries that see something are scored (no NaN rows to clean up)
+        keys = k[row].float().transpose(-1, -2)[:, None]  # [Hkv, 1, D, S]
         for start in range(0, length, chunk):
-            qg = q[:, h * group:(h + 1) * group, start:start + chunk].float()
-            seen = visibility(q_pos[:, start:start + chunk], k_pos, sliding_window)[:, None]
-            logits = ((qg @ k[:, h:h + 1].float().transpose(-1, -2)) * scale).masked_fill(~seen, float("-inf"))
-            p = torch.softmax(logits, dim=-1).nan_to_num(0.0)[..., :slots]  # a query that sees nothing: zeros
-            out[:, h] = torch.maximum(out[:, h], p.amax(dim=(1, 2)))
+            seen = visibility(q_pos[row:row + 1, start:start + chunk], k_pos[row:row + 1], sliding_window)[0]
+            active = seen.any(-1)
+            if not bool(active.any()):
+                continue
+            width = int(seen.any(0).nonzero().max()) + 1  # slots past the last one seen (causality) are skipped
+            qs = (q[row, :, start:start + chunk][:, active].float() * scale).unflatten(0, (hkv, group))  # [Hkv,G,c,D]
+            logits = (qs @ keys[..., :width]).masked_fill_(~seen[active, :width], float("-inf"))
+            p = torch.softmax(logits, dim=-1)[..., :slots].amax(dim=(1, 2))
+            out[row, :, :p.shape[-1]] = torch.maximum(out[row, :, :p.shape[-1]], p)
     return out
 
 

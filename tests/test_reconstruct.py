@@ -92,6 +92,25 @@ def test_score_reconstruction_opcheck(lengths, repeat, sliding_window):
                           (q, k, pos, pos, 0.25, sliding_window, 2, repeat))
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 3), length=st.integers(1, 8), s=st.integers(1, 10), sliding_window=st.sampled_from([0, 3]),
+       data=st.data(), seed=st.integers(0, 2**16))
+def test_max_attention_matches_reference(b, length, s, sliding_window, data, seed):
+    """Arbitrary positions, pads (-1) and empty key slots included, so some queries see nothing (they add nothing)
+    and some slots are seen by no query (they score 0)."""
+    torch.manual_seed(seed)
+    q, k = torch.randn(b, 4, length, 8, device=DEVICE), torch.randn(b, 2, s, 8, device=DEVICE)
+    q_pos = torch.tensor(data.draw(st.lists(st.lists(st.integers(-1, 12), min_size=length, max_size=length),
+                                            min_size=b, max_size=b)), device=DEVICE)
+    k_pos = torch.tensor(data.draw(st.lists(st.lists(st.integers(-1, 12), min_size=s, max_size=s),
+                                            min_size=b, max_size=b)), device=DEVICE)
+    slots = data.draw(st.integers(0, s))
+    got = ops.max_attention(q, k, q_pos, k_pos, 0.35, sliding_window, slots)
+    probs, _ = ref_probs(q, k, q_pos, k_pos, 0.35, sliding_window)  # [B, Hq, L, S], zero where unseen
+    want = probs.unflatten(1, (2, 2)).amax(dim=(2, 3))[..., :slots]
+    torch.testing.assert_close(got.cpu().double(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("slots", [0, 6, 13])
 def test_max_attention_opcheck(slots):
     torch.manual_seed(5)
