@@ -216,8 +216,8 @@ def score_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, sca
     """Token scores by context reconstruction (KVzip, Kim et al. 2025, https://arxiv.org/abs/2505.23416).
 
     The prefill holds, per row, the context (n tokens), `repeat_tokens` prompt tokens and the context again
-    between p pads on either side (`reconstruction_layout`); q [B, Hq, L, D] are all its queries, k [B, Hkv, L, D] its keys (the
-    prefill's slots: slot j holds column j). Returns float32 tensors shaped as `score`'s:
+    between p pads on either side (`reconstruction_layout`); q [B, Hq, L, D] are all its queries, k [B, Hkv, L, D]
+    its keys (the prefill's slots: slot j holds column j). Returns float32 tensors shaped as `score`'s:
       entropy [B, Hq]: `score`'s entropy over the context's last `window` queries (what a prefill of the context
         alone measures, up to rounding);
       kv_scores [B, Hkv, L]: for the context's slots, the largest attention probability each receives from a
