@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the compatibility suite (the tests marked `compat`: where the library meets transformers: cache arguments,
-# generate(), masks, graph capture and export of its models, on tiny random-weight models) against one transformers release, in the current
+# generate() and its decode layout, masks, graph capture, fused projections, StaticDecoder and export, on tiny
+# random-weight models) against one transformers release, in the current
 # Python environment (set up by scripts/setup.sh first): `bash scripts/test_transformers.sh 5.17.0`, or `latest`
 # for the newest release on PyPI. Extra arguments go to pytest. SKIP_IF_UNCHANGED=1: nothing to do when the release
 # asked for is the one already installed (CI: the newest release is often the locked one it just tested).

@@ -56,6 +56,7 @@ def test_room_decodes_exactly_what_the_plain_layout_decodes(arch, policy, small_
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.compat
 def test_a_step_writes_in_place_and_a_full_room_is_refilled(small_room):
     """Steps within the room keep every buffer where it is (no copy of the cache); the step that finds the room
     used up reserves a new one, and the slots held are the prefill's kept ones plus one per step."""

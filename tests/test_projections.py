@@ -44,6 +44,7 @@ def matmuls_per_decode_graph(run) -> list[int]:
     return counts
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_fused_decode_gives_the_unfused_tokens_and_logits(arch):
     """Every architecture (Qwen2's q/k/v biases fused too), a left-padded batch, a compressed cache: the same greedy

@@ -178,6 +178,7 @@ def _call_patterns(model, plain):
     return patterns
 
 
+@pytest.mark.compat
 def test_a_long_lived_model_serves_every_call_pattern_on_a_bounded_set_of_graphs():
     """31 distinct call patterns, 217 calls on one model: every result equals the unmodified model's (policy
     'full'), the compiled graph kinds stop growing after the first round."""

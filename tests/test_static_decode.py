@@ -27,6 +27,7 @@ def test_full_cache_decode_equals_the_models_generate(arch):
     assert torch.equal(decode(model, ids)[0], want)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_compressed_decode_equals_the_optimized_models_generate(arch):
     model = entropykv_fx.optimize(tiny_model(arch, seed=3), policy="entropy", budget=0.4, window=8, sink_tokens=2)
