@@ -155,11 +155,12 @@ def _warm_up(model, tokenizer, inputs: dict) -> None:
 
 
 def _print_table(runs: list[Run]) -> None:
-    print(f"{'setting':<14} {'found':<6} {'prefill':>8} {'decode/tok':>11} {'KV bytes':>12} {'kept':>6}  answer")
+    width = max(len("setting"), *(len(r.label) for r in runs))
+    print(f"{'setting':<{width}} {'found':<6} {'prefill':>8} {'decode/tok':>11} {'KV bytes':>12} {'kept':>6}  answer")
     for r in runs:
         found = "yes" if ANSWER_KEY in r.answer.lower() else "no"
-        print(f"{r.label:<14} {found:<6} {r.prefill_s:>7.2f}s {r.decode_ms_per_token:>9.1f}ms "
+        print(f"{r.label:<{width}} {found:<6} {r.prefill_s:>7.2f}s {r.decode_ms_per_token:>9.1f}ms "
               f"{r.report.bytes_after:>12,} {r.report.kept_fraction:>6.1%}  {r.answer!r}")
     print("\nper-layer budgets (tokens kept):")
     for r in runs:
-        print(f"  {r.label:<14} {[lr.slots_after for lr in r.report.layers]}")
+        print(f"  {r.label:<{width}} {[lr.slots_after for lr in r.report.layers]}")
