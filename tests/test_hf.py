@@ -8,7 +8,7 @@ from tiny_models import ARCHS, DEVICE, random_prompt, tiny_model
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import entropykv_fx
-from entropykv_fx import EntropyKVCache, UnsupportedModelError
+from entropykv_fx import EntropyKVCache, UnsupportedModelError, compat
 
 pytestmark = [pytest.mark.filterwarnings("ignore:entropykv. budget"),
               pytest.mark.compat]  # in the compatibility suite (scripts/test_transformers.sh)
@@ -63,10 +63,10 @@ def test_positions_continue_after_compression_without_position_ids(arch):
     for explicit in (False, True):
         with torch.no_grad():
             out = model(ids, use_cache=True)
-            cache, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+            cache, token, steps = compat.cache_of(out), out.logits[:, -1:].argmax(-1), []
             for i in range(6):
                 kw = {"position_ids": torch.tensor([[96 + i]], device=DEVICE)} if explicit else {}
-                out = model(token, past_key_values=cache, use_cache=True, **kw)
+                out = model(token, **compat.with_cache(cache), use_cache=True, **kw)
                 steps.append(out.logits[:, -1])
                 token = out.logits[:, -1:].argmax(-1)
         assert cache.next_positions.tolist() == [102]
@@ -151,9 +151,10 @@ def test_foreign_cache_with_tokens_is_refused():
     model = entropykv_fx.optimize(tiny_model("llama"))
     plain = tiny_model("llama")
     with torch.no_grad():
-        cache = plain(random_prompt(5), use_cache=True, past_key_values=DynamicCache(config=plain.config)).past_key_values
+        cache = compat.cache_of(plain(random_prompt(5), use_cache=True,
+                                      **compat.with_cache(DynamicCache(config=plain.config))))
         with pytest.raises(ValueError, match="EntropyKVCache"):
-            model(random_prompt(1), past_key_values=cache, use_cache=True)
+            model(random_prompt(1), **compat.with_cache(cache), use_cache=True)
 
 
 def test_unsupported_model_lists_supported():
