@@ -28,7 +28,6 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root (see speed.py)
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 import entropykv_fx  # noqa: E402
@@ -81,7 +80,7 @@ def main() -> None:
     model = random_llama(args.shape, device, max(args.contexts) + args.steps + args.warmup + 8)
     model.generation_config.eos_token_id = None
     env, bandwidth, weight_bytes = run_environment(device, args.shape, model)
-    env.update(transformers=transformers.__version__, steps=args.steps, warmup=args.warmup)
+    env.update(steps=args.steps, warmup=args.warmup)
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
 

@@ -108,8 +108,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = random_llama(args.shape, device, args.context + 64)
     env, bandwidth, weight_bytes = run_environment(device, args.shape, model)
-    env.update(transformers=transformers.__version__, triton=triton.__version__,
-               context=args.context, kept_fraction=args.fraction, steps=args.steps)
+    env.update(triton=triton.__version__, context=args.context, kept_fraction=args.fraction, steps=args.steps)
     result: dict = {"env": env, "paths": []}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"profile_step_{args.tag}.json"
