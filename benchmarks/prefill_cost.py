@@ -6,7 +6,8 @@
 Per context: the unmodified model's prefill (SDPA, its own cache), then `optimize(model, policy=P, scorer=S,
 budget=0.25)` for each --compositions entry P/S: one untimed call (graphs compile), then the median of --repeats timed prefills (synchronized),
 the peak memory of one of them, and the ratio to the unmodified prefill. Random bf16 weights at the shape's sizes.
-Writes prefill_cost_<tag>.json and .md to --out.
+Writes prefill_cost_<tag>.json and .md to --out; with --profile, also prefill_profile_<tag>.txt: per prefill, the
+GPU kernels that took the most time (torch.profiler), to show where a composition's extra cost goes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def timed_prefill(model, ids, repeats: int, device: torch.device) -> tuple[float
     return statistics.median(times), peak_gib(device)
 
 
+def kernel_table(model, ids, rows: int) -> str:
+    """torch.profiler's table of the `rows` kernels with the most device time over one prefill."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
+        model(ids, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -45,6 +55,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="gpu")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also profile one prefill per entry and keep its ROWS costliest kernels (CUDA only)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -53,23 +65,30 @@ def main() -> None:
     env["entropykv_fx"] = entropykv_fx.__version__
     stem = Path(args.out) / f"prefill_cost_{args.tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, profiles = [], []
     for n in args.contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
         if "entropykv" in model.__dict__:
             entropykv_fx.restore(model)
         plain, plain_peak = timed_prefill(model, ids, args.repeats, device)
+        if args.profile:
+            profiles.append(f"## {n} tokens, unmodified\n{kernel_table(model, ids, args.profile)}")
         rows.append(dict(context=n, prefill="unmodified", ms=round(plain * 1e3, 1), ratio=1.0,
                          peak_GiB=round(plain_peak, 2)))
         for composition in args.compositions:
             policy, scorer = composition.split("/")
             entropykv_fx.optimize(model, policy=policy, scorer=scorer, budget=0.25)
             t, peak = timed_prefill(model, ids, args.repeats, device)
+            if args.profile:
+                profiles.append(f"## {n} tokens, {composition}\n{kernel_table(model, ids, args.profile)}")
             rows.append(dict(context=n, prefill=composition, ms=round(t * 1e3, 1), ratio=round(t / plain, 2),
                              peak_GiB=round(peak, 2)))
             print(rows[-1], flush=True)
         stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
         write_markdown(stem.with_suffix(".md"), env, rows)
+        if profiles:
+            header = " · ".join(f"{k}={v}" for k, v in env.items())
+            (stem.parent / f"prefill_profile_{args.tag}.txt").write_text("\n\n".join([header, *profiles]) + "\n")
     print(stem.with_suffix(".md").read_text())
 
 
