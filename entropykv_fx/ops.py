@@ -99,6 +99,57 @@ def _(q, k, v, q_pos, k_pos, scale, sliding_window):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
+@torch.library.custom_op("entropykv::attention_lse", mutates_args=())
+def attention_lse(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
+                  sliding_window: int) -> tuple[Tensor, Tensor]:
+    """`attention`, and each query's softmax normalizer: ([B, Hq, L, Dv], lse [B, Hq, L] float32).
+
+    lse is the log-sum-exp (natural log) of the query's scaled logits over the slots it sees, -inf for a query
+    that sees none. A flash-attention kernel computes it anyway; the reconstruction scorer reuses it
+    (`score_reconstruction`'s lse) instead of a pass of its own over the keys.
+    """
+    _check_qkv("entropykv.attention_lse", q, k, v, q_pos, k_pos)
+    if q.device.type == "cpu" and _is_plain_causal(q_pos, k_pos, sliding_window):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
+        return out.contiguous(), lse.contiguous()  # the kernels' own layouts: the fake's strides
+    return attention(q, k, v, q_pos, k_pos, scale, sliding_window), log_normalizers(q, k, q_pos, k_pos, scale,
+                                                                                   sliding_window)
+
+
+@attention_lse.register_fake
+def _(q, k, v, q_pos, k_pos, scale, sliding_window):
+    _check_qkv("entropykv.attention_lse", q, k, v, q_pos, k_pos)
+    return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def visible_logits(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int):
+    """Yield (row, queries, logits) over each batch row and chunk of queries that see something: `queries` [c]
+    indexes them in q, logits [Hkv, G, c, width] float32 are their scaled logits, -inf where not seen. Keys past
+    the chunk's last seen slot (causality) are left out; chunks bound memory at about 256 MB of logits."""
+    b, hq, length, _ = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    chunk = max(1, 2**26 // max(hq * s, 1))
+    for row in range(b):
+        keys = k[row].float().transpose(-1, -2)[:, None]  # [Hkv, 1, D, S]
+        for start in range(0, length, chunk):
+            seen = visibility(q_pos[row:row + 1, start:start + chunk], k_pos[row:row + 1], sliding_window)[0]
+            active = seen.any(-1)
+            if not bool(active.any()):
+                continue
+            width = int(seen.any(0).nonzero().max()) + 1
+            qs = (q[row, :, start:start + chunk][:, active].float() * scale).unflatten(0, (hkv, hq // hkv))
+            logits = (qs @ keys[..., :width]).masked_fill_(~seen[active, :width], float("-inf"))
+            yield row, start + active.nonzero()[:, 0], logits
+
+
+def log_normalizers(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int) -> Tensor:
+    """lse [B, Hq, L] float32 as `attention_lse` defines it, from the logits alone."""
+    lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
+    for row, queries, logits in visible_logits(q, k, q_pos, k_pos, scale, sliding_window):
+        lse[row, :, queries] = logits.logsumexp(-1).flatten(0, 1)
+    return lse
+
+
 # --------------------------------------------------------------------------------------------- scoring
 @torch.library.custom_op("entropykv::score", mutates_args=())
 def score(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
@@ -163,56 +214,60 @@ def context_queries(q_pos: Tensor, repeat_tokens: int) -> Tensor:
     return q_pos.masked_fill(q_pos >= n[:, None], -1)
 
 
-def _check_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, repeat_tokens: int) -> None:
+def _check_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, repeat_tokens: int,
+                          lse: Tensor | None) -> None:
     _check_qkv("entropykv.score_reconstruction", q, k, None, q_pos, k_pos)
     _check(window >= 1 and repeat_tokens >= 0, f"entropykv.score_reconstruction: window must be >= 1 and "
            f"repeat_tokens >= 0, got {window} and {repeat_tokens}")
+    _check_lse("entropykv.score_reconstruction", q, lse)
 
 
-def _check_max_attention(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, slots: int) -> None:
+def _check_lse(op: str, q: Tensor, lse: Tensor | None) -> None:
+    if lse is not None:
+        _check(lse.shape == q.shape[:3] and lse.dtype == torch.float32 and lse.device == q.device,
+               f"{op}: lse must be float32 [B, Hq, L]={tuple(q.shape[:3])} on {q.device}, got {lse.dtype} "
+               f"{tuple(lse.shape)} on {lse.device}")
+
+
+def _check_max_attention(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, slots: int, lse: Tensor | None) -> None:
     _check_qkv("entropykv.max_attention", q, k, None, q_pos, k_pos)
     _check(0 <= slots <= k.shape[2], f"entropykv.max_attention: slots must be in 0..{k.shape[2]} (the keys), got {slots}")
+    _check_lse("entropykv.max_attention", q, lse)
 
 
 @torch.library.custom_op("entropykv::max_attention", mutates_args=())
 def max_attention(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int,
-                  slots: int) -> Tensor:
+                  slots: int, lse: Tensor | None = None) -> Tensor:
     """The largest attention probability each of the first `slots` key slots receives: [B, Hkv, slots] float32.
 
     Probabilities are softmaxes over all the slots each query sees (by position, as `attention`); the largest is
     taken over the valid queries of q [B, Hq, L, D] and the query heads sharing each KV head. Queries that see
-    nothing add nothing. Memory is bounded by chunking the queries (about 256 MB of float32 logits at a time).
+    nothing add nothing. lse: the queries' softmax normalizers as `attention_lse` returns them, when the caller
+    has them (the probabilities then need one pass over the keys instead of two); None: computed here.
+    Memory is bounded by chunking the queries (`visible_logits`).
     """
-    _check_max_attention(q, k, q_pos, k_pos, slots)
-    b, hq, length, _ = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    group = hq // hkv
-    out = q.new_zeros(b, hkv, slots, dtype=torch.float32)
-    chunk = max(1, 2**26 // max(hq * s, 1))
-    for row in range(b):  # row by row: only the queries that see something are scored (no NaN rows to clean up)
-        keys = k[row].float().transpose(-1, -2)[:, None]  # [Hkv, 1, D, S]
-        for start in range(0, length, chunk):
-            seen = visibility(q_pos[row:row + 1, start:start + chunk], k_pos[row:row + 1], sliding_window)[0]
-            active = seen.any(-1)
-            if not bool(active.any()):
-                continue
-            width = int(seen.any(0).nonzero().max()) + 1  # slots past the last one seen (causality) are skipped
-            qs = (q[row, :, start:start + chunk][:, active].float() * scale).unflatten(0, (hkv, group))  # [Hkv,G,c,D]
-            logits = (qs @ keys[..., :width]).masked_fill_(~seen[active, :width], float("-inf"))
-            p = torch.softmax(logits, dim=-1)[..., :slots].amax(dim=(1, 2))
-            out[row, :, :p.shape[-1]] = torch.maximum(out[row, :, :p.shape[-1]], p)
+    _check_max_attention(q, k, q_pos, k_pos, slots, lse)
+    hkv = k.shape[1]
+    out = q.new_zeros(q.shape[0], hkv, slots, dtype=torch.float32)
+    for row, queries, logits in visible_logits(q, k, q_pos, k_pos, scale, sliding_window):
+        if lse is None:
+            p = torch.softmax(logits, dim=-1)
+        else:
+            p = (logits - lse[row][:, queries].unflatten(0, (hkv, -1))[..., None]).exp()
+        p = p[..., :slots].amax(dim=(1, 2))
+        out[row, :, :p.shape[-1]] = torch.maximum(out[row, :, :p.shape[-1]], p)
     return out
 
 
 @max_attention.register_fake
-def _(q, k, q_pos, k_pos, scale, sliding_window, slots):
-    _check_max_attention(q, k, q_pos, k_pos, slots)
+def _(q, k, q_pos, k_pos, scale, sliding_window, slots, lse=None):
+    _check_max_attention(q, k, q_pos, k_pos, slots, lse)
     return q.new_empty(q.shape[0], k.shape[1], slots, dtype=torch.float32)
 
 
 @torch.library.custom_op("entropykv::score_reconstruction", mutates_args=())
 def score_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int,
-                         window: int, repeat_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+                         window: int, repeat_tokens: int, lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Token scores by context reconstruction (KVzip, Kim et al. 2025, https://arxiv.org/abs/2505.23416).
 
     The prefill holds, per row, the context (n tokens), `repeat_tokens` prompt tokens and the context again
@@ -225,31 +280,36 @@ def score_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, sca
         other slots, which the runtime drops, are scored only as far as the batch's longest context reaches (0
         past it);
       layer_scores [B, L]: the largest of kv_scores over the KV heads.
+    lse [B, Hq, L]: the queries' softmax normalizers from the prefill's own attention (`attention_lse`), so the
+    repeated queries' probabilities cost one pass over the keys; None: `max_attention` computes them.
     """
-    _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens)
+    _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens, lse)
     b, hq, _, d = q.shape
     n, pads = reconstruction_layout(q_pos, repeat_tokens)
 
-    def queries(first: Tensor, count: int, length: Tensor) -> tuple[Tensor, Tensor]:
-        """`count` queries per row from position first[b] on ([B, Hq, count, D], positions [B, count]); those at or
-        past first + length are marked invalid (-1)."""
+    def columns(first: Tensor, count: int, length: Tensor) -> tuple[Tensor, Tensor]:
+        """The columns of `count` queries per row from position first[b] on ([B, count]) and their positions, those
+        at or past first + length marked invalid (-1)."""
         pos = first[:, None] + torch.arange(count, device=q.device)
         ok = (pos >= 0) & (pos < (first + length)[:, None])
-        col = (pads[:, None] + pos).clamp(0, q.shape[2] - 1)
-        return q.gather(2, col[:, None, :, None].expand(b, hq, count, d)), torch.where(ok, pos, -1)
+        return (pads[:, None] + pos).clamp(0, q.shape[2] - 1), torch.where(ok, pos, -1)
 
-    q_win, pos_win = queries(n - window, window, torch.full_like(n, window))
-    entropy = score(q_win, k, pos_win, k_pos, scale, sliding_window)[0]
-    q_rec, pos_rec = queries(n + repeat_tokens, int(n.max()), n)
+    def queries(col: Tensor) -> Tensor:
+        return q.gather(2, col[:, None, :, None].expand(b, hq, col.shape[1], d))
+
+    col_win, pos_win = columns(n - window, window, torch.full_like(n, window))
+    entropy = score(queries(col_win), k, pos_win, k_pos, scale, sliding_window)[0]
+    col_rec, pos_rec = columns(n + repeat_tokens, int(n.max()), n)
+    lse_rec = None if lse is None else lse.gather(2, col_rec[:, None].expand(b, hq, col_rec.shape[1]))
     context_slots = int((pads + n).max())  # no row's context reaches past this slot
-    kv_scores = F.pad(max_attention(q_rec, k, pos_rec, k_pos, scale, sliding_window, context_slots),
-                      (0, k.shape[2] - context_slots))
+    kv_scores = F.pad(max_attention(queries(col_rec), k, pos_rec, k_pos, scale, sliding_window, context_slots,
+                                    lse_rec), (0, k.shape[2] - context_slots))
     return entropy, kv_scores, kv_scores.amax(1)
 
 
 @score_reconstruction.register_fake
-def _(q, k, q_pos, k_pos, scale, sliding_window, window, repeat_tokens):
-    _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens)
+def _(q, k, q_pos, k_pos, scale, sliding_window, window, repeat_tokens, lse=None):
+    _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens, lse)
     return _score_shapes(q, k)
 
 

@@ -72,6 +72,10 @@ def test_score_reconstruction_matches_reference(lengths, repeat, window, sliding
     torch.testing.assert_close(layer_scores, kv_scores.amax(1))
     assert ((kv_scores >= 0) & (kv_scores <= 1 + 1e-6)).all()
     assert (layer_scores[pos < 0] == 0).all()  # pads are never attended
+    lse = ops.attention_lse(q, k, k, pos, pos, scale, sliding_window)[1]  # the prefill attention's normalizers
+    reused = ops.score_reconstruction(q, k, pos, pos, scale, sliding_window, window, repeat, lse)
+    for a, b in zip(reused, (entropy, kv_scores, layer_scores)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_score_reconstruction_in_low_precision_scores_in_float32():
@@ -90,6 +94,9 @@ def test_score_reconstruction_opcheck(lengths, repeat, sliding_window):
     q, k, pos = reconstruction_batch(lengths, repeat)
     torch.library.opcheck(torch.ops.entropykv.score_reconstruction.default,
                           (q, k, pos, pos, 0.25, sliding_window, 2, repeat))
+    lse = ops.log_normalizers(q, k, pos, pos, 0.25, sliding_window)
+    torch.library.opcheck(torch.ops.entropykv.score_reconstruction.default,
+                          (q, k, pos, pos, 0.25, sliding_window, 2, repeat, lse))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -109,6 +116,55 @@ def test_max_attention_matches_reference(b, length, s, sliding_window, data, see
     probs, _ = ref_probs(q, k, q_pos, k_pos, 0.35, sliding_window)  # [B, Hq, L, S], zero where unseen
     want = probs.unflatten(1, (2, 2)).amax(dim=(2, 3))[..., :slots]
     torch.testing.assert_close(got.cpu().double(), want, atol=1e-5, rtol=1e-5)
+    lse = ops.log_normalizers(q, k, q_pos, k_pos, 0.35, sliding_window)
+    given = ops.max_attention(q, k, q_pos, k_pos, 0.35, sliding_window, slots, lse)
+    torch.testing.assert_close(given.cpu().double(), want, atol=1e-5, rtol=1e-5)
+
+
+def reference_lse(q, k, q_pos, k_pos, scale, sliding_window):
+    """float64 log-sum-exp [B, Hq, L] of each query's visible scaled logits, -inf where it sees nothing."""
+    seen = ops.visibility(q_pos, k_pos, sliding_window)[:, None]  # [B, 1, L, S]
+    keys = k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q.double() @ keys.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
+    return logits.logsumexp(-1)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 3), length=st.integers(1, 8), s=st.integers(1, 10), sliding_window=st.sampled_from([0, 3]),
+       data=st.data(), seed=st.integers(0, 2**16))
+def test_attention_lse_matches_reference(b, length, s, sliding_window, data, seed):
+    """Arbitrary positions, pads and empty slots: the output is `attention`'s, lse the visible logits'
+    log-sum-exp (-inf for a query that sees nothing)."""
+    torch.manual_seed(seed)
+    q, k, v = torch.randn(b, 4, length, 8), torch.randn(b, 2, s, 8), torch.randn(b, 2, s, 8)
+    positions = st.lists(st.lists(st.integers(-1, 12), min_size=length, max_size=length), min_size=b, max_size=b)
+    q_pos = torch.tensor(data.draw(positions))
+    k_pos = torch.tensor(data.draw(st.lists(st.lists(st.integers(-1, 12), min_size=s, max_size=s), min_size=b,
+                                            max_size=b)))
+    out, lse = ops.attention_lse(q, k, v, q_pos, k_pos, 0.35, sliding_window)
+    assert lse.dtype == torch.float32 and lse.shape == (b, 4, length)
+    torch.testing.assert_close(out, ops.attention(q, k, v, q_pos, k_pos, 0.35, sliding_window))
+    torch.testing.assert_close(lse.double(), reference_lse(q, k, q_pos, k_pos, 0.35, sliding_window), atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_lse_of_an_unpadded_causal_prefill(dtype):
+    """The flash kernel's own normalizers (an unpadded causal prefill, GQA): the same as computed from the logits."""
+    torch.manual_seed(6)
+    q, k, v = torch.randn(1, 6, 40, 16).to(dtype), torch.randn(1, 2, 40, 16).to(dtype), torch.randn(1, 2, 40, 16).to(dtype)
+    pos = torch.arange(40)[None]
+    out, lse = ops.attention_lse(q, k, v, pos, pos, 0.25, 0)
+    assert torch.equal(out, ops.attention(q, k, v, pos, pos, 0.25, 0))
+    torch.testing.assert_close(lse.double(), reference_lse(q, k, pos, pos, 0.25, 0), atol=1e-4, rtol=1e-4)
+
+
+def test_attention_lse_opcheck():
+    torch.manual_seed(7)
+    q, k, pos = reconstruction_batch([5, 3], 2)
+    torch.library.opcheck(torch.ops.entropykv.attention_lse.default, (q, k, k, pos, pos, 0.25, 0))
+    plain = torch.arange(q.shape[2])[None].expand(2, -1).contiguous()
+    torch.library.opcheck(torch.ops.entropykv.attention_lse.default, (q, k, k, plain, plain, 0.25, 0))
 
 
 @pytest.mark.parametrize("slots", [0, 6, 13])
@@ -116,6 +172,9 @@ def test_max_attention_opcheck(slots):
     torch.manual_seed(5)
     q, k, pos = reconstruction_batch([5, 4], 3)
     torch.library.opcheck(torch.ops.entropykv.max_attention.default, (q[:, :, 8:], k, pos[:, 8:], pos, 0.25, 0, slots))
+    lse = ops.log_normalizers(q[:, :, 8:], k, pos[:, 8:], pos, 0.25, 0)
+    torch.library.opcheck(torch.ops.entropykv.max_attention.default,
+                          (q[:, :, 8:], k, pos[:, 8:], pos, 0.25, 0, slots, lse))
 
 
 def test_score_reconstruction_rejects_bad_arguments():
@@ -126,6 +185,10 @@ def test_score_reconstruction_rejects_bad_arguments():
         ops.score_reconstruction(q, k, pos[:, 1:], pos, 0.25, 0, 2, 1)
     with pytest.raises(ValueError, match="slots must be in 0..9"):
         ops.max_attention(q, k, pos, pos, 0.25, 0, 10)
+    with pytest.raises(ValueError, match=r"lse must be float32 \[B, Hq, L\]=\(1, 4, 9\)"):
+        ops.score_reconstruction(q, k, pos, pos, 0.25, 0, 2, 1, torch.zeros(1, 4, 8))
+    with pytest.raises(ValueError, match="lse must be float32"):
+        ops.max_attention(q, k, pos, pos, 0.25, 0, 9, torch.zeros(1, 4, 9, dtype=torch.float64))
 
 
 def test_context_queries_hides_the_repetition():

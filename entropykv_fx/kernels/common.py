@@ -60,8 +60,8 @@ def logits_block(q, qp, k_ptr, kpos_ptr, ks_ptr, start, S, D, window, scale_log2
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr):
     """Logits (log2 units) of the rows against keys start..start+BLOCK_N, -inf where not visible; and the mask.
 
-    Visibility is the ops.visibility rule: 0 <= k_pos <= q_pos, and q_pos - k_pos < window when window > 0.
-    With QUANT, k holds int8 and ks_ptr its per-token scales: the scale multiplies the logit, after the dot.
+    Visibility is `visible`'s. With QUANT, k holds int8 and ks_ptr its per-token scales: the scale multiplies the
+    logit, after the dot.
     """
     j = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
@@ -70,6 +70,12 @@ def logits_block(q, qp, k_ptr, kpos_ptr, ks_ptr, start, S, D, window, scale_log2
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2
     if QUANT:
         s = s * tl.load(ks_ptr + j * sks_s, mask=j < S, other=0.0)[None, :]
-    seen = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & (qp[:, None] >= 0)
-    seen = seen & ((window <= 0) | (qp[:, None] - kp[None, :] < window))
+    seen = visible(qp, kp, window)
     return tl.where(seen, s, float("-inf")), seen
+
+
+@triton.jit
+def visible(qp, kp, window):
+    """[rows, keys] bool, the ops.visibility rule: 0 <= k_pos <= q_pos, and q_pos - k_pos < window when window > 0."""
+    seen = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & (qp[:, None] >= 0)
+    return seen & ((window <= 0) | (qp[:, None] - kp[None, :] < window))

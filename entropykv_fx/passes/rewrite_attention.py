@@ -7,8 +7,10 @@ wrote (a layer with room), whose `layer` argument names the layer: the site beco
 (causal, padding, sliding window, evicted slots) — so a site must not carry any other mask. A site reading a
 head-wise layer (`entropykv::headwise_cache`) becomes `headwise.attend_heads` over the per-head slots, and one
 reading a packed head-wise layer with room (`entropykv::packed_cache`) `entropykv::attention_packed`. On a prefill
-graph (the layer's cache is empty before the append, or a static write of several tokens) the pass also adds `entropykv::score` over the last
-`score_window` queries (and the policy's per-head statistic, if any) and hands them to `use_scores`.
+graph (the layer's cache is empty before the append, or a static write of several tokens) the pass also adds
+`entropykv::score` over the last `score_window` queries (and the policy's per-head statistic, if any) and hands them
+to `use_scores`; a reconstruction prefill's site becomes `entropykv::attention_lse` instead, whose softmax
+normalizers `entropykv::score_reconstruction` reuses.
 """
 
 from __future__ import annotations
@@ -178,8 +180,12 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
                                       (site.query, keys, values, q_pos, positions, starts, scale, window))
         else:
             keys, values, positions = (_output(graph, cache_op, i) for i in range(3))
-            out = graph.call_function(torch.ops.entropykv.attention.default,
-                                      (site.query, keys, values, q_pos, positions, scale, window))
+            attend = (site.query, keys, values, q_pos, positions, scale, window)
+            if score and settings.reconstructs:  # the scorer reuses the attention's softmax normalizers
+                both = graph.call_function(torch.ops.entropykv.attention_lse.default, attend)
+                out, lse = (graph.call_function(operator.getitem, (both, i)) for i in (0, 1))
+            else:
+                out = graph.call_function(torch.ops.entropykv.attention.default, attend)
         out.meta.update(site.output.meta)
         if score:
             def score_last(w: int) -> fx.Node:
@@ -192,7 +198,8 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
             if settings.reconstructs:
                 scored = ranked = graph.call_function(
                     torch.ops.entropykv.score_reconstruction.default,
-                    (site.query, keys, q_pos, positions, scale, window, settings.score_window, settings.repeat_tokens))
+                    (site.query, keys, q_pos, positions, scale, window, settings.score_window, settings.repeat_tokens,
+                     lse))
                 stat_pos = graph.call_function(ops.context_queries, (q_pos, settings.repeat_tokens))
             else:
                 scored = score_last(settings.score_window)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_testing import DEVICE, DTYPES, GPU, SCORE_TOL, prompt_positions, randn, rel_err, seed
+from kernel_testing import DTYPES, GPU, SCORE_TOL, prompt_positions, randn, rel_err, seed
 
 from entropykv_fx import kernels, ops
 
@@ -79,6 +79,63 @@ def test_max_attention_matches_reference(shape, dtype, window):
     q_pos = k_pos[:, s - length - 3:s - 3]
     out = kernels.max_attention(q, k, q_pos, k_pos, d ** -0.5, window, slots)
     ref = ops.max_attention(q.cpu(), k.cpu(), q_pos.cpu(), k_pos.cpu(), d ** -0.5, window, slots)
-    assert out.shape == ref.shape == (b, hkv, slots) and out.dtype == torch.float32
+    lse = ops.log_normalizers(q.cpu(), k.cpu(), q_pos.cpu(), k_pos.cpu(), d ** -0.5, window).to(q.device)
+    given = kernels.max_attention(q, k, q_pos, k_pos, d ** -0.5, window, slots, lse)  # the slot pass alone
+    assert out.shape == given.shape == ref.shape == (b, hkv, slots) and out.dtype == torch.float32
     if slots:
-        assert rel_err(out, ref) < SCORE_TOL
+        assert rel_err(out, ref) < SCORE_TOL and rel_err(given, ref) < SCORE_TOL
+
+
+@pytest.mark.parametrize("window", [0, 17])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", MAX_SHAPES, ids=str)
+def test_attention_lse_matches_reference(shape, dtype, window):
+    """Left-padded queries in the middle of a prompt: the first pass's normalizers (or, for an unpadded causal
+    half-precision prefill on a GPU, the flash kernel's), -inf for queries that see nothing."""
+    seed("lse", shape, dtype, window)
+    b, hq, hkv, length, s, _ = shape
+    d = 64
+    q, k, v = randn(b, hq, length, d, dtype=dtype), randn(b, hkv, s, d, dtype=dtype), randn(b, hkv, s, d, dtype=dtype)
+    k_pos = prompt_positions(b, s, [0, min(11, s - 1)][:b])
+    q_pos = k_pos[:, s - length - 3:s - 3]
+    out, lse = kernels.attention_lse(q, k, v, q_pos, k_pos, d ** -0.5, window)
+    want = ops.log_normalizers(q.cpu(), k.cpu(), q_pos.cpu(), k_pos.cpu(), d ** -0.5, window)
+    assert lse.dtype == torch.float32 and lse.shape == want.shape
+    assert torch.equal(lse.isinf().cpu(), want.isinf())
+    seen = ~want.isinf()
+    torch.testing.assert_close(lse.cpu()[seen], want[seen], atol=1e-3, rtol=1e-4)
+    assert rel_err(out, ops.attention(q.cpu(), k.cpu(), v.cpu(), q_pos.cpu(), k_pos.cpu(), d ** -0.5, window)) < 1e-2
+
+
+@pytest.mark.skipif(not GPU, reason="the flash kernel's normalizers: CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_attention_lse_takes_the_flash_kernels_normalizers(dtype):
+    seed("flash", dtype)
+    q, k, v = randn(2, 32, 700, 128, dtype=dtype), randn(2, 8, 700, 128, dtype=dtype), randn(2, 8, 700, 128, dtype=dtype)
+    pos = prompt_positions(2, 700, [0, 0])
+    out, lse = kernels.attention_lse(q, k, v, pos, pos, 128 ** -0.5, 0)
+    want = ops.log_normalizers(q.cpu(), k.cpu(), pos.cpu(), pos.cpu(), 128 ** -0.5, 0)
+    torch.testing.assert_close(lse.cpu(), want, atol=2e-3, rtol=1e-4)
+    assert rel_err(out, ops.attention(q, k, v, pos, pos, 128 ** -0.5, 0)) < 1e-2
+
+
+@pytest.mark.parametrize("reduce_max", [False, True], ids=["score", "max_attention"])
+def test_scores_with_slots_in_any_order(reduce_max):
+    """Slots need not hold increasing positions (a compressed cache, a reordered one): the first pass skips a key
+    block only when no row of the block sees any of its keys, wherever the visible keys lie."""
+    seed("shuffled", reduce_max)
+    b, hq, hkv, w, s, d = 2, 8, 2, 40, 300, 32
+    q, k = randn(b, hq, w, d), randn(b, hkv, s, d)
+    k_pos = prompt_positions(b, s, [0, 23])
+    q_pos = k_pos[:, 150:150 + w]  # queries in the middle: half of the keys lie in their future
+    order = torch.randperm(s, generator=torch.Generator().manual_seed(0)).to(k_pos.device)
+    k, k_pos = k[:, :, order], k_pos[:, order]
+    if reduce_max:
+        out = kernels.max_attention(q, k, q_pos, k_pos, d ** -0.5, 0, s)
+        ref = ops.max_attention(q.cpu(), k.cpu(), q_pos.cpu(), k_pos.cpu(), d ** -0.5, 0, s)
+    else:
+        out = kernels.score(q, k, q_pos, k_pos, d ** -0.5, 0)[1]
+        ref = ops.score(q.cpu(), k.cpu(), q_pos.cpu(), k_pos.cpu(), d ** -0.5, 0)[1]
+    assert rel_err(out, ref) < SCORE_TOL
+    hidden = (k_pos[:, None, :] > q_pos.max(-1).values[:, None, None]).expand_as(out)
+    assert bool((out[hidden] == 0).all()) and bool((out[~hidden & (k_pos[:, None] >= 0)] > 0).all())
