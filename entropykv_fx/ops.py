@@ -251,10 +251,9 @@ def max_attention(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: flo
     out = q.new_zeros(q.shape[0], hkv, slots, dtype=torch.float32)
     for row, queries, logits in visible_logits(q, k, q_pos, k_pos, scale, sliding_window):
         if lse is None:
-            p = torch.softmax(logits, dim=-1)
-        else:
-            p = (logits - lse[row][:, queries].unflatten(0, (hkv, -1))[..., None]).exp()
-        p = p[..., :slots].amax(dim=(1, 2))
+            p = torch.softmax(logits, dim=-1)[..., :slots].amax(dim=(1, 2))
+        else:  # exp is monotonic: the largest log-probability, then one exp per slot
+            p = (logits[..., :slots] - lse[row][:, queries].unflatten(0, (hkv, -1))[..., None]).amax(dim=(1, 2)).exp()
         out[row, :, :p.shape[-1]] = torch.maximum(out[row, :, :p.shape[-1]], p)
     return out
 
