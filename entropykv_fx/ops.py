@@ -122,10 +122,12 @@ def _(q, k, v, q_pos, k_pos, scale, sliding_window):
     return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def visible_logits(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int):
+def visible_logits(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int,
+                   slots: int | None = None):
     """Yield (row, queries, logits) over each batch row and chunk of queries that see something: `queries` [c]
-    indexes them in q, logits [Hkv, G, c, width] float32 are their scaled logits, -inf where not seen. Keys past
-    the chunk's last seen slot (causality) are left out; chunks bound memory at about 256 MB of logits."""
+    indexes them in q, logits [Hkv, G, c, width] float32 are their scaled logits, -inf where not seen, over the
+    first `slots` keys (None: all). Keys past the chunk's last seen slot (causality) are left out; chunks bound
+    memory at about 256 MB of logits."""
     b, hq, length, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
     chunk = max(1, 2**26 // max(hq * s, 1))
@@ -136,7 +138,7 @@ def visible_logits(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: fl
             active = seen.any(-1)
             if not bool(active.any()):
                 continue
-            width = int(seen.any(0).nonzero().max()) + 1
+            width = min(int(seen.any(0).nonzero().max()) + 1, k.shape[2] if slots is None else slots)
             qs = (q[row, :, start:start + chunk][:, active].float() * scale).unflatten(0, (hkv, hq // hkv))
             logits = (qs @ keys[..., :width]).masked_fill_(~seen[active, :width], float("-inf"))
             yield row, start + active.nonzero()[:, 0], logits
@@ -249,11 +251,12 @@ def max_attention(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: flo
     _check_max_attention(q, k, q_pos, k_pos, slots, lse)
     hkv = k.shape[1]
     out = q.new_zeros(q.shape[0], hkv, slots, dtype=torch.float32)
-    for row, queries, logits in visible_logits(q, k, q_pos, k_pos, scale, sliding_window):
+    for row, queries, logits in visible_logits(q, k, q_pos, k_pos, scale, sliding_window,
+                                               None if lse is None else slots):
         if lse is None:
             p = torch.softmax(logits, dim=-1)[..., :slots].amax(dim=(1, 2))
-        else:  # exp is monotonic: the largest log-probability, then one exp per slot
-            p = (logits[..., :slots] - lse[row][:, queries].unflatten(0, (hkv, -1))[..., None]).amax(dim=(1, 2)).exp()
+        else:  # only the scored slots' logits; exp is monotonic: the largest log-probability, then one exp per slot
+            p = logits.sub_(lse[row][:, queries].unflatten(0, (hkv, -1))[..., None]).amax(dim=(1, 2)).exp()
         out[row, :, :p.shape[-1]] = torch.maximum(out[row, :, :p.shape[-1]], p)
     return out
 
