@@ -309,3 +309,21 @@ def test_bad_uses_are_refused_before_any_work(tmp_path):
     exportable = entropykv_fx.optimize(calibrated(tmp_path, "llama", [0.5, 0.5, 0.5]), scorer="reconstruct")
     with pytest.raises(ExportError, match="scorer='reconstruct'"):
         check_export(exportable, 32, 4, 1)
+
+
+def test_the_reconstruction_prefill_scores_with_its_attentions_normalizers():
+    """The prefill graph's attention keeps the softmax normalizers (`attention_lse`) and `max_attention` receives
+    them, so the scorer makes one pass over the keys; a window-scored prefill runs plain `attention`."""
+    ids = random_prompt(40, seed=1)
+
+    def op_inputs(scorer: str) -> dict[str, list]:
+        model = entropykv_fx.optimize(tiny_model("llama"), policy="uniform", scorer=scorer, budget=0.5)
+        with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+            model(ids, use_cache=True)
+        return {e.name: e.input_shapes for e in prof.events() if e.name.startswith("entropykv::")}
+
+    reconstruct, window = op_inputs("reconstruct"), op_inputs("window")
+    assert "entropykv::attention_lse" in reconstruct and "entropykv::attention" not in reconstruct
+    q_rec = reconstruct["entropykv::max_attention"][0]
+    assert reconstruct["entropykv::max_attention"][-1] == q_rec[:3], "lse [B, Hq, L] of the repeated queries"
+    assert "entropykv::attention" in window and "entropykv::attention_lse" not in window
