@@ -17,8 +17,9 @@ the scorer says (`ops.select`).
 `window` and `last_query` are computed inside the prefill graph by `entropykv::score`, the second over one query
 (`RewriteSettings.rank_queries`); `key_norm` needs only the cached keys. `reconstruct` makes the prefill one
 forward over [prompt, `repeat_prompt`, prompt] (`entropykv_fx.reconstruct`), scored by
-`entropykv::score_reconstruction`: about twice a plain prefill's work, for a ranking that does not depend on
-what is asked next (compress a document once, ask many questions).
+`entropykv::score_reconstruction` with the softmax normalizers the forward's attention already computed
+(`entropykv::attention_lse`): a forward over twice the prompt plus one pass over its keys, for a ranking that does
+not depend on what is asked next (compress a document once, ask many questions).
 """
 
 from __future__ import annotations
