@@ -81,7 +81,7 @@ def main() -> None:
     baseline = load_baseline(args.baseline) if args.baseline else None
     torch.manual_seed(0)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(),
-           "entropykv_fx": entropykv_fx.__version__, "heads": f"{HQ}/{HKV}x{D}", "dtype": "bfloat16",
+           "entropykv_fx": entropykv_fx.__version__, "shape": f"one layer, {HQ}/{HKV} heads of {D}", "dtype": "bfloat16",
            "command": "python benchmarks/reconstruction_score.py " + " ".join(
                f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v)}
     rows = [measure(n, baseline) for n in args.contexts]
