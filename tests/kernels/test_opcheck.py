@@ -25,3 +25,11 @@ def test_opcheck_through_the_cuda_kernels(dtype):
     starts = torch.tensor([0, 220, 600], device=k.device)  # a packed head-wise layer: heads of 220 and 380 slots
     packed = (k.reshape(b, hkv * s, d), v.reshape(b, hkv * s, d), q_pos, k_pos.repeat(1, hkv), starts)
     torch.library.opcheck(ops.attention_packed, (q, packed[0], packed[1], *packed[2:], d ** -0.5, 0))
+    # the reconstruction prefill's ops: attention with its normalizers (the flash kernel's, unpadded) and the
+    # scoring pass given them
+    pos = prompt_positions(b, s, [0, 0])
+    prefill_q = randn(b, hq, s, d, dtype=dtype)
+    torch.library.opcheck(ops.attention_lse, (prefill_q, k, v, pos, pos, d ** -0.5, 0))
+    torch.library.opcheck(ops.attention_lse, (prefill_q, k, v, k_pos, k_pos, d ** -0.5, 0))  # padded: first pass
+    lse = ops.attention_lse(prefill_q, k, v, pos, pos, d ** -0.5, 0)[1]
+    torch.library.opcheck(ops.max_attention, (prefill_q, k, pos, pos, d ** -0.5, 0, s // 2, lse))
