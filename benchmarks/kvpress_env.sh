@@ -11,7 +11,9 @@
 #                              --system-site-packages instead of installing torch==2.13.0 (the CPU build here)
 #   WHEELS=DIR                 install offline from the wheels in DIR (kvpress 0.5.5, transformers 5.2.0 and their
 #                              dependencies), fetched on a connected machine with `pip download` for the target's
-#                              Python and platform (--python-version, --platform, --only-binary=:all:)
+#                              Python and platform (--python-version, --platform, --only-binary=:all:); with
+#                              KVPRESS_TORCH=system, every file in DIR is installed with --no-deps over the system's
+#                              packages (the GPU machine has no index to resolve against)
 set -euo pipefail
 VENV=${1:-/tmp/kvpress-venv}
 PY=${PYTHON:-python3}
@@ -26,6 +28,10 @@ OFFLINE=()
 if [[ -n ${WHEELS:-} ]]; then
     OFFLINE=(--no-index --find-links "$WHEELS")
 fi
-"$VENV/bin/python" -m pip install --quiet "${OFFLINE[@]}" "${TORCH[@]}" kvpress==0.5.5 "transformers==5.2.0"
+if [[ -n ${WHEELS:-} && ${KVPRESS_TORCH:-} == system ]]; then
+    "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation "${OFFLINE[@]}" "$WHEELS"/*
+else
+    "$VENV/bin/python" -m pip install --quiet "${OFFLINE[@]}" "${TORCH[@]}" kvpress==0.5.5 "transformers==5.2.0"
+fi
 "$VENV/bin/python" -c "import kvpress, torch, transformers; print('kvpress', kvpress.__version__ if hasattr(kvpress, '__version__') else '0.5.5', '| torch', torch.__version__, '| transformers', transformers.__version__)"
 echo "kvpress venv ready: $VENV/bin/python"

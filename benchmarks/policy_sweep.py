@@ -117,8 +117,10 @@ def variant_prefill(fields: dict) -> tuple[str, tuple[int, ...]]:
     return prefill_of(EntropyKVConfig(**fields))
 
 
-def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str]) -> list[dict]:
-    records = []
+def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str]
+             ) -> tuple[list[dict], list[dict]]:
+    """(records, one target per setting: the prompt, what is fed after it and the full cache's answer tokens)."""
+    records, targets = [], []
     q = case.questions[0]
     split = "select" if case.index % 2 == 0 else "report"
     base = dict(task=case.task, length=case.length, case=case.index, split=split)
@@ -141,6 +143,7 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                 generated = continue_greedy(model, working, first, case.max_new_tokens).tolist()
                 target, right = answer_target(tokenizer, generated, q.answers)
                 records.append(dict(base, setting=setting, method="full", budget=1.0, kept=1.0, correct=right))
+                targets.append(dict(base, setting=setting, prompt_ids=prompt, feed=feed, target=target, full_correct=right))
             for name, fields in variants.items():
                 if variant_prefill(fields) != (scorer, repeat):
                     continue
@@ -149,7 +152,7 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                     ok = forced_match(model, cache, logits, feed, target)
                     records.append(dict(base, setting=setting, method=name, budget=budget, kept=report.kept_fraction,
                                         correct=ok))
-    return records
+    return records, targets
 
 
 def tables(records: list[dict], split: str) -> list[str]:
@@ -179,6 +182,8 @@ def write(records: list[dict], meta: dict, stem: Path) -> None:
              *(f"- {k}: {v}" for k, v in meta["environment"].items()),
              f"- cases: {meta['cases_done']} of {meta['cases_total']} (tasks {meta['tasks']}, lengths {meta['lengths']}), "
              f"{meta['seconds']:.0f} s", *([f"- merged from the shards {', '.join(meta['shards'])}"] if "shards" in meta else []),
+             *([f"- kvpress (its own environment, same targets; `kvpress ...` rows): {meta['kvpress']}"]
+               if "kvpress" in meta else []),
              "\nByte fractions are measured from the compressed tensors (`report.kept_fraction`)."]
     for split in ("report", "select"):
         lines += tables(records, split)
@@ -186,13 +191,23 @@ def write(records: list[dict], meta: dict, stem: Path) -> None:
 
 
 def merge(paths: list[Path], stem: Path) -> int:
-    """Tabulate the records of several shards' JSONs (same model, variants and budgets) as one sweep."""
-    runs = [json.loads(p.read_text()) for p in paths]
+    """Tabulate the records of several shards' JSONs (same model, variants and budgets) as one sweep, with those of
+    kvpress runs on their targets (`kvpress_runner.py --forced`)."""
+    loaded = [(p, json.loads(p.read_text())) for p in paths]
+    runs = [r for _, r in loaded if "kvpress_environment" not in r]
+    peers = [r for _, r in loaded if "kvpress_environment" in r]
+    if not runs:
+        raise SystemExit("--merge needs at least one policy_sweep.py JSON (kvpress runs only add to one)")
     meta = {k: v for k, v in runs[0].items() if k != "records"}
     meta.update(cases_done=sum(r["cases_done"] for r in runs), cases_total=sum(r["cases_total"] for r in runs),
-                seconds=max(r["seconds"] for r in runs), shards=[str(p.name) for p in paths])
+                seconds=max(r["seconds"] for r in runs), shards=[str(p.name) for p, _ in loaded])
+    if peers:
+        done = sum(r["cases_done"] for r in peers)
+        meta["kvpress"] = dict(peers[0]["kvpress_environment"], entries_done=done, seconds=max(r["seconds"] for r in peers),
+                               full_cache_reproduces_target=sum(r["full_cache_reproduces_target"] * r["cases_done"]
+                                                                for r in peers) / max(done, 1))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    write([rec for r in runs for rec in r["records"]], meta, stem)
+    write([rec for _, r in loaded for rec in r["records"]], meta, stem)
     print(stem.with_suffix(".md").read_text())
     return 0
 
@@ -212,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="gpu")
     parser.add_argument("--shard", default="0/1", help="K/N: run cases K, K+N, K+2N, ... (0 <= K < N)")
-    parser.add_argument("--merge", nargs="+", type=Path, help="sweep JSONs to tabulate together instead of running")
+    parser.add_argument("--merge", nargs="+", type=Path, help="sweep JSONs to tabulate together instead of running "
+                        "(and kvpress_runner.py --forced outputs)")
+    parser.add_argument("--save-targets", action="store_true",
+                        help="also write each question's prompt, fed ids and target to <stem>.targets.jsonl, the "
+                        "input of kvpress_runner.py --forced")
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, Path(args.out) / f"sweep_{args.tag}")
@@ -232,11 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.out) / (f"sweep_{args.tag}" if shards == 1 else f"sweep_{args.tag}_{shard}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
+    targets_path = stem.with_suffix(".targets.jsonl")
+    if args.save_targets:
+        targets_path.write_text("")
     for i, case in enumerate(cases):
         if time.perf_counter() - start > args.time_limit:
             print(f"time limit: stopping after {i} cases", file=sys.stderr)
             break
-        records += run_case(model, tokenizer, case, variants, args.budgets, args.settings)
+        got, targets = run_case(model, tokenizer, case, variants, args.budgets, args.settings)
+        records += got
+        if args.save_targets:
+            with targets_path.open("a") as f:
+                f.writelines(json.dumps(t) + "\n" for t in targets)
         write(records, dict(meta, cases_done=i + 1, seconds=time.perf_counter() - start), stem)
         print(f"case {i + 1}/{len(cases)} {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     print(stem.with_suffix(".md").read_text())

