@@ -6,14 +6,14 @@ the attention that layer runs anyway, on CUDA (issue 17: the reconstruct scorer'
 Per context n, the Llama-3-8B head layout (32 query / 8 KV heads of 128), bf16, batch 1, a reconstruction prefill
 of 2n + 16 tokens ([prompt, 16 prompt tokens, prompt again]): the median time (`triton.testing.do_bench`) of
   - `sdpa`: causal SDPA over the 2n + 16 tokens (what the layer's attention costs in a prefill that scores nothing);
-  - `attention_lse`: the same attention as the reconstruction prefill runs it, keeping the flash kernel's normalizers;
+  - `attention_lse`: the same attention as the reconstruction prefill runs it, keeping the fused kernel's
+    normalizers (cuDNN's attention where it takes the inputs, else FlashAttention-2; `attention_lse_kernel`);
   - `max_attention`: the Triton passes that score the n context slots from the n repeated queries (both passes);
   - `slot_pass`: the same given the normalizers (the second pass alone, what the prefill runs);
   - `score_reconstruction`: the whole op as the prefill runs it (with the normalizers; entropy from the window too);
   - `scoring_over_sdpa`: (attention_lse + score_reconstruction) / sdpa - 1, the layer's extra attention-side cost;
-  - `cudnn_lse`: a candidate for attention_lse, cuDNN's attention asked for its log-sum-exp (GQA as given, else
-    with K/V expanded; `cudnn_lse_how` says which ran, or why neither did), with `cudnn_lse_diff`, the largest
-    absolute difference of its normalizers from attention_lse's;
+  - `flash_lse`: PyTorch's FlashAttention-2 asked for its log-sum-exp (attention_lse's fallback), with
+    `flash_lse_diff`, the largest absolute difference of its normalizers from attention_lse's;
 and, with --baseline FILE (a copy of an earlier `entropykv_fx/kernels/score.py`, e.g. from `git show`; the file
 is executed: pass only code you trust), that file's `max_attention` on the same inputs, with the relative
 difference between the two (norm of the difference / norm of the baseline's scores).
@@ -34,6 +34,7 @@ from triton.testing import do_bench
 
 import entropykv_fx
 from entropykv_fx import kernels, ops
+from entropykv_fx.kernels.score import fused_lse_kernel
 
 HQ, HKV, D, REPEAT = 32, 8, 128, 16
 
@@ -46,21 +47,11 @@ def load_baseline(path: str):
     return module.max_attention
 
 
-def cudnn_candidate(q, k, v, scale: float, lse) -> dict:
-    """Time cuDNN's causal attention with its log-sum-exp, the candidate to replace FlashAttention-2 in attention_lse."""
-    group = q.shape[1] // k.shape[1]
-    tried = []
-    for how, (kk, vv) in (("gqa", (k, v)), ("expanded", (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)))):
-        def call(kk=kk, vv=vv):
-            return torch.ops.aten._scaled_dot_product_cudnn_attention(q, kk, vv, None, True, 0.0, True, False,
-                                                                      scale=scale)
-        try:
-            got = call()[1].float().reshape(lse.shape)
-        except RuntimeError as error:  # the candidate may not exist or accept these inputs on this build
-            tried.append(f"{how}: {str(error).splitlines()[0][:120]}")
-            continue
-        return dict(cudnn_lse_ms=do_bench(call), cudnn_lse_how=how, cudnn_lse_diff=float((got - lse).abs().max()))
-    return dict(cudnn_lse_ms=None, cudnn_lse_how="; ".join(tried), cudnn_lse_diff=None)
+def flash_fallback(q, k, v, scale: float, lse) -> dict:
+    """Time FlashAttention-2 with its log-sum-exp, what attention_lse runs where cuDNN refuses the inputs."""
+    def call():
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+    return dict(flash_lse_ms=do_bench(call), flash_lse_diff=float((call()[1].float() - lse).abs().max()))
 
 
 def measure(n: int, baseline) -> dict:
@@ -81,7 +72,8 @@ def measure(n: int, baseline) -> dict:
     row["slot_pass_ms"] = do_bench(lambda: kernels.max_attention(q_rec, k, pos_rec, pos, scale, 0, n, lse_rec))
     row["score_reconstruction_ms"] = do_bench(lambda: ops.score_reconstruction(q, k, pos, pos, scale, 0, 32, REPEAT,
                                                                                lse))
-    row.update(cudnn_candidate(q, k, v, scale, lse))
+    row["attention_lse_kernel"] = fused_lse_kernel(q)
+    row.update(flash_fallback(q, k, v, scale, lse))
     if baseline is not None:
         ours, before = (f(q_rec, k, pos_rec, pos, scale, 0, n) for f in (kernels.max_attention, baseline))
         row["baseline_max_attention_ms"] = do_bench(lambda: baseline(q_rec, k, pos_rec, pos, scale, 0, n))
