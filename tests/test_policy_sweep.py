@@ -1,0 +1,71 @@
+"""benchmarks/policy_sweep.py: each question's target as kvpress_runner.py --forced reads it, and the merged tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import random_prompt, tiny_model
+
+from entropykv_fx.bench.cases import Case, Question
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import policy_sweep  # noqa: E402
+
+
+class DigitTokenizer:
+    """Token i reads as its number; any text encodes to [5, 6] (the tiny model's vocabulary is 97 tokens)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [5, 6]}
+
+
+def test_run_case_writes_each_settings_prompt_feed_and_target():
+    context, question = random_prompt(80, seed=3)[0].tolist(), random_prompt(7, seed=4)[0].tolist()
+    case = Case("single_needle", 256, 1, 0, context, [Question(question, ["no such answer"], "?")], [], [], 4, True)
+    variants = {"uniform/window": policy_sweep.VARIANTS["uniform/window"]}
+    records, targets = policy_sweep.run_case(tiny_model("llama"), DigitTokenizer(), case, variants, [0.5],
+                                             ["question_aware", "query_agnostic"])
+    by_setting = {t["setting"]: t for t in targets}
+    assert by_setting["question_aware"]["prompt_ids"] == context + question and by_setting["question_aware"]["feed"] == []
+    assert by_setting["query_agnostic"]["prompt_ids"] == context and by_setting["query_agnostic"]["feed"] == question
+    for t in targets:  # the full cache never says "no such answer": the target is the answer's own tokens
+        assert t["target"] == [5, 6] and t["full_correct"] is False and t["split"] == "report"
+        json.dumps(t)  # one JSON line each
+    full = [r for r in records if r["method"] == "full"]
+    assert len(full) == 2 and not any(r["correct"] for r in full)
+    assert {(r["setting"], r["budget"]) for r in records if r["method"] == "uniform/window"} == {
+        ("question_aware", 0.5), ("query_agnostic", 0.5)}
+
+
+def sweep_json(path: Path, records: list[dict]) -> Path:
+    path.write_text(json.dumps(dict(environment={"device": "test"}, model="m", cases_done=2, cases_total=2, seconds=1.0,
+                                    tasks=["single_needle"], lengths=[256], records=records)))
+    return path
+
+
+def record(method: str, budget: float, correct: bool, case: int = 1) -> dict:
+    return dict(task="single_needle", length=256, case=case, split="report", setting="question_aware", method=method,
+                budget=budget, kept=budget, correct=correct)
+
+
+def test_merge_puts_kvpress_rows_beside_ours(tmp_path):
+    ours = sweep_json(tmp_path / "sweep_t_0.json", [record("full", 1.0, True), record("full", 1.0, True, case=3),
+                                                     record("uniform/window", 0.5, True),
+                                                     record("uniform/window", 0.5, False, case=3)])
+    theirs = tmp_path / "kvpress_t_0.json"
+    theirs.write_text(json.dumps(dict(kvpress_environment={"kvpress": "0.5.5"}, cases_done=2, cases_total=2,
+                                      seconds=3.0, full_cache_reproduces_target=1.0, full_correct=2,
+                                      records=[record("kvpress tova", 0.5, True), record("kvpress tova", 0.5, True, 3)])))
+    policy_sweep.merge([ours, theirs], tmp_path / "sweep_t")
+    table = (tmp_path / "sweep_t.md").read_text()
+    assert "| kvpress tova | 100.0 [" in table and "n=2" in table
+    assert "| uniform/window | 50.0 [" in table
+    assert "'kvpress': '0.5.5'" in table and "'full_cache_reproduces_target': 1.0" in table
+    with pytest.raises(SystemExit, match="at least one policy_sweep.py JSON"):
+        policy_sweep.merge([theirs], tmp_path / "only_kvpress")
