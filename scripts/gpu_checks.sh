@@ -97,6 +97,7 @@ sweep)
     tag=${3:?usage: gpu_checks.sh OUT_DIR sweep TAG [policy_sweep.py ARGS]}
     parts=/tmp/sweep_parts  # shards, targets and logs stay here: the device tool brings back at most 8 files
     mkdir -p "$parts"
+    shopt -s nullglob  # a kvpress run that wrote nothing leaves its rows out of the merge, not the merge out
     PYTHON=python3 KVPRESS_TORCH=system WHEELS=${WHEELS:?WHEELS: kvpress 0.5.5 and transformers 5.2.0 wheels} \
         bash benchmarks/kvpress_env.sh /tmp/kvpress-venv >"$parts/kvpress_env.log" 2>&1 &
     model_dir=$(python3 -c "from entropykv_fx.models import cache_dir, load_default_model
