@@ -90,7 +90,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    return max(centre - half, 0.0), min(centre + half, 1.0)  # exact bounds, without rounding's -0
 
 
 def answer_target(tokenizer, generated: list[int], answers: list[str]) -> tuple[list[int], bool]:
@@ -159,14 +159,15 @@ def tables(records: list[dict], split: str) -> list[str]:
     lines = []
     for setting in sorted({r["setting"] for r in records}):
         rows = [r for r in records if r["setting"] == setting and r["split"] == split]
-        budgets = sorted({r["budget"] for r in rows if r["method"] != "full"}, reverse=True)
         methods = ["full"] + sorted({r["method"] for r in rows} - {"full"})
+        whole = {m for m in methods if all(r["budget"] == 1.0 for r in rows if r["method"] == m)}  # full caches
+        budgets = sorted({r["budget"] for r in rows if r["method"] not in whole}, reverse=True)
         lines += [f"\n### {setting}, {split} split (accuracy %, Wilson 95% interval, n questions)\n",
                   "| method | " + " | ".join(f"{b:g} kept" for b in budgets) + " |",
                   "|---" * (len(budgets) + 1) + "|"]
         for m in methods:
             cells = []
-            for b in ([1.0] * len(budgets) if m == "full" else budgets):
+            for b in ([1.0] * len(budgets) if m in whole else budgets):
                 got = [r["correct"] for r in rows if r["method"] == m and r["budget"] == b]
                 lo, hi = wilson(sum(got), len(got))
                 kept = [r["kept"] for r in rows if r["method"] == m and r["budget"] == b]

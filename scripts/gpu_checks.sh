@@ -102,7 +102,7 @@ sweep)
         bash benchmarks/kvpress_env.sh /tmp/kvpress-venv >"$parts/kvpress_env.log" 2>&1 &
     model_dir=$(python3 -c "from entropykv_fx.models import cache_dir, load_default_model
 load_default_model(show_progress=False); print(cache_dir())")  # GGUF -> safetensors once, before the shards
-    n=${SWEEP_SHARDS:-8} m=${KVPRESS_SHARDS:-6}
+    n=${SWEEP_SHARDS:-8} m=${KVPRESS_SHARDS:-6}  # kvpress: about 3 GiB of GPU memory each (KVzip at 4k)
     for ((k = 0; k < n; k++)); do  # two threads each: the processes share the machine's cores
         OMP_NUM_THREADS=2 timeout -s ABRT 590 python3 benchmarks/policy_sweep.py --device cuda --save-targets \
             --time-limit "${SWEEP_LIMIT:-300}" --shard "$k/$n" --out "$parts" --tag "$tag" "${@:4}" \

@@ -97,6 +97,7 @@ def fanout_prefill(model, input_ids: torch.Tensor, presses: dict) -> tuple[dict[
     return results, out.logits[0, -1]
 
 
+@torch.no_grad()
 def own_prefill(model, input_ids: torch.Tensor, press) -> Compressed:
     """The cache (and masks) of `with press(model): model(input_ids)`, for presses that cannot share a prefill."""
     own = Compressed()
@@ -212,8 +213,9 @@ def forced_entry(model, entry: dict, presses: dict) -> tuple[list[dict], bool]:
         if ids:
             predicted += forward_at(model, own.cache, ids, len(prompt))[len(feed) - 1 if feed else 0:].argmax(-1).tolist()
         correct = predicted[:len(target)] == target
-        if name == "none":
+        if name == "none":  # kvpress's own full cache, scored like ours (the tables' `kvpress full` row)
             full_match = correct
+            records.append({**base, "method": "kvpress full", "budget": 1.0, "kept": 1.0, "correct": correct})
             continue
         method, budget = name.split("@")
         records.append({**base, "method": f"kvpress {method}", "budget": float(budget), "kept": kept,
