@@ -25,11 +25,20 @@ import platform
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from kvpress import (AdaKVPress, ExpectedAttentionPress, KnormPress, KVzipPress, PyramidKVPress, SnapKVPress,
-                     StreamingLLMPress, TOVAPress)
+from kvpress import (
+    AdaKVPress,
+    ExpectedAttentionPress,
+    KnormPress,
+    KVzipPress,
+    PyramidKVPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+)
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.utils import logging as hf_logging
 
@@ -228,7 +237,7 @@ def run_forced(model, paths: list[str], presses: dict, shard: tuple[int, int], o
                time_limit: float) -> None:
     """Every entry of the targets files (every N-th from the K-th), re-writing `out` after each one; no entry is
     started after `time_limit` seconds."""
-    entries = [json.loads(line) for path in paths for line in open(path) if line.strip()]
+    entries = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
     entries = entries[shard[0]::shard[1]]
     start, records, matches = time.perf_counter(), [], []
     for i, entry in enumerate(entries):
@@ -239,9 +248,10 @@ def run_forced(model, paths: list[str], presses: dict, shard: tuple[int, int], o
         records += got
         if entry["full_correct"]:  # the target is entropykv_fx's full-cache answer: does kvpress's give it too?
             matches.append(full_match)
-        json.dump({**meta, "cases_done": i + 1, "cases_total": len(entries), "seconds": time.perf_counter() - start,
-                   "full_cache_reproduces_target": sum(matches) / max(len(matches), 1), "full_correct": len(matches),
-                   "records": records}, open(out, "w"))
+        Path(out).write_text(json.dumps({
+            **meta, "cases_done": i + 1, "cases_total": len(entries), "seconds": time.perf_counter() - start,
+            "full_cache_reproduces_target": sum(matches) / max(len(matches), 1), "full_correct": len(matches),
+            "records": records}))
         print(f"kvpress forced: {i + 1}/{len(entries)} {time.perf_counter() - start:.0f}s", flush=True)
 
 
@@ -311,7 +321,7 @@ def main() -> None:
         run_forced(model, args.forced, presses, (shard, shards), args.out, {"kvpress_environment": meta},
                    args.time_limit)
         return
-    data = json.load(open(args.cases))
+    data = json.loads(Path(args.cases).read_text())
     if args.check_fanout:
         ids = torch.tensor([data["cases"][0]["context_ids"][:args.check_fanout]], device=model.device)
         meta["fanout_check"] = check_fanout(model, ids, presses)
@@ -322,7 +332,7 @@ def main() -> None:
         records += run_case(model, case, args.settings, presses, data["stop_token_ids"])
         print(f"kvpress: case {i + 1}/{len(data['cases'])} done, {time.perf_counter() - start:.0f}s", flush=True)
     meta["kvpress_seconds"] = round(time.perf_counter() - start, 1)
-    json.dump({**meta, "records": records}, open(args.out, "w"))
+    Path(args.out).write_text(json.dumps({**meta, "records": records}))
 
 
 if __name__ == "__main__":
