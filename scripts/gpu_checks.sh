@@ -107,14 +107,14 @@ load_default_model(show_progress=False); print(cache_dir())")  # GGUF -> safeten
     # start-up included, and 6 kvpress processes every one of their 122 questions in 100 s
     for ((k = 0; k < n; k++)); do  # two threads each: the processes share the machine's cores
         OMP_NUM_THREADS=2 timeout -s ABRT 590 python3 benchmarks/policy_sweep.py --device cuda --save-targets \
-            --time-limit "${SWEEP_LIMIT:-450}" --shard "$k/$n" --out "$parts" --tag "$tag" "${@:4}" \
+            --time-limit "${SWEEP_LIMIT:-420}" --shard "$k/$n" --out "$parts" --tag "$tag" "${@:4}" \
             >"$parts/sweep_$k.log" 2>&1 &
     done
     wait
     for ((k = 0; k < m; k++)); do
         OMP_NUM_THREADS=2 timeout -s ABRT 590 /tmp/kvpress-venv/bin/python entropykv_fx/bench/kvpress_runner.py \
             --forced "$parts"/sweep_"$tag"_*.targets.jsonl --model-dir "$model_dir" --dtype bfloat16 \
-            --budgets 0.5 0.25 0.1 --time-limit "${KVPRESS_LIMIT:-90}" --shard "$k/$m" \
+            --budgets 0.5 0.25 0.1 --time-limit "${KVPRESS_LIMIT:-80}" --shard "$k/$m" \
             --out "$parts/kvpress_${tag}_$k.json" >"$parts/kvpress_$k.log" 2>&1 &
     done
     wait
