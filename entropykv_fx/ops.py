@@ -105,8 +105,8 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
     """`attention`, and each query's softmax normalizer: ([B, Hq, L, Dv], lse [B, Hq, L] float32).
 
     lse is the log-sum-exp (natural log) of the query's scaled logits over the slots it sees, -inf for a query
-    that sees none. A flash-attention kernel computes it anyway (FlashAttention-2, Dao 2023,
-    https://arxiv.org/abs/2307.08691, keeps it for its backward pass); the reconstruction scorer reuses it
+    that sees none. A fused attention kernel computes it anyway for its backward pass (FlashAttention-2, Dao 2023,
+    https://arxiv.org/abs/2307.08691; cuDNN's, which the CUDA kernel prefers); the reconstruction scorer reuses it
     (`score_reconstruction`'s lse) instead of a pass of its own over the keys. Raises ValueError for shapes,
     dtypes or devices `attention` does not accept.
     """
