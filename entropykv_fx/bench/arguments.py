@@ -7,7 +7,7 @@ import argparse
 TASKS = ("single_needle", "multi_key", "multi_value", "variable_tracking", "perplexity")
 SETTINGS = ("question_aware", "query_agnostic")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-KVPRESS_PRESSES = ("snapkv", "pyramidkv", "streamingllm", "adakv_snapkv", "expected_attention", "knorm")
+KVPRESS_PRESSES = ("snapkv", "pyramidkv", "streamingllm", "adakv_snapkv", "expected_attention", "knorm", "tova", "kvzip")
 
 
 def kept_fraction(value: str) -> float:

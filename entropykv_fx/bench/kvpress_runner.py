@@ -165,9 +165,8 @@ def run_case(model, case: dict, settings: list[str], presses: dict, stop_token_i
     base = {"library": "kvpress", "task": case["task"], "length": case["length"], "case": case["index"]}
     context = case["context_ids"]
 
-    def record(name, setting, qi, compressed, n_tokens, **result):
+    def record(name, setting, qi, kept, **result):
         method, budget = name.split("@") if name != "none" else ("none", "1.0")
-        kept = compressed.kept_fraction(n_tokens) if compressed else 1.0
         records.append({**base, "method": method, "budget": float(budget), "setting": setting, "question": qi,
                         "kept_fraction": kept, **result})
 
@@ -180,24 +179,26 @@ def run_case(model, case: dict, settings: list[str], presses: dict, stop_token_i
             results, logits = compressed_caches(model, torch.tensor([prompt], device=model.device), presses)
             for name, own, masked in variants(results):
                 use_masks(model, masked)
+                kept = masked.kept_fraction(len(prompt)) if masked else 1.0  # before decoding appends to the cache
                 tokens = greedy(model, own.cache, logits, len(prompt), case["max_new_tokens"], stops)
-                record(name, "question_aware", qi, masked, len(prompt), tokens=tokens)
+                record(name, "question_aware", qi, kept, tokens=tokens)
     if "query_agnostic" in settings:
         results, _ = compressed_caches(model, torch.tensor([context], device=model.device), presses)
         for name, own, masked in variants(results):
             use_masks(model, masked)
+            kept = masked.kept_fraction(len(context)) if masked else 1.0
             for qi, q in enumerate(case["questions"]):
                 cache = copy.deepcopy(own.cache)
                 if case["task"] == "perplexity":
                     ids = q["continuation_ids"]
                     logits = forward_at(model, cache, ids, len(context))
                     nll = float(F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:], device=logits.device)))
-                    record(name, "query_agnostic", qi, masked, len(context), nll=nll)
+                    record(name, "query_agnostic", qi, kept, nll=nll)
                 else:
                     logits = forward_at(model, cache, q["question_ids"], len(context))[-1]
                     tokens = greedy(model, cache, logits, len(context) + len(q["question_ids"]),
                                     case["max_new_tokens"], stops)
-                    record(name, "query_agnostic", qi, masked, len(context), tokens=tokens)
+                    record(name, "query_agnostic", qi, kept, tokens=tokens)
     use_masks(model, None)
     return records
 
