@@ -203,10 +203,11 @@ def merge(paths: list[Path], stem: Path) -> int:
     meta.update(cases_done=sum(r["cases_done"] for r in runs), cases_total=sum(r["cases_total"] for r in runs),
                 seconds=max(r["seconds"] for r in runs), shards=[str(p.name) for p, _ in loaded])
     if peers:
-        done = sum(r["cases_done"] for r in peers)
-        meta["kvpress"] = dict(peers[0]["kvpress_environment"], entries_done=done, seconds=max(r["seconds"] for r in peers),
-                               full_cache_reproduces_target=sum(r["full_cache_reproduces_target"] * r["cases_done"]
-                                                                for r in peers) / max(done, 1))
+        right = sum(r["full_correct"] for r in peers)  # the questions whose target is our full cache's answer
+        meta["kvpress"] = dict(peers[0]["kvpress_environment"], entries_done=sum(r["cases_done"] for r in peers),
+                               seconds=max(r["seconds"] for r in peers),
+                               full_cache_reproduces_target=sum(r["full_cache_reproduces_target"] * r["full_correct"]
+                                                                for r in peers) / max(right, 1))
     stem.parent.mkdir(parents=True, exist_ok=True)
     write([rec for _, r in loaded for rec in r["records"]], meta, stem)
     print(stem.with_suffix(".md").read_text())
