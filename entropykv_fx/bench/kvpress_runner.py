@@ -117,9 +117,14 @@ def own_prefill(model, input_ids: torch.Tensor, press) -> Compressed:
     return own
 
 
+def hook_presses(presses: dict) -> dict:
+    """The presses that compress in a forward hook (all but OWN_PREFILL_PRESSES'), which one prefill can serve."""
+    return {name: press for name, press in presses.items() if not isinstance(press, KVzipPress)}
+
+
 def compressed_caches(model, input_ids: torch.Tensor, presses: dict) -> tuple[dict[str, Compressed], torch.Tensor]:
     """(compressed cache per press name, plus the uncompressed one as '_full'; logits of the last position)."""
-    hooked = {name: press for name, press in presses.items() if not isinstance(press, KVzipPress)}
+    hooked = hook_presses(presses)
     results, logits = fanout_prefill(model, input_ids, {"_full": _NoPress(), **hooked})
     for name, press in presses.items():
         if name not in hooked:
@@ -269,7 +274,7 @@ class _NoPress:
 @torch.no_grad()
 def check_fanout(model, input_ids: torch.Tensor, presses: dict) -> dict[str, bool]:
     """For each hook press: does the fan-out give exactly the cache (and AdaKV masks) of `with press(model)`?"""
-    presses = {name: press for name, press in presses.items() if not isinstance(press, KVzipPress)}
+    presses = hook_presses(presses)
     results, _ = fanout_prefill(model, input_ids, presses)
     same = {}
     for name, press in presses.items():
