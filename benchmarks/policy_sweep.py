@@ -117,6 +117,7 @@ def variant_prefill(fields: dict) -> tuple[str, tuple[int, ...]]:
     return prefill_of(EntropyKVConfig(**fields))
 
 
+@torch.no_grad()
 def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str]
              ) -> tuple[list[dict], list[dict]]:
     """(records, one target per setting: the prompt, what is fed after it and the full cache's answer tokens)."""

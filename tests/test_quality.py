@@ -57,6 +57,19 @@ def test_needles_are_in_the_context_at_their_depths(tokenizer, task, length):
                    if task != "variable_tracking")  # the question names the key (or the value), never the answer
 
 
+def test_multi_key_last_plants_its_distractors_before_the_asked_needle(tokenizer):
+    counts = set()
+    for index in range(12):
+        case = make_case(tokenizer, "multi_key_last", 1024, index)
+        counts.add(len(case.needles))
+        asked = case.questions[0]
+        keys = [needle.split(" for ")[1].split(" is")[0] for needle in case.needles]
+        assert case.depths == sorted(case.depths) and asked.answers[0] in case.needles[-1]
+        assert keys[-1] in asked.text and not any(key in asked.text for key in keys[:-1])
+        assert len(set(keys)) == len(keys)
+    assert counts == {2, 3, 4}  # one to three distractors
+
+
 def test_perplexity_case_continues_its_context_in_the_source_text(tokenizer):
     case = make_case(tokenizer, "perplexity", 1024, 0)
     assert len(case.context_ids) == 1024 and len(case.questions[0].continuation_ids) == 128

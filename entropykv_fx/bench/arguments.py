@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-TASKS = ("single_needle", "multi_key", "multi_value", "variable_tracking", "perplexity")
+TASKS = ("single_needle", "multi_key", "multi_key_last", "multi_value", "variable_tracking", "perplexity")
 SETTINGS = ("question_aware", "query_agnostic")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 KVPRESS_PRESSES = ("snapkv", "pyramidkv", "streamingllm", "adakv_snapkv", "expected_attention", "knorm", "tova", "kvzip")
