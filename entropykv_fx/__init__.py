@@ -24,8 +24,11 @@ _EXPORTS = {
     "EntropyKVError": "errors", "InputError": "errors", "ArgumentTypeError": "errors", "Calibration": "config",
     "ExportLayout": "exported", "BudgetFloorWarning": "errors", "TransformersVersionError": "compat", "UntestedTransformersWarning": "compat",
     "RankDivergenceError": "parallel",
+    **dict.fromkeys(("Composition", "Window", "LastQuery", "KeyNorm", "Reconstruct", "Uniform", "LayerEntropy",
+                     "Pyramid", "HeadTopK", "CacheTopK", "HeadEntropyTiers", "MatrixEntropyGroups", "Recency",
+                     "KeepAll"), "composition"),
 }
-_SUBMODULES = ("policies", "reuse", "calibrate", "exporters", "scorers", "parallel")
+_SUBMODULES = ("policies", "reuse", "calibrate", "exporters", "scorers", "parallel", "composition")
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 

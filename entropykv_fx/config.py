@@ -8,9 +8,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import EntropyKVError, short_repr
+
+if TYPE_CHECKING:
+    from .composition import Composition
 
 Pooling = Literal["max", "avg", "none"]
 BudgetSource = Literal["dynamic", "calibrated"]
@@ -153,7 +156,9 @@ def model_shape(model: Any) -> dict[str, Any]:
 class EntropyKVConfig:
     """How the KV cache is compressed after prefill.
 
-    policy: one of `entropykv_fx.policies()`; None (default): the policy a calibration file records when
+    policy: one of `entropykv_fx.policies()`, or a `Composition` (allocator x scorer x granularity,
+        `entropykv_fx.composition`), which sets `policy` to the policy implementing it, `scorer` and its parts'
+        parameters (a field also given with another value is refused); None (default): the policy a calibration file records when
         budget_source="calibrated" (it was measured with it; "uniform" for a file of per-layer fractions that
         records none), else DEFAULT_POLICY ("cache_topk").
     budget: a float in (0, 1] is the fraction of the prompt kept per layer on average; an int >= 1 is a token
@@ -188,7 +193,7 @@ class EntropyKVConfig:
     head_groups / layer_groups (matrix_entropy): how many budget tiers the heads of a layer, and the layers, form.
     """
 
-    policy: str | None = None  # DEFAULT_POLICY, or a calibration file's own
+    policy: str | Composition | None = None  # DEFAULT_POLICY, or a calibration file's own
     budget: float | int = 0.25
     window: int = 32
     sink_tokens: int = 4
@@ -215,8 +220,11 @@ class EntropyKVConfig:
     scorer_from_policy: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        from .composition import Composition
         from .policies import POLICIES  # late import: policies import the config module
 
+        if isinstance(self.policy, Composition):
+            self._take_composition(self.policy)
         object.__setattr__(self, "policy_by_default", self.policy is None)
         if self.policy is None:
             object.__setattr__(self, "policy", self._calibrated_policy() or DEFAULT_POLICY)
@@ -309,7 +317,23 @@ class EntropyKVConfig:
             raise ConfigError(f"unknown EntropyKVConfig field(s) {unknown}: accepted fields are {sorted(names)}")
         again = {name: None for name, unnamed in (("policy", self.policy_by_default), ("scorer", self.scorer_from_policy))
                  if unnamed and name not in overrides}
+        from .composition import PART_FIELDS, Composition
+
+        if isinstance(overrides.get("policy"), Composition):  # it owns its fields: none carries over from before
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            again.update({name: defaults[name] for name in PART_FIELDS if name not in overrides})
         return dataclasses.replace(self, **again, **overrides)
+
+    def _take_composition(self, composition) -> None:
+        """Set the fields a `Composition` owns; a field also given here with another value than its default is
+        refused rather than silently overridden."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in composition.fields().items():
+            given = getattr(self, name)
+            if name != "policy" and given != defaults[name] and given != value:
+                _fail(name, given, f"{value!r} as the composition {composition} sets it, or leave it out (set it "
+                      "in the composition's parts)")
+            object.__setattr__(self, name, value)
 
     def _calibrated_policy(self) -> str | None:
         """The policy a calibration file was measured with, when budgets come from one (read once, here)."""

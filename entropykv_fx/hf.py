@@ -39,6 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .cache import EntropyKVCache, PrefillStats
 from .compat import cache_in_call, check_transformers_version, with_cache
+from .composition import Composition
 from .compress import CompressionReport, compress_cache, uncompressed_report
 from .config import ConfigError, EntropyKVConfig
 from .errors import ArgumentTypeError, EntropyKVError, InputError, short_repr
@@ -455,7 +456,7 @@ def _sliding_windows(model: nn.Module, layers: nn.ModuleList) -> tuple[int, ...]
     return tuple(windows)
 
 
-def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inductor: bool | None = None,
+def optimize(model: nn.Module, config: EntropyKVConfig | Composition | None = None, *, inductor: bool | None = None,
              mode: str | None = None, verify_ranks: bool | None = None, cuda_graphs: bool | None = None,
              fuse_projections: bool | None = None, **overrides: Any) -> nn.Module:
     """Make `model.generate()` (and plain forwards) compress the KV cache after prefill. Returns `model`.
@@ -463,7 +464,8 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     The decoder is compiled with the entropykv Dynamo backend (see the module docstring); the rewritten graphs
     run eagerly, or through Inductor with `inductor=True` (`mode` as in torch.compile, e.g. "reduce-overhead").
     `config` defaults to `EntropyKVConfig()`; keyword overrides replace single fields, e.g.
-    `optimize(model, policy="entropy", budget=0.25)`. Calling it again on an optimized model changes its
+    `optimize(model, policy="entropy", budget=0.25)`; a `Composition` (`entropykv_fx.composition`) passed as
+    `config` or `policy` sets the policy with its parameters. Calling it again on an optimized model changes its
     configuration: overrides apply to its current config unless `config` is given, and the options `inductor`,
     `mode`, `verify_ranks`, `cuda_graphs` and `fuse_projections` keep their current values unless given (`mode`
     follows `inductor` when that is given). A new budget or policy does not recompile; a change of `inductor`, `mode`
@@ -497,6 +499,8 @@ def optimize(model: nn.Module, config: EntropyKVConfig | None = None, *, inducto
     read once, here (when the config is built): editing or deleting it afterwards changes nothing.
     """
     check_transformers_version()
+    if isinstance(config, Composition):  # optimize(model, Composition(...)): the policy, other fields as they are
+        config, overrides = None, {**overrides, "policy": config}
     if config is not None and not isinstance(config, EntropyKVConfig):
         raise ArgumentTypeError(f"entropykv_fx.optimize: config must be an EntropyKVConfig or None, got "
                                 f"{short_repr(config)}; pass fields as keywords instead, e.g. "
