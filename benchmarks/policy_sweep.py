@@ -132,8 +132,9 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
         feed = [] if setting == "question_aware" else q.question_ids
         target = right = None
         for scorer, repeat in prefills:
-            full, logits = scored_prefill(model, torch.tensor([prompt]), EntropyKVConfig(scorer=scorer,
-                                                                                        repeat_prompt=repeat))
+            full, logits = scored_prefill(model, torch.tensor([prompt]),
+                                          EntropyKVConfig(scorer=scorer, repeat_prompt=repeat),
+                                          policies=[EntropyKVConfig(**v).policy for v in variants.values()])
             if target is None:  # the full cache's own greedy answer is the target
                 working = copy.deepcopy(full)
                 if feed:

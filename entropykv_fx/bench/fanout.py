@@ -10,6 +10,7 @@ prefill (tests/test_quality.py checks this for every policy).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -22,16 +23,20 @@ from ..policies import POLICIES
 
 
 @torch.no_grad()
-def scored_prefill(model: nn.Module, input_ids: Tensor, base: EntropyKVConfig | None = None) -> tuple[EntropyKVCache, Tensor]:
+def scored_prefill(model: nn.Module, input_ids: Tensor, base: EntropyKVConfig | None = None,
+                   policies: Iterable[str] | None = None) -> tuple[EntropyKVCache, Tensor]:
     """(uncompressed cache holding every layer's prefill statistics, logits [vocab] of the last position).
 
     Leaves `model` optimized with `base` (default `EntropyKVConfig()`). The scores are `base`'s scorer's: copies
     compress only with configs that score the same way (`compressed_copy`; `prefill_of` groups configs by it).
+    `policies`: the policies the copies will use (None: any), so that a statistic of a policy's own (matrix
+    entropy) is computed only when one of them needs it.
     """
     base = base or EntropyKVConfig()
     optimize(model, base)
     # Head-wise policies may rank by a statistic of their own (matrix_entropy's): the shared prefill computes it too.
-    with_statistic = [name for name, p in POLICIES.items() if p.prefill_statistic is not None]
+    wanted = POLICIES if policies is None else set(policies)
+    with_statistic = [name for name, p in POLICIES.items() if p.prefill_statistic is not None and name in wanted]
     cache, logits = optimized(model).scored_prefill(input_ids.to(model.device),
                                                     statistic_of=with_statistic[0] if with_statistic else None)
     cache.scored_with = prefill_of(base)
