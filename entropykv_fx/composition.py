@@ -12,7 +12,7 @@ The registry's names are tested compositions (`COMPOSITIONS`, `Composition.named
 policy="entropy")` and `optimize(model, policy=Composition.named("entropy"))` build equal configs. Parameters
 every composition shares stay on `EntropyKVConfig`: `budget` (fraction of the prompt, or tokens per layer on
 average), `window` (the last prompt queries measure attention, and those tokens are always kept) and
-`sink_tokens`. A composition that no registered policy implements (e.g. `LayerEntropy` at head granularity) is
+`sink_tokens`. A composition that no registered policy implements (e.g. `HeadTopK` at layer granularity) is
 refused with the granularities its allocator has.
 """
 
@@ -80,7 +80,7 @@ SCORER_TYPES: dict[str, type] = {cls.name: cls for cls in (Window, LastQuery, Ke
 class Uniform(_Part):
     """The same budget in every layer and KV head (SnapKV's allocation, https://arxiv.org/abs/2404.14469)."""
 
-    policies: ClassVar[dict[str, str]] = {"layer": "uniform", "head": "snapkv"}
+    policies: ClassVar[dict[str, str]] = {"head": "snapkv", "layer": "uniform"}  # the first is the default
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class LayerEntropy(_Part):
 
     min_layer_budget: float = 0.25
     max_layer_budget: float = 4.0
-    policies: ClassVar[dict[str, str]] = {"layer": "entropy"}
+    policies: ClassVar[dict[str, str]] = {"layer": "entropy", "head": "entropy_per_head"}
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Pyramid(_Part):
     """Budgets falling linearly from the bottom layer to the top one, top = mean / 20 (PyramidKV, Cai et al.
     2024, https://arxiv.org/abs/2406.02069)."""
 
-    policies: ClassVar[dict[str, str]] = {"layer": "pyramidkv"}
+    policies: ClassVar[dict[str, str]] = {"layer": "pyramidkv", "head": "pyramidkv_per_head"}
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,8 @@ class Composition:
 
     scorer: None takes the policy's own (`Reconstruct()` for `CacheTopK`, `Window()` for the others); `Recency`
         and `KeepAll` rank nothing and refuse one. granularity: "layer" (one token set per layer) or "head" (one per
-        KV head); None takes the allocator's only one, or "head" for `Uniform` and `CacheTopK`, which have both.
+        KV head); None takes the allocator's first (`Allocator.policies`): "head" for `Uniform` and `CacheTopK`, "layer"
+        for `LayerEntropy` and `Pyramid` (as their papers), the only one for the others.
     Raises ConfigError (a ValueError) for parts of the wrong kind and for compositions no policy implements.
     """
 
@@ -195,7 +196,7 @@ class Composition:
             raise ConfigError(f"Composition.scorer={self.scorer!r} is invalid: expected None or one of "
                               f"{[c.__name__ + '()' for c in SCORER_TYPES.values()]}")
         own = self.allocator.policies
-        granularity = self.granularity or ("head" if "head" in own else "layer")
+        granularity = self.granularity or next(iter(own))
         if granularity not in own:
             raise ConfigError(f"Composition.granularity={self.granularity!r} is invalid for "
                               f"{type(self.allocator).__name__}: expected one of {sorted(own)}")

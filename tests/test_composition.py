@@ -54,13 +54,15 @@ def test_granularity_defaults_and_choices():
     assert Composition(CacheTopK()).policy == "cache_topk"
     assert Composition(CacheTopK(), Reconstruct(), "layer").policy == "cache_topk_layer"
     assert Composition(Pyramid()).granularity == "layer" and Composition(HeadTopK()).granularity == "head"
+    assert Composition(LayerEntropy(), granularity="head").policy == "entropy_per_head"
+    assert Composition(Pyramid(), LastQuery(), "head").config().policy == "pyramidkv_per_head"
     assert Composition(Recency()).config().policy == "streaming"
 
 
 @pytest.mark.parametrize("build, match", [
-    (lambda: Composition(LayerEntropy(), granularity="head"),
-     r"granularity='head' is invalid for LayerEntropy: expected one of \['layer'\]"),
-    (lambda: Composition(HeadTopK(), granularity="layer"), r"expected one of \['head'\]"),
+    (lambda: Composition(HeadTopK(), granularity="layer"),
+     r"granularity='layer' is invalid for HeadTopK: expected one of \['head'\]"),
+    (lambda: Composition(Recency(), granularity="head"), r"expected one of \['layer'\]"),
     (lambda: Composition("entropy"), r"allocator='entropy' is invalid: expected one of"),
     (lambda: Composition(Uniform(), "window"), r"scorer='window' is invalid: expected None or one of"),
     (lambda: Composition(Recency(), Window()), r"ranks no tokens: expected None"),

@@ -148,12 +148,28 @@ class HeadPlan:
         return HeadPlan([b[:, kept] for b in self.budgets], [row[kept] for row in self.int8_heads],
                         [s[:, kept] for s in self.scores])
 
+def per_head(layer_policy: Policy, name: str, summary: str) -> Policy:
+    """`layer_policy`'s per-layer budgets with every KV head of a layer keeping its own top tokens by the scorer's
+    per-head scores (the head-wise layout): SnapKV's per-head selection under any layer allocation."""
+
+    def plan_heads(layers, n_tokens, config) -> HeadPlan:
+        entropies = [float(layer.stats.entropy.mean()) for layer in layers]
+        scores = [pooled_head_scores(layer, config) for layer in layers]
+        budgets = [torch.full(s.shape[:2], b, dtype=torch.int64, device=s.device)
+                   for s, b in zip(scores, layer_policy.allocate(entropies, n_tokens, config))]
+        return HeadPlan(budgets, [[False] * s.shape[1] for s in scores], scores)
+
+    return Policy(name, None, needs_scores=True, plan_heads=plan_heads, scorers=layer_policy.scorers,
+                  scorer=layer_policy.scorer, summary=summary)
+
+
 # (the modules use the helpers above)
 from . import adakv, cache_topk, entropy, entropy_head, full, matrix_entropy, pyramidkv, snapkv, streaming, uniform  # noqa: E402
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY, full.POLICY,
-    snapkv.POLICY, adakv.POLICY, cache_topk.POLICY, cache_topk.LAYER_POLICY, entropy_head.POLICY, matrix_entropy.POLICY)}
+    snapkv.POLICY, adakv.POLICY, cache_topk.POLICY, cache_topk.LAYER_POLICY, entropy_head.POLICY, matrix_entropy.POLICY,
+    entropy.HEAD_POLICY, pyramidkv.HEAD_POLICY)}
 
 
 def policies() -> dict[str, str]:

@@ -3,14 +3,15 @@
 Layers whose heads spread attention widely (high mean entropy) use more context and keep more tokens;
 low-entropy "sink" layers keep fewer. The total equals `layers x mean budget`, each layer clamped to
 [min_layer_budget, max_layer_budget] x mean (and at least sinks + window). Tokens are chosen once per layer
-from scores summed over all heads, so every head of a layer shares one token set.
+from scores summed over all heads, so every head of a layer shares one token set (`entropy_per_head`: the same
+budgets, each KV head choosing its own tokens, the head-wise layout).
 """
 
 from __future__ import annotations
 
 import math
 
-from . import Policy, budget_bounds, distribute
+from . import Policy, budget_bounds, distribute, per_head
 
 
 def allocate(layer_entropy, n_tokens, config) -> list[int]:
@@ -22,3 +23,6 @@ def allocate(layer_entropy, n_tokens, config) -> list[int]:
 
 POLICY = Policy("entropy", allocate, needs_scores=True,
                 summary="layer budgets proportional to mean head attention entropy; one token set per layer")
+
+HEAD_POLICY = per_head(POLICY, "entropy_per_head",
+                       summary="entropy's layer budgets, each KV head keeping its own top tokens (SnapKV's selection)")

@@ -2,12 +2,13 @@
 
 Lower layers spread attention widely and keep more; upper layers focus and keep less. Following the
 paper's default beta = 20, the top layer keeps mean / beta and the bottom layer 2 * mean - mean / beta,
-so the total equals layers x mean. Tokens are chosen by window attention scores, as in `uniform`.
+so the total equals layers x mean. Tokens are chosen by window attention scores, as in `uniform`, one token set
+per layer; `pyramidkv_per_head` lets each KV head choose its own, as the paper's implementation does.
 """
 
 from __future__ import annotations
 
-from . import Policy, budget_bounds, distribute
+from . import Policy, budget_bounds, distribute, per_head
 
 BETA = 20.0
 
@@ -24,3 +25,6 @@ def allocate(layer_entropy, n_tokens, config) -> list[int]:
 
 POLICY = Policy("pyramidkv", allocate, needs_scores=True,
                 summary="budgets decreasing linearly from the bottom to the top layer (PyramidKV), window scores")
+
+HEAD_POLICY = per_head(POLICY, "pyramidkv_per_head",
+                       summary="pyramidkv's layer budgets, each KV head keeping its own top tokens (as in the paper)")

@@ -8,17 +8,7 @@ which tokens they keep, not in how many, so the cache takes the head-wise layout
 
 from __future__ import annotations
 
-import torch
+from . import per_head, uniform
 
-from . import HeadPlan, Policy, budget_bounds, pooled_head_scores
-
-
-def plan_heads(layers, n_tokens, config) -> HeadPlan:
-    _, mean, _ = budget_bounds(n_tokens, config)
-    scores = [pooled_head_scores(layer, config) for layer in layers]
-    budgets = [torch.full(s.shape[:2], mean, dtype=torch.int64, device=s.device) for s in scores]
-    return HeadPlan(budgets, [[False] * s.shape[1] for s in scores], scores)
-
-
-POLICY = Policy("snapkv", None, needs_scores=True, plan_heads=plan_heads,
-                summary="per-KV-head top tokens by pooled window attention, same budget everywhere (SnapKV)")
+POLICY = per_head(uniform.POLICY, "snapkv",
+                  summary="per-KV-head top tokens by pooled window attention, same budget everywhere (SnapKV)")
