@@ -1,9 +1,11 @@
-"""Needle retrieval under every policy x scorer x budget, fast enough for hundreds of questions per cell on a GPU.
+"""Needle retrieval and perplexity under every policy x scorer x budget, fast enough for hundreds of questions per
+cell on a GPU.
 
-    python benchmarks/policy_sweep.py --cases 50 --lengths 2048 4096 --device cuda --dtype bfloat16 --out DIR
+    python benchmarks/policy_sweep.py --cases 50 --device cuda --dtype bfloat16 --out DIR
 
-Cases are `entropykv_fx.bench.cases` (single needle; multi-key with three distractor needles) from the committed
-Austen texts. A case with an even index belongs to the *select* split (for choosing settings), an odd one to the
+Cases are `entropykv_fx.bench.cases` from the committed Austen texts: by default `single_needle`, `multi_key_last`
+(one to three distractor needles before the asked one) and `perplexity` (the mean NLL of 128 tokens of the text
+that follows a compressed context; tabulated as ΔNLL against the full cache), at 2k, 4k and 8k tokens. A case with an even index belongs to the *select* split (for choosing settings), an odd one to the
 *report* split (for the tables). Each question is prefilled once per scorer (`bench.fanout.scored_prefill`) and
 every (policy, budget) compresses a copy of that cache, physically (`compress_cache`).
 
@@ -34,7 +36,7 @@ import torch
 
 from entropykv_fx.bench.cases import make_cases
 from entropykv_fx.bench.fanout import compressed_copy, prefill_of, scored_prefill
-from entropykv_fx.bench.quality import DTYPES, environment
+from entropykv_fx.bench.quality import DTYPES, continuation_nll, environment
 from entropykv_fx.bench.scoring import answer_recall
 from entropykv_fx.compat import with_cache
 from entropykv_fx.config import EntropyKVConfig
@@ -131,14 +133,32 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
     base = dict(task=case.task, length=case.length, case=case.index, split=split)
     # one prefill per (scorer, repeat prompt): what the prefill computes depends on nothing else
     prefills = sorted({variant_prefill(v) for v in variants.values()})
+    policies = [EntropyKVConfig(**v).policy for v in variants.values()]
+    if case.task == "perplexity":  # the continuation's mean NLL after each compressed context
+        ids = torch.tensor([q.continuation_ids], device=model.device)
+        for i, (scorer, repeat) in enumerate(prefills):
+            full, _ = scored_prefill(model, torch.tensor([case.context_ids]),
+                                     EntropyKVConfig(scorer=scorer, repeat_prompt=repeat), policies=policies)
+            if i == 0:
+                records.append(dict(base, setting="perplexity", method="full", budget=1.0, kept=1.0,
+                                    nll=continuation_nll(model, copy.deepcopy(full), ids)))
+                targets.append(dict(base, setting="perplexity", prompt_ids=case.context_ids, feed=[],
+                                    target=q.continuation_ids, full_correct=True))
+            for name, fields in variants.items():
+                if variant_prefill(fields) != (scorer, repeat):
+                    continue
+                for budget in budgets:
+                    cache, report = compressed_copy(full, EntropyKVConfig(budget=budget, **fields))
+                    records.append(dict(base, setting="perplexity", method=name, budget=budget,
+                                        kept=report.kept_fraction, nll=continuation_nll(model, cache, ids)))
+        return records, targets
     for setting in settings:
         prompt = case.context_ids + (q.question_ids if setting == "question_aware" else [])
         feed = [] if setting == "question_aware" else q.question_ids
         target = right = None
         for scorer, repeat in prefills:
             full, logits = scored_prefill(model, torch.tensor([prompt]),
-                                          EntropyKVConfig(scorer=scorer, repeat_prompt=repeat),
-                                          policies=[EntropyKVConfig(**v).policy for v in variants.values()])
+                                          EntropyKVConfig(scorer=scorer, repeat_prompt=repeat), policies=policies)
             if target is None:  # the full cache's own greedy answer is the target
                 working = copy.deepcopy(full)
                 if feed:
@@ -161,8 +181,32 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
     return records, targets
 
 
+def nll_table(records: list[dict], split: str) -> list[str]:
+    """Mean ΔNLL (nats per token) of each method and budget against its own library's full cache on the same
+    case ('full' for ours, 'kvpress full' for kvpress's)."""
+    rows = [r for r in records if r["setting"] == "perplexity" and r["split"] == split]
+    if not rows:
+        return []
+    full = {(r["method"], r["task"], r["length"], r["case"]): r["nll"] for r in rows
+            if r["method"] in ("full", "kvpress full")}
+    methods = sorted({r["method"] for r in rows} - {"full", "kvpress full"})
+    budgets = sorted({r["budget"] for r in rows if r["method"] in methods}, reverse=True)
+    lines = [f"\n### perplexity, {split} split (mean ΔNLL vs the same library's full cache, nats/token; n contexts)\n",
+             "| method | " + " | ".join(f"{b:g} kept" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for m in methods:
+        reference = "kvpress full" if m.startswith("kvpress ") else "full"
+        cells = []
+        for b in budgets:
+            deltas = [r["nll"] - full[(reference, r["task"], r["length"], r["case"])] for r in rows
+                      if r["method"] == m and r["budget"] == b and (reference, r["task"], r["length"], r["case"]) in full]
+            cells.append(f"{sum(deltas) / len(deltas):.4f} n={len(deltas)}" if deltas else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def tables(records: list[dict], split: str) -> list[str]:
-    lines = []
+    lines = nll_table(records, split)
+    records = [r for r in records if r["setting"] != "perplexity"]
     for setting in sorted({r["setting"] for r in records}):
         rows = [r for r in records if r["setting"] == setting and r["split"] == split]
         methods = ["full"] + sorted({r["method"] for r in rows} - {"full"})
@@ -185,10 +229,10 @@ def tables(records: list[dict], split: str) -> list[str]:
 
 def write(records: list[dict], meta: dict, stem: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}))
-    lines = [f"# Policy sweep: {meta['model']}, teacher-forced greedy answer match\n",
+    lines = [f"# Policy sweep: {meta['model']}, teacher-forced greedy answer match; perplexity as ΔNLL\n",
              *(f"- {k}: {v}" for k, v in meta["environment"].items()),
-             f"- cases: {meta['cases_done']} of {meta['cases_total']} (tasks {meta['tasks']}, lengths {meta['lengths']}), "
-             f"{meta['seconds']:.0f} s", *([f"- merged from the shards {', '.join(meta['shards'])}"] if "shards" in meta else []),
+             (f"- cases: {meta['cases_done']} of {meta['cases_total']} (tasks {meta['tasks']}, lengths "
+              f"{meta['lengths']}), {meta['seconds']:.0f} s"), *([f"- merged from the shards {', '.join(meta['shards'])}"] if "shards" in meta else []),
              *([f"- kvpress (its own environment, same targets; `kvpress ...` rows): {meta['kvpress']}"]
                if "kvpress" in meta else []),
              "\nByte fractions are measured from the compressed tensors (`report.kept_fraction`)."]
@@ -222,8 +266,10 @@ def merge(paths: list[Path], stem: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=["single_needle", "multi_key"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--tasks", nargs="+", default=["single_needle", "multi_key_last", "perplexity"],
+                        choices=["single_needle", "multi_key", "multi_key_last", "perplexity"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000],
+                        help="prompt lengths in tokens (SmolLM2 was trained to 8192)")
     parser.add_argument("--cases", type=int, default=20, help="cases per task and length (half select, half report)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)

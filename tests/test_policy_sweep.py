@@ -69,3 +69,29 @@ def test_merge_puts_kvpress_rows_beside_ours(tmp_path):
     assert "'kvpress': '0.5.5'" in table and "'full_cache_reproduces_target': 1.0" in table
     with pytest.raises(SystemExit, match="at least one policy_sweep.py JSON"):
         policy_sweep.merge([theirs], tmp_path / "only_kvpress")
+
+
+def test_perplexity_case_records_each_compressed_nll_and_tabulates_the_delta(tmp_path):
+    context, continuation = random_prompt(80, seed=3)[0].tolist(), random_prompt(12, seed=5)[0].tolist()
+    case = Case("perplexity", 256, 1, 0, context, [Question([], [], "", continuation)], [], [], 0, False)
+    variants = {"uniform/window": policy_sweep.VARIANTS["uniform/window"]}
+    model = tiny_model("llama")
+    records, targets = policy_sweep.run_case(model, DigitTokenizer(), case, variants, [0.5, 0.25], ["question_aware"])
+    assert targets == [dict(task="perplexity", length=256, case=1, split="report", setting="perplexity",
+                            prompt_ids=context, feed=[], target=continuation, full_correct=True)]
+    nll = {(r["method"], r["budget"]): r["nll"] for r in records}
+    assert set(nll) == {("full", 1.0), ("uniform/window", 0.5), ("uniform/window", 0.25)}
+    import torch
+
+    from entropykv_fx.bench.quality import continuation_nll
+    unmodified = tiny_model("llama")  # same weights, never optimized
+    with torch.no_grad():
+        plain = unmodified(torch.tensor([context]), use_cache=True).past_key_values
+    assert nll["full", 1.0] == pytest.approx(continuation_nll(unmodified, plain, torch.tensor([continuation])), abs=1e-5)
+    assert nll["uniform/window", 0.25] != nll["full", 1.0]
+    theirs = [dict(r, method="kvpress full" if r["method"] == "full" else "kvpress tova",
+                   nll=r["nll"] + (0.5 if r["method"] != "full" else 0.0)) for r in records]
+    lines = "\n".join(policy_sweep.nll_table(records + theirs, "report"))
+    delta = nll["uniform/window", 0.25] - nll["full", 1.0]
+    assert f"| uniform/window | {nll['uniform/window', 0.5] - nll['full', 1.0]:.4f} n=1 | {delta:.4f} n=1 |" in lines
+    assert f"| kvpress tova | {nll['uniform/window', 0.5] - nll['full', 1.0] + 0.5:.4f} n=1 |" in lines

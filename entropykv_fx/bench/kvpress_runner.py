@@ -214,7 +214,8 @@ def forced_entry(model, entry: dict, presses: dict) -> tuple[list[dict], bool]:
     (records, whether kvpress's own full cache reproduces the target): a press scores 1 when, fed the target after
     the prompt (and `feed`, the question, in the query-agnostic setting), its argmax at every position is the
     target's next token, i.e. greedy decoding would give the full cache's answer (the expected answer's tokens
-    where entropykv_fx's full cache answered wrong, `full_correct` false).
+    where entropykv_fx's full cache answered wrong, `full_correct` false). A "perplexity" entry's target is a
+    text continuation: each press records its mean NLL (nats per token, the first token excluded) instead.
     """
     prompt, feed, target = entry["prompt_ids"], entry["feed"], entry["target"]
     results, logits = compressed_caches(model, torch.tensor([prompt], device=model.device), presses)
@@ -223,6 +224,13 @@ def forced_entry(model, entry: dict, presses: dict) -> tuple[list[dict], bool]:
     for name, own in [("none", results.pop("_full"))] + list(results.items()):
         use_masks(model, None if name == "none" else own)
         kept = 1.0 if name == "none" else own.kept_fraction(len(prompt))
+        method, budget = ("kvpress full", 1.0) if name == "none" else (f"kvpress {name.split('@')[0]}",
+                                                                       float(name.split("@")[1]))
+        if entry["setting"] == "perplexity":  # the target is a text continuation: its mean NLL, as policy_sweep
+            continuation = forward_at(model, own.cache, target, len(prompt))
+            nll = float(F.cross_entropy(continuation[:-1].float(), torch.tensor(target[1:], device=model.device)))
+            records.append({**base, "method": method, "budget": budget, "kept": kept, "nll": nll})
+            continue
         ids = feed + target[:-1]
         predicted = [] if feed else [int(logits.argmax())]
         if ids:
@@ -230,11 +238,7 @@ def forced_entry(model, entry: dict, presses: dict) -> tuple[list[dict], bool]:
         correct = predicted[:len(target)] == target
         if name == "none":  # kvpress's own full cache, scored like ours (the tables' `kvpress full` row)
             full_match = correct
-            records.append({**base, "method": "kvpress full", "budget": 1.0, "kept": 1.0, "correct": correct})
-            continue
-        method, budget = name.split("@")
-        records.append({**base, "method": f"kvpress {method}", "budget": float(budget), "kept": kept,
-                        "correct": correct})
+        records.append({**base, "method": method, "budget": budget, "kept": kept, "correct": correct})
     use_masks(model, None)
     return records, full_match
 
@@ -252,7 +256,8 @@ def run_forced(model, paths: list[str], presses: dict, shard: tuple[int, int], o
             break
         got, full_match = forced_entry(model, entry, presses)
         records += got
-        if entry["full_correct"]:  # the target is entropykv_fx's full-cache answer: does kvpress's give it too?
+        if entry["full_correct"] and entry["setting"] != "perplexity":  # the target is our full cache's answer:
+            # does kvpress's give it too?
             matches.append(full_match)
         Path(out).write_text(json.dumps({
             **meta, "cases_done": i + 1, "cases_total": len(entries), "seconds": time.perf_counter() - start,
