@@ -24,7 +24,7 @@ _EXPORTS = {
     "EntropyKVError": "errors", "InputError": "errors", "ArgumentTypeError": "errors", "Calibration": "config",
     "ExportLayout": "exported", "BudgetFloorWarning": "errors", "TransformersVersionError": "compat", "UntestedTransformersWarning": "compat",
     "RankDivergenceError": "parallel",
-    **dict.fromkeys(("Composition", "Window", "LastQuery", "KeyNorm", "Reconstruct", "Uniform", "LayerEntropy",
+    **dict.fromkeys(("Composition", "Window", "LastQuery", "KeyNorm", "Reconstruct", "Uniform", "LayerEntropy", "LayerFocus",
                      "Pyramid", "HeadTopK", "CacheTopK", "HeadEntropyTiers", "MatrixEntropyGroups", "Recency",
                      "KeepAll"), "composition"),
 }

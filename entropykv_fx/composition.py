@@ -95,6 +95,18 @@ class LayerEntropy(_Part):
 
 
 @dataclass(frozen=True)
+class LayerFocus(_Part):
+    """Per-layer budgets proportional to log(n) - the layer's mean head attention entropy over the observation
+    window (nats: how far its attention is from uniform over the n prompt tokens), clamped as `LayerEntropy`: the
+    inverse of `seeds/001`'s rule, after the layers KVzip's top-k fills were the low-entropy ones
+    (`policies/entropy_focus.py` has the measurement)."""
+
+    min_layer_budget: float = 0.25
+    max_layer_budget: float = 4.0
+    policies: ClassVar[dict[str, str]] = {"layer": "entropy_focus", "head": "entropy_focus_per_head"}
+
+
+@dataclass(frozen=True)
 class Pyramid(_Part):
     """Budgets falling linearly from the bottom layer to the top one, top = mean / 20 (PyramidKV, Cai et al.
     2024, https://arxiv.org/abs/2406.02069)."""
@@ -160,9 +172,9 @@ class KeepAll(_Part):
     policies: ClassVar[dict[str, str]] = {"layer": "full"}
 
 
-Allocator = Uniform | LayerEntropy | Pyramid | HeadTopK | CacheTopK | HeadEntropyTiers | MatrixEntropyGroups | \
+Allocator = Uniform | LayerEntropy | LayerFocus | Pyramid | HeadTopK | CacheTopK | HeadEntropyTiers | MatrixEntropyGroups | \
     Recency | KeepAll
-ALLOCATOR_TYPES = (Uniform, LayerEntropy, Pyramid, HeadTopK, CacheTopK, HeadEntropyTiers, MatrixEntropyGroups,
+ALLOCATOR_TYPES = (Uniform, LayerEntropy, LayerFocus, Pyramid, HeadTopK, CacheTopK, HeadEntropyTiers, MatrixEntropyGroups,
                    Recency, KeepAll)
 
 

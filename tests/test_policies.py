@@ -165,6 +165,22 @@ def test_entropy_policy_equal_entropies_give_the_mean():
         assert POLICIES["entropy"].allocate([0.0] * n_layers, 800, EntropyKVConfig()) == [200] * n_layers
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_entropy_focus_is_entropy_on_the_distance_from_uniform(seed):
+    rng = random.Random(seed)
+    n_tokens = rng.randint(100, 5000)
+    cfg = EntropyKVConfig(budget=rng.choice([0.1, 0.25, 0.5]), min_layer_budget=rng.choice([0.0, 0.25]),
+                          max_layer_budget=rng.choice([2.0, 4.0, 100.0]))
+    entropies = [rng.random() * math.log(n_tokens) for _ in range(rng.randint(1, 32))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        budgets = POLICIES["entropy_focus"].allocate(entropies, n_tokens, cfg)
+        gaps = POLICIES["entropy"].allocate([math.log(n_tokens) - h for h in entropies], n_tokens, cfg)
+    assert budgets == gaps  # the same shares and clamps, weighted by log(n) - H
+    for i, hi in enumerate(entropies):  # so a more focused layer (lower entropy) never keeps fewer tokens
+        assert all(budgets[i] >= budgets[j] for j, hj in enumerate(entropies) if hi < hj)
+
+
 def test_uniform_policy_is_equal_and_ignores_entropy():
     cfg = EntropyKVConfig(budget=0.25)
     assert POLICIES["uniform"].allocate([5.0, 1.0, 3.0], 1000, cfg) == [250, 250, 250]

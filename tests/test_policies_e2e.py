@@ -39,10 +39,11 @@ def head_positions(layer) -> list[torch.Tensor]:
 def test_every_policy_is_listed_with_a_summary():
     listed = entropykv_fx.policies()
     expected = {"entropy", "uniform", "pyramidkv", "streaming", "full", "snapkv", "adakv", "cache_topk",
-                "cache_topk_layer", "entropy_head", "matrix_entropy", "entropy_per_head", "pyramidkv_per_head"}
+                "cache_topk_layer", "entropy_head", "matrix_entropy", "entropy_per_head", "pyramidkv_per_head",
+                "entropy_focus", "entropy_focus_per_head"}
     assert set(listed) == expected == set(POLICIES) and all(listed.values())
     assert set(HEADWISE) == {"snapkv", "adakv", "cache_topk", "entropy_head", "matrix_entropy", "entropy_per_head",
-                             "pyramidkv_per_head"}
+                             "pyramidkv_per_head", "entropy_focus_per_head"}
 
 
 # Every policy on llama; on qwen2 (biased projections) and qwen3 (q/k norms, wider heads) a layer-wise and a

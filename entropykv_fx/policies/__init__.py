@@ -164,12 +164,13 @@ def per_head(layer_policy: Policy, name: str, summary: str) -> Policy:
 
 
 # (the modules use the helpers above)
-from . import adakv, cache_topk, entropy, entropy_head, full, matrix_entropy, pyramidkv, snapkv, streaming, uniform  # noqa: E402
+from . import (adakv, cache_topk, entropy, entropy_focus, entropy_head, full, matrix_entropy, pyramidkv,  # noqa: E402
+               snapkv, streaming, uniform)
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY, full.POLICY,
     snapkv.POLICY, adakv.POLICY, cache_topk.POLICY, cache_topk.LAYER_POLICY, entropy_head.POLICY, matrix_entropy.POLICY,
-    entropy.HEAD_POLICY, pyramidkv.HEAD_POLICY)}
+    entropy.HEAD_POLICY, pyramidkv.HEAD_POLICY, entropy_focus.POLICY, entropy_focus.HEAD_POLICY)}
 
 
 def policies() -> dict[str, str]:

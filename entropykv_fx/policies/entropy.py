@@ -14,11 +14,17 @@ import math
 from . import Policy, budget_bounds, distribute, per_head
 
 
-def allocate(layer_entropy, n_tokens, config) -> list[int]:
+def clamped_shares(weights, n_tokens, config) -> list[int]:
+    """Layer budgets proportional to `weights`, totalling layers x mean, each in [min_layer_budget,
+    max_layer_budget] x mean (and at least sinks + window)."""
     floor, mean, ceiling = budget_bounds(n_tokens, config)
     lo = max(floor, math.ceil(config.min_layer_budget * mean))
     hi = min(ceiling, math.floor(config.max_layer_budget * mean))
-    return distribute(list(layer_entropy), mean * len(layer_entropy), lo, max(lo, hi))
+    return distribute(list(weights), mean * len(weights), lo, max(lo, hi))
+
+
+def allocate(layer_entropy, n_tokens, config) -> list[int]:
+    return clamped_shares(layer_entropy, n_tokens, config)
 
 
 POLICY = Policy("entropy", allocate, needs_scores=True,
