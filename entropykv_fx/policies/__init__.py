@@ -164,8 +164,19 @@ def per_head(layer_policy: Policy, name: str, summary: str) -> Policy:
 
 
 # (the modules use the helpers above)
-from . import (adakv, cache_topk, entropy, entropy_focus, entropy_head, full, matrix_entropy, pyramidkv,  # noqa: E402
-               snapkv, streaming, uniform)
+from . import (  # noqa: E402
+    adakv,
+    cache_topk,
+    entropy,
+    entropy_focus,
+    entropy_head,
+    full,
+    matrix_entropy,
+    pyramidkv,
+    snapkv,
+    streaming,
+    uniform,
+)
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     entropy.POLICY, uniform.POLICY, pyramidkv.POLICY, streaming.POLICY, full.POLICY,
