@@ -98,8 +98,8 @@ class LayerEntropy(_Part):
 class LayerFocus(_Part):
     """Per-layer budgets proportional to log(n) - the layer's mean head attention entropy over the observation
     window (nats: how far its attention is from uniform over the n prompt tokens), clamped as `LayerEntropy`: the
-    inverse of `seeds/001`'s rule, after the layers KVzip's top-k fills were the low-entropy ones
-    (`policies/entropy_focus.py` has the measurement)."""
+    inverse of `seeds/001`'s rule, after the layers KVzip's top-k fills were mostly the low-entropy ones
+    (`policies/entropy_focus.py` has the measurement). Ours, not a paper's."""
 
     min_layer_budget: float = 0.25
     max_layer_budget: float = 4.0
