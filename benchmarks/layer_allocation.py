@@ -43,8 +43,8 @@ def main() -> None:
         kept[budget] = [layer.slots_after / layer.slots_before for layer in report.layers]
     lines = ["# Layer budgets of `cache_topk_layer` (reconstruct scores) beside window attention entropy\n",
              *(f"- {k}: {v}" for k, v in environment(args.device).items()),
-             f"- case: single_needle, {len(case.context_ids)} context tokens (log n = "
-             f"{math.log(len(case.context_ids)):.2f} nats), seed {args.seed}, {args.dtype}\n",
+             (f"- case: single_needle, {len(case.context_ids)} context tokens (log n = "
+              f"{math.log(len(case.context_ids)):.2f} nats), seed {args.seed}, {args.dtype}\n"),
              "| layer | window entropy (nats) | " + " | ".join(f"kept at {b:g}" for b in args.budgets) + " |",
              "|---" * (2 + len(args.budgets)) + "|"]
     for i, h in enumerate(entropy):
