@@ -158,8 +158,8 @@ class EntropyKVConfig:
 
     policy: one of `entropykv_fx.policies()`, or a `Composition` (allocator x scorer x granularity,
         `entropykv_fx.composition`), which sets `policy` to the policy implementing it, `scorer` and its parts'
-        parameters (a field also given with another value is refused); None (default): the policy a calibration file records when
-        budget_source="calibrated" (it was measured with it; "uniform" for a file of per-layer fractions that
+        parameters (a field also given with another value is refused); None (default): the policy a calibration
+        file records when budget_source="calibrated" (it was measured with it; "uniform" for a file of per-layer fractions that
         records none), else DEFAULT_POLICY ("cache_topk").
     budget: a float in (0, 1] is the fraction of the prompt kept per layer on average; an int >= 1 is a token
         count per layer on average (capped at the prompt length).
@@ -320,17 +320,15 @@ class EntropyKVConfig:
         from .composition import PART_FIELDS, Composition
 
         if isinstance(overrides.get("policy"), Composition):  # it owns its fields: none carries over from before
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            again.update({name: defaults[name] for name in PART_FIELDS if name not in overrides})
+            again.update({name: _DEFAULTS[name] for name in PART_FIELDS if name not in overrides})
         return dataclasses.replace(self, **again, **overrides)
 
     def _take_composition(self, composition) -> None:
         """Set the fields a `Composition` owns; a field also given here with another value than its default is
         refused rather than silently overridden."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, value in composition.fields().items():
             given = getattr(self, name)
-            if name != "policy" and given != defaults[name] and given != value:
+            if name != "policy" and given != _DEFAULTS[name] and given != value:
                 _fail(name, given, f"{value!r} as the composition {composition} sets it, or leave it out (set it "
                       "in the composition's parts)")
             object.__setattr__(self, name, value)
@@ -368,3 +366,7 @@ class EntropyKVConfig:
                 or len(cal.head_fractions[0]) != (num_kv_heads or len(cal.head_fractions[0]))):
             raise ConfigError(f"calibration file {self.calibration_file}: expected {_HEAD_TABLES.format(shape=shape)}")
         return [list(row) for row in cal.head_fractions], [list(row) for row in cal.int8_heads]
+
+
+# Every field's default, to tell a value given from one left out (a composition owns some fields).
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EntropyKVConfig)}
