@@ -126,6 +126,14 @@ def variant_prefill(fields: dict) -> tuple[str, tuple[int, ...]]:
     return prefill_of(EntropyKVConfig(**fields))
 
 
+def compressed_variants(full, variants: dict, budgets: list[float], prefill: tuple):
+    """(name, budget, compressed copy of `full`, its report) for every variant scored by `prefill` and budget."""
+    for name, fields in variants.items():
+        if variant_prefill(fields) == prefill:
+            for budget in budgets:
+                yield (name, budget, *compressed_copy(full, EntropyKVConfig(budget=budget, **fields)))
+
+
 @torch.no_grad()
 def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str]
              ) -> tuple[list[dict], list[dict]]:
@@ -147,13 +155,9 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                                     nll=continuation_nll(model, copy.deepcopy(full), ids)))
                 targets.append(dict(base, setting="perplexity", prompt_ids=case.context_ids, feed=[],
                                     target=q.continuation_ids, full_correct=True))
-            for name, fields in variants.items():
-                if variant_prefill(fields) != (scorer, repeat):
-                    continue
-                for budget in budgets:
-                    cache, report = compressed_copy(full, EntropyKVConfig(budget=budget, **fields))
-                    records.append(dict(base, setting="perplexity", method=name, budget=budget,
-                                        kept=report.kept_fraction, nll=continuation_nll(model, cache, ids)))
+            for name, budget, cache, report in compressed_variants(full, variants, budgets, (scorer, repeat)):
+                records.append(dict(base, setting="perplexity", method=name, budget=budget,
+                                    kept=report.kept_fraction, nll=continuation_nll(model, cache, ids)))
         return records, targets
     for setting in settings:
         prompt = case.context_ids + (q.question_ids if setting == "question_aware" else [])
@@ -173,14 +177,10 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                 target, right = answer_target(tokenizer, generated, q.answers)
                 records.append(dict(base, setting=setting, method="full", budget=1.0, kept=1.0, correct=right))
                 targets.append(dict(base, setting=setting, prompt_ids=prompt, feed=feed, target=target, full_correct=right))
-            for name, fields in variants.items():
-                if variant_prefill(fields) != (scorer, repeat):
-                    continue
-                for budget in budgets:
-                    cache, report = compressed_copy(full, EntropyKVConfig(budget=budget, **fields))
-                    ok = forced_match(model, cache, logits, feed, target)
-                    records.append(dict(base, setting=setting, method=name, budget=budget, kept=report.kept_fraction,
-                                        correct=ok))
+            for name, budget, cache, report in compressed_variants(full, variants, budgets, (scorer, repeat)):
+                ok = forced_match(model, cache, logits, feed, target)
+                records.append(dict(base, setting=setting, method=name, budget=budget, kept=report.kept_fraction,
+                                    correct=ok))
     return records, targets
 
 
