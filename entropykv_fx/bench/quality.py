@@ -72,7 +72,7 @@ def run_policies(model, cases: list[Case], policies: list[str], budgets: list[fl
 
     def compressed(prompt):
         for group in by_prefill.values():
-            full, logits = scored_prefill(model, ids(prompt), group[0][2])
+            full, logits = scored_prefill(model, ids(prompt), group[0][2], policies=[g[2].policy for g in group])
             for method, budget, config in group:
                 yield method, budget, logits, *compressed_copy(full, config)
 
