@@ -4,7 +4,7 @@
     python benchmarks/prefill_cost.py --shape llama3-8b --contexts 2048 8192 32768 --device cuda --tag h200
 
 Per context: the unmodified model's prefill (SDPA, its own cache), then `optimize(model, policy=P, scorer=S,
-budget=0.25)` for each --compositions entry P/S: one untimed call (graphs compile), then the median of --repeats timed prefills (synchronized),
+budget=--budget)` for each --compositions entry P/S: one untimed call (graphs compile), then the median of --repeats timed prefills (synchronized),
 the peak memory of one of them, and the ratio to the unmodified prefill. Random bf16 weights at the shape's sizes.
 Writes prefill_cost_<tag>.json and .md to --out; with --profile, also prefill_profile_<tag>.txt: per prefill, the
 GPU kernels that took the most time (torch.profiler), to show where a composition's extra cost goes; with
@@ -82,6 +82,7 @@ def main() -> None:
                                                               "uniform/reconstruct", "cache_topk/reconstruct"],
                         help="policy/scorer pairs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=0.25, help="kept fraction of every composition")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="gpu")
@@ -112,7 +113,7 @@ def main() -> None:
                          peak_GiB=round(plain_peak, 2)))
         for composition in args.compositions:
             policy, scorer = composition.split("/")
-            entropykv_fx.optimize(model, policy=policy, scorer=scorer, budget=0.25)
+            entropykv_fx.optimize(model, policy=policy, scorer=scorer, budget=args.budget)
             t, peak = timed_prefill(model, ids, args.repeats, device)
             if args.profile:
                 profiles.append(f"## {n} tokens, {composition}\n{kernel_table(model, ids, args.profile)}")

@@ -1,13 +1,17 @@
 """Prefill-time compression: statistics of every layer -> budgets (policy) -> select + gather (ops).
 
 This is the one place that turns a filled cache into its compressed layout; the model integration calls
-it after the prefill forward, once every layer has been scored.
+it after the prefill forward, once every layer has been scored, except for layers whose budgets need no
+statistic of the prefill (`budgets_before_scores`), which the prefill graph compresses as soon as each has run
+(`compress_layer_now`), so the full cache of every layer is never held at once.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -114,7 +118,46 @@ def kept_slots(layer: CompressedLayer, budget: int, config: EntropyKVConfig) -> 
     return keys, values, layer.positions.gather(1, idx)
 
 
-def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig, heads: slice | None = None) -> CompressionReport:
+def budgets_before_scores(config: EntropyKVConfig, n_layers: int) -> Callable[[int], list[int]] | None:
+    """n_tokens -> each layer's budget, when the budgets need no statistic of the prefill: calibrated fractions, or a
+    layer-wise policy whose allocation reads only the prompt length (`Policy.budgets_from_length`: uniform,
+    pyramidkv, streaming). Such a layer can be compressed as soon as its attention has run (`compress_layer_now`).
+    None for every other policy, whose budgets wait for every layer's statistics."""
+    policy = POLICIES[config.policy]
+    if not policy.evicts or policy.headwise:
+        return None
+    if config.budget_source == "dynamic" and (policy.plan_layers is not None or not policy.budgets_from_length):
+        return None
+    return functools.lru_cache(maxsize=None)(lambda n_tokens: layer_budgets([math.nan] * n_layers, n_tokens, config))
+
+
+def compress_layer_now(layer: CompressedLayer, index: int, budget: Callable[[int], int],
+                       config: EntropyKVConfig) -> tuple[LayerReport, list[LayerReport]]:
+    """Compress one just-prefilled, scored layer in place, each row to `budget(its prompt length)` slots chosen as
+    `compress_cache` would choose them (`kept_slots`); its statistics are released. Returns (the layer's report,
+    each row's), which `compress_cache(..., done=...)` then reports for it instead of compressing it again."""
+    lengths = (layer.positions >= 0).sum(-1).tolist()
+    before = layer.get_seq_length(), layer.nbytes
+    rows = [layer] if len(lengths) == 1 else [layer.row(b) for b in range(len(lengths))]
+    reports = []
+    for row, n in zip(rows, lengths):
+        slots, nbytes, kept = row.get_seq_length(), row.nbytes, budget(n)
+        if kept < slots:
+            row.replace(*kept_slots(row, kept, config))
+        reports.append(LayerReport(index, float(row.stats.entropy.mean()), kept, slots, row.get_seq_length(), nbytes,
+                                   row.nbytes))
+        row.stats = None
+    if len(rows) > 1 and any(r.slots_after < r.slots_before for r in reports):
+        stacked = CompressedLayer.stack_rows(rows)
+        layer.replace(stacked.keys, stacked.values, stacked.positions)
+    layer.stats = None
+    entropy = sum(r.entropy for r in reports) / len(reports)
+    return (LayerReport(index, entropy, max(r.budget for r in reports), before[0], layer.get_seq_length(), before[1],
+                        layer.nbytes), reports)
+
+
+def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig, heads: slice | None = None,
+                   done: dict[int, tuple[LayerReport, list[LayerReport]]] | None = None) -> CompressionReport:
     """Shrink every layer of a just-prefilled `cache` to the policy's budgets; returns the report.
 
     Each row of a batch is compressed on its own, exactly as if it had been prefilled alone (its pads dropped,
@@ -122,14 +165,18 @@ def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig, heads: slice 
     slots: no statistic, budget or selection mixes rows. `report.rows` has each row's own report.
     `heads`: for a head-wise policy on a tensor-parallel rank, whose statistics cover all KV heads but whose cache
     holds only these: the plan is made over all heads and the cache keeps its share (`entropykv_fx.parallel`).
+    `done`: layers already compressed during the prefill (`compress_layer_now`'s reports, by layer), left as they are.
     """
+    done = done or {}
     lengths = cache.prompt_lengths()
     batch = len(lengths)
     if batch == 1:
-        return _compress_sequence(cache, config, lengths[0], heads)
-    before = [(layer.get_seq_length(), layer.nbytes) for layer in cache.layers]
+        return _compress_sequence(cache, config, lengths[0], heads, {i: rows[0] for i, (_, rows) in done.items()})
+    before = [(done[i][0].slots_before, done[i][0].bytes_before) if i in done else (layer.get_seq_length(), layer.nbytes)
+              for i, layer in enumerate(cache.layers)]
     rows = [EntropyKVCache.of_layers([layer.row(b) for layer in cache.layers]) for b in range(batch)]
-    row_reports = [_compress_sequence(row, config, n, heads) for row, n in zip(rows, lengths)]
+    row_reports = [_compress_sequence(row, config, n, heads, {i: per_row[b] for i, (_, per_row) in done.items()})
+                   for b, (row, n) in enumerate(zip(rows, lengths))]
     if all(r.slots_after == r.slots_before for row in row_reports for r in row.layers) and all(
             type(layer) is CompressedLayer for row in rows for layer in row.layers):
         for layer in cache.layers:  # nothing evicted: the batch stays as it is (pads are never attended)
@@ -144,12 +191,12 @@ def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig, heads: slice 
     return CompressionReport(config.policy, max(r.prompt_tokens for r in row_reports), layers, tuple(row_reports))
 
 
-def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens: int,
-                       heads: slice | None = None) -> CompressionReport:
+def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens: int, heads: slice | None,
+                       done: dict[int, LayerReport]) -> CompressionReport:
     """`compress_cache` for a batch of one sequence of `n_tokens` prompt tokens."""
     policy = POLICIES[config.policy]
     layers = cache.layers
-    unscored = [i for i, layer in enumerate(layers) if layer.stats is None]
+    unscored = [i for i, layer in enumerate(layers) if layer.stats is None and i not in done]
     if policy.needs_scores and unscored:
         raise RuntimeError(f"entropykv: layers {unscored} were not scored during prefill; cannot allocate budgets")
     entropies = [float(layer.stats.entropy.mean()) if layer.stats is not None else math.nan for layer in layers]
@@ -164,6 +211,9 @@ def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens:
         else layer_budgets(entropies, n_tokens, config)
     reports = []
     for i, (layer, budget, ent) in enumerate(zip(layers, budgets, entropies)):
+        if i in done:
+            reports.append(done[i])
+            continue
         slots, nbytes = layer.get_seq_length(), layer.nbytes
         if budget < slots:
             layer.replace(*kept_slots(layer, budget, config))

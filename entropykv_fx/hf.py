@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,10 +37,11 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .cache import EntropyKVCache, PrefillStats
+from .cache import CompressedLayer, EntropyKVCache, PrefillStats
 from .compat import cache_in_call, check_transformers_version, with_cache
 from .composition import Composition
-from .compress import CompressionReport, compress_cache, uncompressed_report
+from .compress import (CompressionReport, LayerReport, budgets_before_scores, compress_cache, compress_layer_now,
+                       uncompressed_report)
 from .config import ConfigError, EntropyKVConfig
 from .errors import ArgumentTypeError, EntropyKVError, InputError, short_repr
 from .parallel import check_same_positions, check_same_stats, combine_prefill_stats, local_heads, tensor_parallel_group
@@ -107,6 +108,9 @@ class Optimized:
         self._sites_run = 0
         self._keep_stats = False  # scored_prefill: leave the prefill uncompressed, statistics on its layers
         self._statistic_of: str | None = None  # scored_prefill: a policy whose own statistic to compute too
+        # the running prefill compresses each layer as soon as it has run (budgets known before any statistic)
+        self._budgets_now: Callable[[int], list[int]] | None = None
+        self._compressed_now: dict[int, tuple[LayerReport, list[LayerReport]]] = {}
 
     # ------------------------------------------------------------------------------------------ set-up
     def install(self) -> None:
@@ -213,6 +217,10 @@ class Optimized:
 
         cache.begin_step(mask_pos)
         self._stats_sink, self._sites_run = cache, 0
+        if prefill:
+            self._compressed_now = {}
+            self._budgets_now = None if self._keep_stats or self.tp_group is not None else \
+                budgets_before_scores(self.config, self.num_layers)
         try:
             out = step()
         finally:
@@ -341,7 +349,8 @@ class Optimized:
         policy = POLICIES[self.config.policy]
         if policy.evicts:
             shard = policy.headwise and self.tp_group is not None  # a plan over all heads, this rank's share kept
-            report = compress_cache(cache, self.config, local_heads(cache, self.tp_group) if shard else None)
+            report = compress_cache(cache, self.config, local_heads(cache, self.tp_group) if shard else None,
+                                    self._compressed_now)
         else:
             report = uncompressed_report(cache, self.config)
             for layer in cache.layers:
@@ -362,11 +371,13 @@ class Optimized:
         cfg = self.config
         rank_queries = SCORERS[cfg.scorer].rank_queries
         repeat = len(cfg.repeat_prompt) if self._reconstructs() else None
+        # Inductor would trace into the Python of `_compress_layer_now`: its prefills compress after the forward
+        now = None if self.inductor else self._compress_layer_now
         if policy.prefill_statistic is None:
-            return (RewriteSettings(cfg.window, self.sliding_windows, rank_queries=rank_queries, repeat_tokens=repeat),
+            return (RewriteSettings(cfg.window, self.sliding_windows, None, rank_queries, repeat, now),
                     (cfg.window, rank_queries, repeat))
         statistic = _statistic(policy.prefill_statistic, cfg)
-        return (RewriteSettings(cfg.window, self.sliding_windows, statistic, rank_queries, repeat),
+        return (RewriteSettings(cfg.window, self.sliding_windows, statistic, rank_queries, repeat, now),
                 (cfg.window, rank_queries, repeat, policy.name, cfg.matrix_states, cfg.matrix_rank))
 
     def _graph_for(self, prefill: bool, batch: int, length: int, cache: EntropyKVCache, kwargs: dict) -> Any:
@@ -388,7 +399,22 @@ class Optimized:
 
     def _receive_stats(self, layers: list[int], tensors: list[Tensor]) -> None:
         for layer, stats in PrefillStats.unflatten(layers, tensors).items():
-            self._stats_sink.layers[layer].stats = stats
+            if layer not in self._compressed_now:
+                self._stats_sink.layers[layer].stats = stats
+
+    def _compress_layer_now(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor,
+                            *stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A prefill graph calls this right after layer `layer`'s attention and scoring
+        (`RewriteSettings.compress_layer`): when the policy's budgets need no other layer's statistics, the layer
+        is compressed there and then (`compress.compress_layer_now`), and the graph releases its full keys and
+        values before the next layer runs; otherwise (and for sliding-window layers, which first drop what no
+        later query can attend) it is compressed after the forward, as before."""
+        if self._budgets_now is None or self.sliding_windows[layer]:
+            return keys, values, positions
+        held = CompressedLayer.holding(keys, values, positions, PrefillStats(*stats))
+        self._compressed_now[layer] = compress_layer_now(held, layer, lambda n: self._budgets_now(n)[layer],
+                                                         self.config)
+        return held.keys, held.values, held.positions
 
     def _count_sites(self, n: int) -> None:
         self._sites_run += n

@@ -11,6 +11,10 @@ graph (the layer's cache is empty before the append, or a static write of severa
 `entropykv::score` over the last `score_window` queries (and the policy's per-head statistic, if any) and hands them
 to `use_scores`; a reconstruction prefill's site becomes `entropykv::attention_lse` instead, whose softmax
 normalizers `entropykv::score_reconstruction` reuses.
+
+What a prefill graph returns as a layer's cache is computed right after that layer's attention and scoring (the
+prompt's slots of a reconstruction prefill; the kept slots when `compress_layer` is set), so the graph frees each
+layer's full keys and values before the next layer runs instead of holding every layer's until the forward ends.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ class RewriteSettings:
     repeat_tokens: when set, every prefill is a reconstruction prefill (context, `repeat_tokens` prompt tokens,
         the context again) scored by `entropykv::score_reconstruction`; a per-head statistic then sees the
         context's queries only (`scorers.reconstruct`).
+    compress_layer: (layer, keys, values, positions, *that layer's statistics) -> (keys, values, positions): called
+        on prefill graphs right after each scored layer's attention; what it returns becomes the layer's cache
+        (it may return its inputs). Lets a policy whose budgets need no other layer compress as it goes.
     """
 
     score_window: int | None = None
@@ -58,6 +65,7 @@ class RewriteSettings:
     prefill_statistic: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
     rank_queries: int | None = None
     repeat_tokens: int | None = None
+    compress_layer: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def reconstructs(self) -> bool:
@@ -220,16 +228,24 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
     return stats
 
 
-def _keep_context_slots(graph: fx.Graph, append: fx.Node, repeat_tokens: int) -> None:
-    """In a reconstruction prefill, the layer's cache (the graph outputs that become its keys, values and
-    positions) keeps copies of the prompt's slots only (`reconstruct.context_slots`): the repetition's keys and
-    values are released as soon as the layer's attention and scoring have read them, not after the forward."""
+def _layer_cache(graph: fx.Graph, append: fx.Node, stats: tuple[fx.Node, ...] | None, settings: RewriteSettings,
+                 at: fx.Node) -> None:
+    """Replace the graph outputs that become a prefilled layer's keys, values and positions by what the layer
+    keeps, computed before `at` (right after the layer's attention and scoring): in a reconstruction prefill a
+    copy of the prompt's slots only (`reconstruct.context_slots`), then, with `settings.compress_layer`, the kept
+    slots. The full tensors are then released before the next layer runs, not after the forward."""
+    full = [_output(graph, append, i) for i in range(3)]
+    kept = list(full)
+    with graph.inserting_before(at):
+        if settings.reconstructs:
+            kept = [graph.call_function(context_slots, (t, dim, settings.repeat_tokens))
+                    for t, dim in zip(full, (2, 2, 1))]
+        if settings.compress_layer is not None and stats is not None:
+            trimmed = graph.call_function(settings.compress_layer, (append.args[-1], *kept, *stats[:-3]))
+            kept = [graph.call_function(operator.getitem, (trimmed, i)) for i in range(3)]
+    replace = dict(zip(full, kept))
     output = graph.output_node()
-    for index, dim in ((0, 2), (1, 2), (2, 1)):
-        full = _output(graph, append, index)
-        with graph.inserting_before(output):
-            kept = graph.call_function(context_slots, (full, dim, repeat_tokens))
-        output.args = fx.node.map_arg(output.args, lambda n, full=full, kept=kept: kept if n is full else n)
+    output.args = fx.node.map_arg(output.args, lambda n: replace.get(n, n))
 
 
 # (graph, {layer: (entropy, kv_scores, layer_scores[, statistic], keys, values, positions) nodes}) -> None
@@ -261,9 +277,10 @@ def rewrite_attention(gm: fx.GraphModule, settings: RewriteSettings,
             continue
         prefill = _is_prefill(append)
         result.prefill |= prefill
+        after = site.output.next  # the site's first node after the attention (the attention itself is replaced)
         stats = _rewrite_site(graph, site, append, settings, score=prefill and settings.score_window is not None)
-        if prefill and settings.reconstructs:
-            _keep_context_slots(graph, append, settings.repeat_tokens)
+        if prefill and (settings.reconstructs or (stats is not None and settings.compress_layer is not None)):
+            _layer_cache(graph, append, stats, settings, after)
         if stats is not None:
             result.scored_layers.append(layer)
             result.stats_per_layer = len(stats) - 3

@@ -50,6 +50,7 @@ class Policy:
     scorers: tuple[str, ...] | None = None  # the scorers it accepts (`EntropyKVConfig` refuses others); None: all
     plan_layers: PlanLayers | None = None  # set: per-layer budgets from the scored layers, not from entropies alone
     scorer: str = "window"  # its own token scorer, used when the config names none (`entropykv_fx.scorers`)
+    budgets_from_length: bool = False  # `allocate` reads the prompt length and config only, never the entropies
 
     @property
     def headwise(self) -> bool:

@@ -23,7 +23,7 @@ def allocate(layer_entropy, n_tokens, config) -> list[int]:
     return distribute(ramp, mean * n_layers, floor, ceiling)
 
 
-POLICY = Policy("pyramidkv", allocate, needs_scores=True,
+POLICY = Policy("pyramidkv", allocate, needs_scores=True, budgets_from_length=True,
                 summary="budgets decreasing linearly from the bottom to the top layer (PyramidKV), window scores")
 
 HEAD_POLICY = per_head(POLICY, "pyramidkv_per_head",

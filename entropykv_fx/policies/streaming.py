@@ -18,5 +18,5 @@ def recency(layer, config):
     return layer.positions.float()
 
 
-POLICY = Policy("streaming", allocate, needs_scores=False, token_scores=recency,
+POLICY = Policy("streaming", allocate, needs_scores=False, token_scores=recency, budgets_from_length=True,
                 summary="attention sinks + the most recent tokens, same budget in every layer (StreamingLLM)")

@@ -10,5 +10,5 @@ def allocate(layer_entropy, n_tokens, config) -> list[int]:
     return [mean] * len(layer_entropy)
 
 
-POLICY = Policy("uniform", allocate, needs_scores=True,
+POLICY = Policy("uniform", allocate, needs_scores=True, budgets_from_length=True,
                 summary="same budget in every layer, tokens by window attention scores (SnapKV-style)")
