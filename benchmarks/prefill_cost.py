@@ -96,7 +96,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = random_llama(args.shape, device, max(args.contexts) * 2 + 64)
     env, _, _ = run_environment(device, args.shape, model)
-    env["entropykv_fx"] = entropykv_fx.__version__
+    env["entropykv_fx"], env["budget"] = entropykv_fx.__version__, args.budget
     stem = Path(args.out) / f"prefill_cost_{args.tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     rows, profiles, peaks = [], [], []
