@@ -1,0 +1,115 @@
+"""Prefill peak memory: a layer whose budget needs no other layer's statistics is compressed as soon as its attention
+has run, so the prefill never holds every layer's full cache at once (`compress.budgets_before_scores`).
+
+The peak is measured, not inferred: each prefill runs in a process of its own, with glibc serving every block over
+64 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live tensors and its high-water mark
+(ru_maxrss) is the prefill's peak. Linux only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import entropykv_fx
+from entropykv_fx import EntropyKVConfig
+from entropykv_fx.bench.fanout import compressed_copy, scored_prefill
+
+from tiny_models import left_padded, random_prompt, tiny_model
+
+LAYERS, KV_HEADS, HEAD_DIM, TOKENS = 8, 4, 64, 4096
+FULL_CACHE_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * TOKENS * 4  # float32 keys + values of every layer
+
+PEAK_SCRIPT = f"""
+import resource, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+import entropykv_fx
+config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers={LAYERS},
+                     num_attention_heads={KV_HEADS}, num_key_value_heads={KV_HEADS}, head_dim={HEAD_DIM},
+                     max_position_embeddings=3 * {TOKENS}, pad_token_id=0)
+torch.manual_seed(0)
+model = entropykv_fx.optimize(LlamaForCausalLM(config).eval(), policy=sys.argv[1], scorer=sys.argv[2], budget=0.1)
+with torch.no_grad():
+    for n in (256, 384):  # graphs compile (dynamic after the second length) on prompts far shorter than the measured one
+        model(torch.randint(1, 97, (1, n)), use_cache=True, logits_to_keep=1)
+    ids = torch.randint(1, 97, (1, {TOKENS}))
+    start = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    out = model(ids, use_cache=True, logits_to_keep=1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start, out.past_key_values.nbytes)
+"""
+
+
+def prefill_peak(policy: str, scorer: str) -> tuple[int, int]:
+    """(bytes above the resident set before a {TOKENS}-token prefill at its peak, bytes the cache keeps after it)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2", ENTROPYKV_TEST_DEVICE="cpu")
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, policy, scorer], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak, kept = (int(x) for x in done.stdout.split()[-2:])
+    return peak, kept
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc's malloc settings")
+@pytest.mark.parametrize("scorer", ["window", "reconstruct"])
+def test_layers_with_budgets_known_in_advance_never_hold_the_whole_full_cache(scorer):
+    early, early_kept = prefill_peak("uniform", scorer)  # budget from the prompt length: compressed layer by layer
+    late, late_kept = prefill_peak("entropy", scorer)  # budgets from every layer's entropy: after the forward
+    assert early_kept == late_kept < FULL_CACHE_BYTES / 5  # both keep 10% (uniform and entropy budgets, same total)
+    # the late prefill holds all 8 full layers at its end; the early one at most one full layer beside the kept ones
+    assert late - early > FULL_CACHE_BYTES / 2, (early, late, FULL_CACHE_BYTES)
+
+
+def configs(tmp_path) -> list[EntropyKVConfig]:
+    """Every kind of budget known before the prefill's statistics: the length-only policies and calibrated fractions."""
+    path = tmp_path / "budgets.json"
+    path.write_text(json.dumps({"layer_fractions": [0.5, 0.2, 0.3]}))
+    return [EntropyKVConfig(policy="uniform", budget=0.3), EntropyKVConfig(policy="pyramidkv", budget=0.3),
+            EntropyKVConfig(policy="streaming", budget=0.3), EntropyKVConfig(policy="uniform", scorer="reconstruct"),
+            EntropyKVConfig(policy="uniform", budget_source="calibrated", calibration_file=str(path))]
+
+
+def test_compressing_during_the_prefill_keeps_what_compressing_after_it_keeps(tmp_path):
+    """The in-prefill path (optimize) against the after-prefill one (compressed_copy of an uncompressed prefill):
+    the same slots, payloads and report."""
+    model = tiny_model("llama")
+    ids = random_prompt(200)
+    for config in configs(tmp_path):
+        full, _ = scored_prefill(model, ids, config)
+        expected, expected_report = compressed_copy(full, config)
+        entropykv_fx.optimize(model, config)
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).past_key_values
+        report = entropykv_fx.report(model)
+        assert report == expected_report, config
+        assert report.kept_fraction < 0.6
+        for got, want in zip(cache.layers, expected.layers):
+            assert torch.equal(got.positions, want.positions)
+            assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+            assert got.stats is None
+
+
+def test_each_row_of_a_batch_compressed_during_the_prefill_keeps_what_it_keeps_alone(tmp_path):
+    model = tiny_model("llama")
+    prompts = [random_prompt(n, seed=n)[0] for n in (200, 150, 240)]
+    ids, mask = left_padded(prompts)
+    for config in configs(tmp_path):
+        entropykv_fx.optimize(model, config)
+        with torch.no_grad():
+            batch = model(ids, attention_mask=mask, use_cache=True).past_key_values
+            report = entropykv_fx.report(model)
+            for b, prompt in enumerate(prompts):
+                alone = model(prompt[None], use_cache=True).past_key_values
+                for got, want in zip(report.rows[b].layers, entropykv_fx.report(model).layers):  # entropy: float sums
+                    assert got.entropy == pytest.approx(want.entropy, rel=1e-4, nan_ok=True)
+                    assert dataclasses.replace(got, entropy=0.0) == dataclasses.replace(want, entropy=0.0), (config, b)
+                for got, want in zip(batch.layers, alone.layers):
+                    row = got.row(b)
+                    assert torch.equal(row.positions, want.positions)
+                    torch.testing.assert_close(row.keys, want.keys)  # a batched matmul's rounding, not other slots
+                    torch.testing.assert_close(row.values, want.values)
