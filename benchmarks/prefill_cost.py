@@ -6,6 +6,8 @@
 Per context: the unmodified model's prefill (SDPA, its own cache), then `optimize(model, policy=P, scorer=S,
 budget=--budget)` for each --compositions entry P/S: one untimed call (graphs compile), then the median of --repeats timed prefills (synchronized),
 the peak memory of one of them, and the ratio to the unmodified prefill. Random bf16 weights at the shape's sizes.
+Peak: CUDA's allocated bytes; on a CPU (Linux) the process's peak resident set, interpreter and libraries included
+(`timing.peak_gib`): run it as `MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/prefill_cost.py --device cpu ...`.
 Writes prefill_cost_<tag>.json and .md to --out; with --profile, also prefill_profile_<tag>.txt: per prefill, the
 GPU kernels that took the most time (torch.profiler), to show where a composition's extra cost goes; with
 --peak-allocations, prefill_peak_<tag>.txt: per prefill, the largest tensors alive at its memory peak (allocated
@@ -110,7 +112,7 @@ def main() -> None:
         if args.peak_allocations:
             peaks.append(f"## {n} tokens, unmodified\n{peak_allocations(model, ids, args.peak_allocations)}")
         rows.append(dict(context=n, prefill="unmodified", ms=round(plain * 1e3, 1), ratio=1.0,
-                         peak_GiB=round(plain_peak, 2)))
+                         peak_GiB=round(plain_peak, 3)))
         for composition in args.compositions:
             policy, scorer = composition.split("/")
             entropykv_fx.optimize(model, policy=policy, scorer=scorer, budget=args.budget)
@@ -120,7 +122,7 @@ def main() -> None:
             if args.peak_allocations:
                 peaks.append(f"## {n} tokens, {composition}\n{peak_allocations(model, ids, args.peak_allocations)}")
             rows.append(dict(context=n, prefill=composition, ms=round(t * 1e3, 1), ratio=round(t / plain, 2),
-                             peak_GiB=round(peak, 2)))
+                             peak_GiB=round(peak, 3)))
             print(rows[-1], flush=True)
         stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
         write_markdown(stem.with_suffix(".md"), env, rows)

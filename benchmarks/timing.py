@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -115,13 +116,22 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    """Peak memory since `reset_peak`: CUDA's allocated bytes; on a Linux CPU the process's resident set (VmHWM:
+    interpreter and libraries included; run with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave it)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return float("nan")
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 2**20
 
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident set restarts from the current one
 
 
 def eager_decode_ms(model, cache, token: Tensor, n: int, steps: int, device: torch.device) -> tuple[float, Tensor]:
