@@ -28,6 +28,8 @@ class ArgumentTypeError(EntropyKVError, TypeError):
 
 
 def short_repr(value: object, limit: int = 80) -> str:
-    """repr(value), cut to `limit` characters for an error message."""
+    """repr(value), cut to `limit` characters for an error message; a string (often a path the caller must find
+    in the message) up to 300."""
     text = repr(value)
+    limit = max(limit, 300) if isinstance(value, str) else limit
     return text if len(text) <= limit else text[:limit - 3] + "..."

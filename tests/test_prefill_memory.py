@@ -2,8 +2,8 @@
 has run, so the prefill never holds every layer's full cache at once (`compress.budgets_before_scores`).
 
 The peak is measured, not inferred: each prefill runs in a process of its own, with glibc serving every block over
-64 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live tensors and its high-water mark
-(ru_maxrss) is the prefill's peak. Linux only.
+64 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live tensors, and its high-water mark
+(VmHWM, restarted just before the prefill through /proc/self/clear_refs) is the prefill's peak. Linux only.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ LAYERS, KV_HEADS, HEAD_DIM, TOKENS = 8, 4, 64, 4096
 FULL_CACHE_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * TOKENS * 4  # float32 keys + values of every layer
 
 PEAK_SCRIPT = f"""
-import resource, sys, torch
+import re, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 import entropykv_fx
 config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers={LAYERS},
@@ -39,9 +39,11 @@ with torch.no_grad():
     for n in (256, 384):  # graphs compile (dynamic after the second length) on prompts far shorter than the measured one
         model(torch.randint(1, 97, (1, n)), use_cache=True, logits_to_keep=1)
     ids = torch.randint(1, 97, (1, {TOKENS}))
-    start = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    status = lambda field: int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+    open("/proc/self/clear_refs", "w").write("5")  # the peak resident set (VmHWM) restarts from here
+    start = status("VmRSS")
     out = model(ids, use_cache=True, logits_to_keep=1)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start, out.past_key_values.nbytes)
+print(status("VmHWM") - start, out.past_key_values.nbytes)
 """
 
 
