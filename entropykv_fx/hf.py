@@ -14,7 +14,9 @@ What happens to one prefill, in the order it runs (all of it in `Optimized.forwa
    results come back typed (`PrefillStats`, one per layer) onto the cache's layers.
 4. After a prefill, `compress.compress_cache` turns the statistics into budgets (the policy), selects and
    gathers each row's kept slots and stacks the rows again; after every step, sliding-window layers drop the
-   slots no later query can attend.
+   slots no later query can attend. When the budgets need no statistic (`compress.budgets_before_scores`), the
+   graph calls `_compress_layer_now` right after each layer's attention instead, so each layer is compressed
+   before the next runs and the prefill never holds every layer's full cache.
 
 Decode steps (one token per row) write into room reserved on the cache (`EntropyKVCache.make_room`) and, on a GPU,
 replay a CUDA graph recorded at the first step (`entropykv_fx.step_graph`); see `optimize`.
