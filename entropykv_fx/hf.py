@@ -42,8 +42,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .cache import CompressedLayer, EntropyKVCache, PrefillStats
 from .compat import cache_in_call, check_transformers_version, with_cache
 from .composition import Composition
-from .compress import (CompressionReport, LayerReport, budgets_before_scores, compress_cache, compress_layer_now,
-                       uncompressed_report)
+from .compress import (
+    CompressionReport,
+    LayerReport,
+    budgets_before_scores,
+    compress_cache,
+    compress_layer_now,
+    uncompressed_report,
+)
 from .config import ConfigError, EntropyKVConfig
 from .errors import ArgumentTypeError, EntropyKVError, InputError, short_repr
 from .parallel import check_same_positions, check_same_stats, combine_prefill_stats, local_heads, tensor_parallel_group

@@ -16,12 +16,11 @@ import sys
 
 import pytest
 import torch
+from tiny_models import left_padded, random_prompt, tiny_model
 
 import entropykv_fx
 from entropykv_fx import EntropyKVConfig
 from entropykv_fx.bench.fanout import compressed_copy, scored_prefill
-
-from tiny_models import left_padded, random_prompt, tiny_model
 
 LAYERS, KV_HEADS, HEAD_DIM, TOKENS = 8, 4, 64, 4096
 FULL_CACHE_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * TOKENS * 4  # float32 keys + values of every layer
