@@ -38,6 +38,9 @@ class PrefillStats:
     kv_scores: Tensor  # [B, Hkv, S] token scores per KV head
     layer_scores: Tensor  # [B, S] token scores summed over all heads
     head_statistic: Tensor | None = None  # [B, H] a policy's own per-head measure (`Policy.prefill_statistic`)
+    # [B, S] the layer's token ranking, computed over every slot of the prefill before the layer was trimmed to a
+    # ceiling during it (`compress.trim_layer_now`): what selection after the forward ranks by
+    ranking: Tensor | None = None
 
     @classmethod
     def unflatten(cls, layers: list[int], tensors: list[Tensor]) -> dict[int, PrefillStats]:
@@ -49,8 +52,9 @@ class PrefillStats:
     def row(self, b: int, keep: Tensor) -> PrefillStats:
         """Row `b`'s statistics over its slots `keep` [S] (bool), as a batch of one."""
         head = None if self.head_statistic is None else self.head_statistic[b:b + 1]
+        ranking = None if self.ranking is None else self.ranking[b:b + 1, keep]
         return PrefillStats(self.entropy[b:b + 1], self.kv_scores[b:b + 1, :, keep], self.layer_scores[b:b + 1, keep],
-                            head)
+                            head, ranking)
 
 
 def pad_slots(t: Tensor, length: int, dim: int, fill: float) -> Tensor:

@@ -12,13 +12,13 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .cache import CompressedLayer, EntropyKVCache
+from .cache import CompressedLayer, EntropyKVCache, take_slots
 from .config import EntropyKVConfig
 from .errors import BudgetFloorWarning
 from .headwise import HeadwiseLayer, calibrated_plan
@@ -103,7 +103,10 @@ def layer_budgets(entropies: list[float], n_tokens: int, config: EntropyKVConfig
 
 
 def layer_token_scores(layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
-    """The ranking [B, S] shared by all heads of a layer, by the configured scorer (`entropykv_fx.scorers`)."""
+    """The ranking [B, S] shared by all heads of a layer, by the configured scorer (`entropykv_fx.scorers`), or the
+    one computed over the whole prefill before the layer was trimmed during it (`trim_layer_now`)."""
+    if layer.stats is not None and layer.stats.ranking is not None:
+        return layer.stats.ranking
     return SCORERS[config.scorer].layer_scores(layer, config)
 
 
@@ -129,6 +132,40 @@ def budgets_before_scores(config: EntropyKVConfig, n_layers: int) -> Callable[[i
     if config.budget_source == "dynamic" and (policy.plan_layers is not None or not policy.budgets_from_length):
         return None
     return functools.lru_cache(maxsize=None)(lambda n_tokens: layer_budgets([math.nan] * n_layers, n_tokens, config))
+
+
+def ceiling_before_scores(config: EntropyKVConfig) -> Callable[[int], int] | None:
+    """n_tokens -> the most tokens any one layer can be granted, for a layer-wise policy whose budgets need every
+    layer's statistics but have a ceiling known before them (`Policy.layer_ceiling`: `entropy` and `entropy_focus`
+    grant at most max_layer_budget x the mean). A layer can then be trimmed to it as soon as its attention has run
+    (`trim_layer_now`) and compressed to its budget after the forward. None for other policies."""
+    policy = POLICIES[config.policy]
+    if config.budget_source != "dynamic" or policy.headwise or policy.layer_ceiling is None or not policy.evicts:
+        return None
+
+    def ceiling(n_tokens: int) -> int:
+        with warnings.catch_warnings():  # a budget floor is reported once, by the allocation after the forward
+            warnings.simplefilter("ignore", BudgetFloorWarning)
+            return policy.layer_ceiling(n_tokens, config)
+    return functools.lru_cache(maxsize=None)(ceiling)
+
+
+def trim_layer_now(layer: CompressedLayer, most: int, config: EntropyKVConfig) -> tuple[int, int] | None:
+    """Trim a just-prefilled, scored layer of one row to its `most` best slots by the ranking its selection after
+    the forward uses (`kept_slots`). That ranking, computed over every slot, stays on the layer's statistics
+    (`PrefillStats.ranking`) with the kept slots' scores, so the selection then keeps exactly what it would have
+    kept from all of them (`select` is a stable top-k: ties go to the earlier slot either way). Returns the
+    (slots, bytes) held before, for the report; None when there was nothing to trim."""
+    held = layer.get_seq_length(), layer.nbytes
+    if layer.keys.shape[0] != 1 or most >= held[0]:
+        return None
+    rank = (POLICIES[config.policy].token_scores or layer_token_scores)(layer, config)
+    idx = ops.select(rank, layer.positions, most, config.sink_tokens, config.window)
+    stats = layer.stats
+    layer.replace(*ops.gather(layer.keys, layer.values, idx), layer.positions.gather(1, idx))
+    layer.stats = replace(stats, kv_scores=take_slots(stats.kv_scores, idx),
+                          layer_scores=take_slots(stats.layer_scores, idx), ranking=take_slots(rank, idx))
+    return held
 
 
 def compress_layer_now(layer: CompressedLayer, index: int, budget: Callable[[int], int],
@@ -157,7 +194,8 @@ def compress_layer_now(layer: CompressedLayer, index: int, budget: Callable[[int
 
 
 def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig, heads: slice | None = None,
-                   done: dict[int, tuple[LayerReport, list[LayerReport]]] | None = None) -> CompressionReport:
+                   done: dict[int, tuple[LayerReport, list[LayerReport]]] | None = None,
+                   held_before: dict[int, tuple[int, int]] | None = None) -> CompressionReport:
     """Shrink every layer of a just-prefilled `cache` to the policy's budgets; returns the report.
 
     Each row of a batch is compressed on its own, exactly as if it had been prefilled alone (its pads dropped,
@@ -166,16 +204,18 @@ def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig, heads: slice 
     `heads`: for a head-wise policy on a tensor-parallel rank, whose statistics cover all KV heads but whose cache
     holds only these: the plan is made over all heads and the cache keeps its share (`entropykv_fx.parallel`).
     `done`: layers already compressed during the prefill (`compress_layer_now`'s reports, by layer), left as they are.
+    `held_before`: (slots, bytes) before a trim during the prefill (`trim_layer_now`, a batch of one), by layer.
     """
     done = done or {}
     lengths = cache.prompt_lengths()
     batch = len(lengths)
     if batch == 1:
-        return _compress_sequence(cache, config, lengths[0], heads, {i: rows[0] for i, (_, rows) in done.items()})
+        return _compress_sequence(cache, config, lengths[0], heads, {i: rows[0] for i, (_, rows) in done.items()},
+                                  held_before or {})
     before = [(done[i][0].slots_before, done[i][0].bytes_before) if i in done else (layer.get_seq_length(), layer.nbytes)
               for i, layer in enumerate(cache.layers)]
     rows = [EntropyKVCache.of_layers([layer.row(b) for layer in cache.layers]) for b in range(batch)]
-    row_reports = [_compress_sequence(row, config, n, heads, {i: per_row[b] for i, (_, per_row) in done.items()})
+    row_reports = [_compress_sequence(row, config, n, heads, {i: per_row[b] for i, (_, per_row) in done.items()}, {})
                    for b, (row, n) in enumerate(zip(rows, lengths))]
     if all(r.slots_after == r.slots_before for row in row_reports for r in row.layers) and all(
             type(layer) is CompressedLayer for row in rows for layer in row.layers):
@@ -192,7 +232,7 @@ def compress_cache(cache: EntropyKVCache, config: EntropyKVConfig, heads: slice 
 
 
 def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens: int, heads: slice | None,
-                       done: dict[int, LayerReport]) -> CompressionReport:
+                       done: dict[int, LayerReport], held_before: dict[int, tuple[int, int]]) -> CompressionReport:
     """`compress_cache` for a batch of one sequence of `n_tokens` prompt tokens."""
     policy = POLICIES[config.policy]
     layers = cache.layers
@@ -214,8 +254,8 @@ def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens:
         if i in done:
             reports.append(done[i])
             continue
-        slots, nbytes = layer.get_seq_length(), layer.nbytes
-        if budget < slots:
+        slots, nbytes = held_before.get(i, (layer.get_seq_length(), layer.nbytes))
+        if budget < layer.get_seq_length():
             layer.replace(*kept_slots(layer, budget, config))
         layer.stats = None
         reports.append(LayerReport(i, ent, budget, slots, layer.get_seq_length(), nbytes, layer.nbytes))

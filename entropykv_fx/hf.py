@@ -46,8 +46,10 @@ from .compress import (
     CompressionReport,
     LayerReport,
     budgets_before_scores,
+    ceiling_before_scores,
     compress_cache,
     compress_layer_now,
+    trim_layer_now,
     uncompressed_report,
 )
 from .config import ConfigError, EntropyKVConfig
@@ -116,9 +118,12 @@ class Optimized:
         self._sites_run = 0
         self._keep_stats = False  # scored_prefill: leave the prefill uncompressed, statistics on its layers
         self._statistic_of: str | None = None  # scored_prefill: a policy whose own statistic to compute too
-        # the running prefill compresses each layer as soon as it has run (budgets known before any statistic)
+        # the running prefill compresses each layer as soon as it has run (budgets known before any statistic),
+        # or trims it to a ceiling of its budget (known before the statistics), keeping what it held before
         self._budgets_now: Callable[[int], list[int]] | None = None
+        self._ceiling_now: Callable[[int], int] | None = None
         self._compressed_now: dict[int, tuple[LayerReport, list[LayerReport]]] = {}
+        self._trimmed_now: dict[int, tuple[tuple[int, int], PrefillStats]] = {}
 
     # ------------------------------------------------------------------------------------------ set-up
     def install(self) -> None:
@@ -226,9 +231,10 @@ class Optimized:
         cache.begin_step(mask_pos)
         self._stats_sink, self._sites_run = cache, 0
         if prefill:
-            self._compressed_now = {}
-            self._budgets_now = None if self._keep_stats or self.tp_group is not None else \
-                budgets_before_scores(self.config, self.num_layers)
+            self._compressed_now, self._trimmed_now = {}, {}
+            now = not self._keep_stats and self.tp_group is None
+            self._budgets_now = budgets_before_scores(self.config, self.num_layers) if now else None
+            self._ceiling_now = ceiling_before_scores(self.config) if now else None
         try:
             out = step()
         finally:
@@ -358,7 +364,7 @@ class Optimized:
         if policy.evicts:
             shard = policy.headwise and self.tp_group is not None  # a plan over all heads, this rank's share kept
             report = compress_cache(cache, self.config, local_heads(cache, self.tp_group) if shard else None,
-                                    self._compressed_now)
+                                    self._compressed_now, {i: held for i, (held, _) in self._trimmed_now.items()})
         else:
             report = uncompressed_report(cache, self.config)
             for layer in cache.layers:
@@ -407,6 +413,8 @@ class Optimized:
 
     def _receive_stats(self, layers: list[int], tensors: list[Tensor]) -> None:
         for layer, stats in PrefillStats.unflatten(layers, tensors).items():
+            if layer in self._trimmed_now:  # the statistics of the slots it kept, with the ranking over all of them
+                stats = self._trimmed_now[layer][1]
             if layer not in self._compressed_now:
                 self._stats_sink.layers[layer].stats = stats
 
@@ -415,13 +423,20 @@ class Optimized:
         """A prefill graph calls this right after layer `layer`'s attention and scoring
         (`RewriteSettings.compress_layer`): when the policy's budgets need no other layer's statistics, the layer
         is compressed there and then (`compress.compress_layer_now`), and the graph releases its full keys and
-        values before the next layer runs; otherwise (and for sliding-window layers, which first drop what no
-        later query can attend) it is compressed after the forward, as before."""
-        if self._budgets_now is None or self.sliding_windows[layer]:
+        values before the next layer runs; when they need every layer's statistics but have a known ceiling
+        (`entropy`, `entropy_focus`), a prompt of one row is trimmed to that ceiling (`compress.trim_layer_now`) and
+        compressed to its budget after the forward. Otherwise (and for sliding-window layers, which first drop
+        what no later query can attend) the layer is compressed after the forward only."""
+        if self.sliding_windows[layer] or (self._budgets_now is None and self._ceiling_now is None):
             return keys, values, positions
         held = CompressedLayer.holding(keys, values, positions, PrefillStats(*stats))
-        self._compressed_now[layer] = compress_layer_now(held, layer, lambda n: self._budgets_now(n)[layer],
-                                                         self.config)
+        if self._budgets_now is not None:
+            self._compressed_now[layer] = compress_layer_now(held, layer, lambda n: self._budgets_now(n)[layer],
+                                                             self.config)
+        elif keys.shape[0] == 1:
+            before = trim_layer_now(held, self._ceiling_now(int((positions >= 0).sum())), self.config)
+            if before is not None:
+                self._trimmed_now[layer] = before, held.stats
         return held.keys, held.values, held.positions
 
     def _count_sites(self, n: int) -> None:

@@ -1,5 +1,6 @@
 """Prefill peak memory: a layer whose budget needs no other layer's statistics is compressed as soon as its attention
-has run, so the prefill never holds every layer's full cache at once (`compress.budgets_before_scores`).
+has run, so the prefill never holds every layer's full cache at once (`compress.budgets_before_scores`); one whose
+budget waits for every layer's statistics but has a known ceiling is trimmed to it (`compress.ceiling_before_scores`).
 
 The peak is measured, not inferred: each prefill runs in a process of its own, with glibc serving every block over
 64 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live tensors, and its high-water mark
@@ -58,28 +59,36 @@ def prefill_peak(policy: str, scorer: str) -> tuple[int, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc's malloc settings")
 @pytest.mark.parametrize("scorer", ["window", "reconstruct"])
-def test_layers_with_budgets_known_in_advance_never_hold_the_whole_full_cache(scorer):
+def test_layers_with_budgets_or_ceilings_known_in_advance_never_hold_the_whole_full_cache(scorer):
+    # cache_topk_layer: a cache-wide top-k, no layer's share is bounded before every layer has run: held to the end
+    late, late_kept = prefill_peak("cache_topk_layer", scorer)
     early, early_kept = prefill_peak("uniform", scorer)  # budget from the prompt length: compressed layer by layer
-    late, late_kept = prefill_peak("entropy", scorer)  # budgets from every layer's entropy: after the forward
-    assert early_kept == late_kept < FULL_CACHE_BYTES / 5  # both keep 10% (uniform and entropy budgets, same total)
-    # the late prefill holds all 8 full layers at its end; the early one at most one full layer beside the kept ones
+    trimmed, trimmed_kept = prefill_peak("entropy", scorer)  # at most 4 x 10% per layer during the prefill
+    assert early_kept == late_kept == trimmed_kept < FULL_CACHE_BYTES / 5  # each keeps 10% in all
+    # the late prefill holds all 8 full layers at its end; the early one at most one full layer beside the kept ones,
+    # the trimmed one 40% of each layer
     assert late - early > FULL_CACHE_BYTES / 2, (early, late, FULL_CACHE_BYTES)
+    assert late - trimmed > FULL_CACHE_BYTES * 0.35, (trimmed, late, FULL_CACHE_BYTES)
 
 
 def configs(tmp_path) -> list[EntropyKVConfig]:
-    """Every kind of budget known before the prefill's statistics: the length-only policies and calibrated fractions."""
+    """Every kind of budget known before the prefill's statistics (the length-only policies, calibrated fractions)
+    and of budget ceiling (entropy's clamp), with each kind of ranking (pooled window scores, keys, reconstruction)."""
     path = tmp_path / "budgets.json"
     path.write_text(json.dumps({"layer_fractions": [0.5, 0.2, 0.3]}))
     return [EntropyKVConfig(policy="uniform", budget=0.3), EntropyKVConfig(policy="pyramidkv", budget=0.3),
             EntropyKVConfig(policy="streaming", budget=0.3), EntropyKVConfig(policy="uniform", scorer="reconstruct"),
-            EntropyKVConfig(policy="uniform", budget_source="calibrated", calibration_file=str(path))]
+            EntropyKVConfig(policy="uniform", budget_source="calibrated", calibration_file=str(path)),
+            EntropyKVConfig(policy="entropy", budget=0.1), EntropyKVConfig(policy="entropy_focus", budget=0.15),
+            EntropyKVConfig(policy="entropy", budget=0.1, scorer="key_norm"),
+            EntropyKVConfig(policy="entropy", budget=0.1, scorer="reconstruct")]
 
 
 def test_compressing_during_the_prefill_keeps_what_compressing_after_it_keeps(tmp_path):
     """The in-prefill path (optimize) against the after-prefill one (compressed_copy of an uncompressed prefill):
     the same slots, payloads and report."""
     model = tiny_model("llama")
-    ids = random_prompt(200)
+    ids = random_prompt(400)
     for config in configs(tmp_path):
         full, _ = scored_prefill(model, ids, config)
         expected, expected_report = compressed_copy(full, config)
@@ -88,7 +97,7 @@ def test_compressing_during_the_prefill_keeps_what_compressing_after_it_keeps(tm
             cache = model(ids, use_cache=True).past_key_values
         report = entropykv_fx.report(model)
         assert report == expected_report, config
-        assert report.kept_fraction < 0.6
+        assert report.kept_fraction < 0.6 and report.bytes_before == full.nbytes
         for got, want in zip(cache.layers, expected.layers):
             assert torch.equal(got.positions, want.positions)
             assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)

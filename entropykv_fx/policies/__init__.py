@@ -51,6 +51,8 @@ class Policy:
     plan_layers: PlanLayers | None = None  # set: per-layer budgets from the scored layers, not from entropies alone
     scorer: str = "window"  # its own token scorer, used when the config names none (`entropykv_fx.scorers`)
     budgets_from_length: bool = False  # `allocate` reads the prompt length and config only, never the entropies
+    # (n_tokens, config) -> the most tokens `allocate` can grant one layer, known before any statistic (its clamp)
+    layer_ceiling: Callable[[int, EntropyKVConfig], int] | None = None
 
     @property
     def headwise(self) -> bool:

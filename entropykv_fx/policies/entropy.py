@@ -14,20 +14,28 @@ import math
 from . import Policy, budget_bounds, distribute, per_head
 
 
-def clamped_shares(weights, n_tokens, config) -> list[int]:
-    """Layer budgets proportional to `weights`, totalling layers x mean, each in [min_layer_budget,
-    max_layer_budget] x mean (and at least sinks + window)."""
+def share_bounds(n_tokens, config) -> tuple[int, int, int]:
+    """(least, mean, most) tokens of one layer: [min_layer_budget, max_layer_budget] x mean, at least sinks + window."""
     floor, mean, ceiling = budget_bounds(n_tokens, config)
     lo = max(floor, math.ceil(config.min_layer_budget * mean))
-    hi = min(ceiling, math.floor(config.max_layer_budget * mean))
-    return distribute(list(weights), mean * len(weights), lo, max(lo, hi))
+    return lo, mean, max(lo, min(ceiling, math.floor(config.max_layer_budget * mean)))
+
+
+def clamped_shares(weights, n_tokens, config) -> list[int]:
+    """Layer budgets proportional to `weights`, totalling layers x mean, each within `share_bounds`."""
+    lo, mean, hi = share_bounds(n_tokens, config)
+    return distribute(list(weights), mean * len(weights), lo, hi)
+
+
+def most_per_layer(n_tokens, config) -> int:
+    return share_bounds(n_tokens, config)[2]
 
 
 def allocate(layer_entropy, n_tokens, config) -> list[int]:
     return clamped_shares(layer_entropy, n_tokens, config)
 
 
-POLICY = Policy("entropy", allocate, needs_scores=True,
+POLICY = Policy("entropy", allocate, needs_scores=True, layer_ceiling=most_per_layer,
                 summary="layer budgets proportional to mean head attention entropy; one token set per layer")
 
 HEAD_POLICY = per_head(POLICY, "entropy_per_head",

@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 
 from . import Policy, per_head
-from .entropy import clamped_shares
+from .entropy import clamped_shares, most_per_layer
 
 
 def allocate(layer_entropy, n_tokens, config) -> list[int]:
     return clamped_shares([max(math.log(n_tokens) - h, 0.0) for h in layer_entropy], n_tokens, config)
 
 
-POLICY = Policy("entropy_focus", allocate, needs_scores=True,
+POLICY = Policy("entropy_focus", allocate, needs_scores=True, layer_ceiling=most_per_layer,
                 summary="layer budgets proportional to log(n) - mean head attention entropy (attention's distance "
                         "from uniform); one token set per layer")
 
