@@ -75,8 +75,8 @@ class CompressionReport:
         return self.bytes_after / max(self.bytes_before, 1)
 
     def __str__(self) -> str:
-        rows = [f"policy={self.policy} prompt_tokens={self.prompt_tokens} KV bytes {self.bytes_before:,} -> "
-                f"{self.bytes_after:,} ({100 * self.kept_fraction:.1f}% kept)",
+        rows = [(f"policy={self.policy} prompt_tokens={self.prompt_tokens} KV bytes {self.bytes_before:,} -> "
+                 f"{self.bytes_after:,} ({100 * self.kept_fraction:.1f}% kept)"),
                 f"{'layer':>5} {'entropy':>8} {'budget':>7} {'slots':>13} {'bytes after':>12}"]
         for r in self.layers:
             rows.append(f"{r.layer:>5} {r.entropy:>8.3f} {r.budget:>7} {r.slots_before:>6}->{r.slots_after:<6} "
