@@ -227,7 +227,7 @@ class CompressedLayer(DynamicLayer):
         if self.stats is not None:
             st = self.stats
             self.stats = PrefillStats(st.entropy, take_slots(st.kv_scores, idx), take_slots(st.layer_scores, idx),
-                                      st.head_statistic)
+                                      st.head_statistic, None if st.ranking is None else take_slots(st.ranking, idx))
 
     @property
     def nbytes(self) -> int:

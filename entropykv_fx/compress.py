@@ -102,12 +102,14 @@ def layer_budgets(entropies: list[float], n_tokens: int, config: EntropyKVConfig
     return POLICIES[config.policy].allocate(entropies, n_tokens, config)
 
 
-def layer_token_scores(layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
-    """The ranking [B, S] shared by all heads of a layer, by the configured scorer (`entropykv_fx.scorers`), or the
-    one computed over the whole prefill before the layer was trimmed during it (`trim_layer_now`)."""
+def token_ranking(layer: CompressedLayer, config: EntropyKVConfig) -> Tensor:
+    """The ranking [B, S] a layer's kept slots are chosen by (one token set for all its heads): the policy's own
+    (`Policy.token_scores`) or the configured scorer's (`entropykv_fx.scorers`); for a layer trimmed during the
+    prefill (`trim_layer_now`), the one computed then over every slot."""
     if layer.stats is not None and layer.stats.ranking is not None:
         return layer.stats.ranking
-    return SCORERS[config.scorer].layer_scores(layer, config)
+    own = POLICIES[config.policy].token_scores
+    return own(layer, config) if own is not None else SCORERS[config.scorer].layer_scores(layer, config)
 
 
 def kept_slots(layer: CompressedLayer, budget: int, config: EntropyKVConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,8 +117,7 @@ def kept_slots(layer: CompressedLayer, budget: int, config: EntropyKVConfig) -> 
 
     The one place where tokens are chosen and copied: the eager cache (`compress_cache`), static buffers
     (`StaticCacheModel`) and exported prefill programs (`aot`) each store the result their own way."""
-    rank = POLICIES[config.policy].token_scores or layer_token_scores
-    idx = ops.select(rank(layer, config), layer.positions, budget, config.sink_tokens, config.window)
+    idx = ops.select(token_ranking(layer, config), layer.positions, budget, config.sink_tokens, config.window)
     keys, values = ops.gather(layer.keys, layer.values, idx)
     return keys, values, layer.positions.gather(1, idx)
 
@@ -131,7 +132,12 @@ def budgets_before_scores(config: EntropyKVConfig, n_layers: int) -> Callable[[i
         return None
     if config.budget_source == "dynamic" and (policy.plan_layers is not None or not policy.budgets_from_length):
         return None
-    return functools.lru_cache(maxsize=None)(lambda n_tokens: layer_budgets([math.nan] * n_layers, n_tokens, config))
+
+    def budgets(n_tokens: int) -> list[int]:
+        with warnings.catch_warnings():  # a budget floor is reported once, by the allocation after the forward
+            warnings.simplefilter("ignore", BudgetFloorWarning)
+            return layer_budgets([math.nan] * n_layers, n_tokens, config)
+    return functools.lru_cache(maxsize=None)(budgets)
 
 
 def ceiling_before_scores(config: EntropyKVConfig) -> Callable[[int], int] | None:
@@ -159,7 +165,7 @@ def trim_layer_now(layer: CompressedLayer, most: int, config: EntropyKVConfig) -
     held = layer.get_seq_length(), layer.nbytes
     if layer.keys.shape[0] != 1 or most >= held[0]:
         return None
-    rank = (POLICIES[config.policy].token_scores or layer_token_scores)(layer, config)
+    rank = token_ranking(layer, config)
     idx = ops.select(rank, layer.positions, most, config.sink_tokens, config.window)
     stats = layer.stats
     layer.replace(*ops.gather(layer.keys, layer.values, idx), layer.positions.gather(1, idx))

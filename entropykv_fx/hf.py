@@ -430,13 +430,14 @@ class Optimized:
         if self.sliding_windows[layer] or (self._budgets_now is None and self._ceiling_now is None):
             return keys, values, positions
         held = CompressedLayer.holding(keys, values, positions, PrefillStats(*stats))
-        if self._budgets_now is not None:
-            self._compressed_now[layer] = compress_layer_now(held, layer, lambda n: self._budgets_now(n)[layer],
-                                                             self.config)
-        elif keys.shape[0] == 1:
-            before = trim_layer_now(held, self._ceiling_now(int((positions >= 0).sum())), self.config)
-            if before is not None:
-                self._trimmed_now[layer] = before, held.stats
+        with torch.no_grad():  # a selection, not part of any gradient: the cache holds no autograd graph
+            if self._budgets_now is not None:
+                self._compressed_now[layer] = compress_layer_now(held, layer, lambda n: self._budgets_now(n)[layer],
+                                                                 self.config)
+            elif keys.shape[0] == 1:
+                before = trim_layer_now(held, self._ceiling_now(int((positions >= 0).sum())), self.config)
+                if before is not None:
+                    self._trimmed_now[layer] = before, held.stats
         return held.keys, held.values, held.positions
 
     def _count_sites(self, n: int) -> None:

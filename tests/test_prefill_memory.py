@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from tiny_models import left_padded, random_prompt, tiny_model
 import entropykv_fx
 from entropykv_fx import EntropyKVConfig
 from entropykv_fx.bench.fanout import compressed_copy, scored_prefill
+from entropykv_fx.errors import BudgetFloorWarning
 
 LAYERS, KV_HEADS, HEAD_DIM, TOKENS = 8, 4, 64, 4096
 FULL_CACHE_BYTES = LAYERS * 2 * KV_HEADS * HEAD_DIM * TOKENS * 4  # float32 keys + values of every layer
@@ -123,3 +125,27 @@ def test_each_row_of_a_batch_compressed_during_the_prefill_keeps_what_it_keeps_a
                     assert torch.equal(row.positions, want.positions)
                     torch.testing.assert_close(row.keys, want.keys)  # a batched matmul's rounding, not other slots
                     torch.testing.assert_close(row.values, want.values)
+
+
+def test_a_prefill_with_gradients_on_leaves_no_autograd_graph_in_the_cache(tmp_path):
+    """Selection is a decision, not part of any gradient: whether a layer is compressed during the prefill or after
+    it, its kept keys and values carry no autograd history (which would keep every layer's activations alive)."""
+    model = tiny_model("llama")
+    for config in configs(tmp_path):
+        entropykv_fx.optimize(model, config)
+        cache = model(random_prompt(400), use_cache=True).past_key_values  # gradients on: no torch.no_grad()
+        assert entropykv_fx.report(model).kept_fraction < 0.6
+        assert not any(t.requires_grad for layer in cache.layers for t in (layer.keys, layer.values)), config
+
+
+def test_a_budget_floor_is_reported_once_per_prefill(tmp_path):
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps({"layer_fractions": [0.05, 0.05, 0.05]}))
+    model = tiny_model("llama")
+    for config in (EntropyKVConfig(policy="uniform", budget=0.05), EntropyKVConfig(policy="entropy", budget=0.05),
+                   EntropyKVConfig(policy="uniform", budget_source="calibrated", calibration_file=str(path))):
+        entropykv_fx.optimize(model, config)
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            model(random_prompt(200), use_cache=True)
+        assert sum(issubclass(w.category, BudgetFloorWarning) for w in caught) == 1, (config, caught)
