@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -132,12 +133,7 @@ def budgets_before_scores(config: EntropyKVConfig, n_layers: int) -> Callable[[i
         return None
     if config.budget_source == "dynamic" and (policy.plan_layers is not None or not policy.budgets_from_length):
         return None
-
-    def budgets(n_tokens: int) -> list[int]:
-        with warnings.catch_warnings():  # a budget floor is reported once, by the allocation after the forward
-            warnings.simplefilter("ignore", BudgetFloorWarning)
-            return layer_budgets([math.nan] * n_layers, n_tokens, config)
-    return functools.lru_cache(maxsize=None)(budgets)
+    return _during_prefill(lambda n_tokens: layer_budgets([math.nan] * n_layers, n_tokens, config))
 
 
 def ceiling_before_scores(config: EntropyKVConfig) -> Callable[[int], int] | None:
@@ -148,12 +144,18 @@ def ceiling_before_scores(config: EntropyKVConfig) -> Callable[[int], int] | Non
     policy = POLICIES[config.policy]
     if config.budget_source != "dynamic" or policy.headwise or policy.layer_ceiling is None or not policy.evicts:
         return None
+    return _during_prefill(lambda n_tokens: policy.layer_ceiling(n_tokens, config))
 
-    def ceiling(n_tokens: int) -> int:
-        with warnings.catch_warnings():  # a budget floor is reported once, by the allocation after the forward
+
+def _during_prefill(of_length: Callable[[int], Any]) -> Callable[[int], Any]:
+    """`of_length` computed once per prompt length, without its budget-floor warning: the allocation after the
+    forward reports that, once."""
+    @functools.cache
+    def quietly(n_tokens: int) -> Any:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", BudgetFloorWarning)
-            return policy.layer_ceiling(n_tokens, config)
-    return functools.lru_cache(maxsize=None)(ceiling)
+            return of_length(n_tokens)
+    return quietly
 
 
 def trim_layer_now(layer: CompressedLayer, most: int, config: EntropyKVConfig) -> tuple[int, int] | None:
@@ -182,14 +184,7 @@ def compress_layer_now(layer: CompressedLayer, index: int, budget: Callable[[int
     lengths = (layer.positions >= 0).sum(-1).tolist()
     before = layer.get_seq_length(), layer.nbytes
     rows = [layer] if len(lengths) == 1 else [layer.row(b) for b in range(len(lengths))]
-    reports = []
-    for row, n in zip(rows, lengths):
-        slots, nbytes, kept = row.get_seq_length(), row.nbytes, budget(n)
-        if kept < slots:
-            row.replace(*kept_slots(row, kept, config))
-        reports.append(LayerReport(index, float(row.stats.entropy.mean()), kept, slots, row.get_seq_length(), nbytes,
-                                   row.nbytes))
-        row.stats = None
+    reports = [_shrink(row, index, budget(n), float(row.stats.entropy.mean()), config) for row, n in zip(rows, lengths)]
     if len(rows) > 1 and any(r.slots_after < r.slots_before for r in reports):
         stacked = CompressedLayer.stack_rows(rows)
         layer.replace(stacked.keys, stacked.values, stacked.positions)
@@ -260,12 +255,19 @@ def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens:
         if i in done:
             reports.append(done[i])
             continue
-        slots, nbytes = held_before.get(i, (layer.get_seq_length(), layer.nbytes))
-        if budget < layer.get_seq_length():
-            layer.replace(*kept_slots(layer, budget, config))
-        layer.stats = None
-        reports.append(LayerReport(i, ent, budget, slots, layer.get_seq_length(), nbytes, layer.nbytes))
+        reports.append(_shrink(layer, i, budget, ent, config, held_before.get(i)))
     return CompressionReport(config.policy, n_tokens, reports)
+
+
+def _shrink(layer: CompressedLayer, index: int, budget: int, entropy: float, config: EntropyKVConfig,
+            held: tuple[int, int] | None = None) -> LayerReport:
+    """Keep the layer's `budget` best slots (`kept_slots`), release its statistics; its report. `held`: the
+    (slots, bytes) it held before a trim during the prefill, when there was one."""
+    slots, nbytes = held or (layer.get_seq_length(), layer.nbytes)
+    if budget < layer.get_seq_length():
+        layer.replace(*kept_slots(layer, budget, config))
+    layer.stats = None
+    return LayerReport(index, entropy, budget, slots, layer.get_seq_length(), nbytes, layer.nbytes)
 
 
 def compress_heads(cache: EntropyKVCache, plan: HeadPlan, config: EntropyKVConfig, n_tokens: int,

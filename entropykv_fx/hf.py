@@ -434,7 +434,7 @@ class Optimized:
             if self._budgets_now is not None:
                 self._compressed_now[layer] = compress_layer_now(held, layer, lambda n: self._budgets_now(n)[layer],
                                                                  self.config)
-            elif keys.shape[0] == 1:
+            else:  # a batch of one row (a batch is compressed after the forward)
                 before = trim_layer_now(held, self._ceiling_now(int((positions >= 0).sum())), self.config)
                 if before is not None:
                     self._trimmed_now[layer] = before, held.stats
