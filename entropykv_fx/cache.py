@@ -49,6 +49,12 @@ class PrefillStats:
         per_layer = len(tensors) // max(len(layers), 1)
         return {layer: cls(*tensors[per_layer * i:per_layer * (i + 1)]) for i, layer in enumerate(layers)}
 
+    def take(self, idx: Tensor) -> PrefillStats:
+        """These statistics over the slots `idx` [B, n] (`take_slots`)."""
+        ranking = None if self.ranking is None else take_slots(self.ranking, idx)
+        return PrefillStats(self.entropy, take_slots(self.kv_scores, idx), take_slots(self.layer_scores, idx),
+                            self.head_statistic, ranking)
+
     def row(self, b: int, keep: Tensor) -> PrefillStats:
         """Row `b`'s statistics over its slots `keep` [S] (bool), as a batch of one."""
         head = None if self.head_statistic is None else self.head_statistic[b:b + 1]
@@ -225,9 +231,7 @@ class CompressedLayer(DynamicLayer):
         self.replace(take_slots(self.keys, idx), take_slots(self.values, idx),
                      take_slots(self.positions, idx).masked_fill(~valid, -1))
         if self.stats is not None:
-            st = self.stats
-            self.stats = PrefillStats(st.entropy, take_slots(st.kv_scores, idx), take_slots(st.layer_scores, idx),
-                                      st.head_statistic, None if st.ranking is None else take_slots(st.ranking, idx))
+            self.stats = self.stats.take(idx)
 
     @property
     def nbytes(self) -> int:

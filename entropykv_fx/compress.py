@@ -171,8 +171,7 @@ def trim_layer_now(layer: CompressedLayer, most: int, config: EntropyKVConfig) -
     idx = ops.select(rank, layer.positions, most, config.sink_tokens, config.window)
     stats = layer.stats
     layer.replace(*ops.gather(layer.keys, layer.values, idx), layer.positions.gather(1, idx))
-    layer.stats = replace(stats, kv_scores=take_slots(stats.kv_scores, idx),
-                          layer_scores=take_slots(stats.layer_scores, idx), ranking=take_slots(rank, idx))
+    layer.stats = replace(stats.take(idx), ranking=take_slots(rank, idx))
     return held
 
 
