@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -85,26 +84,21 @@ class _Decode(nn.Module):
         return (out.logits[:, -1], *(t for layer in cache.layers for t in (layer.keys, layer.values, layer.positions)))
 
 
-def _compress_layer(entropy: Tensor, kv_scores: Tensor, layer_scores: Tensor, keys: Tensor, values: Tensor,
-                    positions: Tensor, budget: int, capacity: int, config: EntropyKVConfig) -> tuple[Tensor, ...]:
-    """One layer's kept slots (`compress.kept_slots`), padded to `capacity` with empty slots (position -1)."""
-    layer = CompressedLayer.holding(keys, values, positions, PrefillStats(entropy, kv_scores, layer_scores))
-    k, v, pos = kept_slots(layer, budget, config)
-    return pad_slots(k, capacity, 2, 0), pad_slots(v, capacity, 2, 0), pad_slots(pos, capacity, 1, -1)
+def _compress_layers(budgets: list[int], capacities: list[int], config: EntropyKVConfig):
+    """`RewriteSettings.compress_layer` for the prefill program: right after each layer's attention, its cache
+    becomes its kept slots (`compress.kept_slots`), padded to its capacity with empty slots (position -1), so the
+    program never holds every layer's full cache."""
+    def compress_layer(layer: int, keys: Tensor, values: Tensor, positions: Tensor, entropy: Tensor, kv_scores: Tensor,
+                       layer_scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        held = CompressedLayer.holding(keys, values, positions, PrefillStats(entropy, kv_scores, layer_scores))
+        k, v, pos = kept_slots(held, budgets[layer], config)
+        capacity = capacities[layer]
+        return pad_slots(k, capacity, 2, 0), pad_slots(v, capacity, 2, 0), pad_slots(pos, capacity, 1, -1)
+    return compress_layer
 
 
-def _compress_outputs(budgets: list[int], capacities: list[int], config: EntropyKVConfig):
-    """`use_scores` for the prefill graph: each layer's cache outputs become its compressed, padded slots."""
-    def use_scores(graph: fx.Graph, scores: dict[int, tuple[fx.Node, ...]]) -> None:
-        output = graph.output_node()
-        for layer, (*stats, keys, values, positions) in scores.items():
-            with graph.inserting_before(output):
-                packed = graph.call_function(_compress_layer, (*stats, keys, values, positions, budgets[layer],
-                                                               capacities[layer], config))
-                replaced = {old: graph.call_function(operator.getitem, (packed, i))
-                            for i, old in enumerate((keys, values, positions))}
-            output.args = (tuple(replaced.get(a, a) for a in output.args[0]),)
-    return use_scores
+def _no_statistics(graph: fx.Graph, scores: dict[int, tuple[fx.Node, ...]]) -> None:
+    """`use_scores` of a program that returns no statistics: the compressed cache is all it needs them for."""
 
 
 def _rewritten(module: nn.Module, args: tuple, settings: RewriteSettings, use_scores=None) -> torch.export.ExportedProgram:
@@ -173,8 +167,9 @@ def build_programs(model: nn.Module, *, prompt_length: int, max_new_tokens: int,
     positions = torch.arange(prompt_length, device=device).expand(batch, -1).contiguous()
     with runtime.eager():  # trace the model's own decoder, not optimize()'s compiled one
         logger.info("entropykv_fx: tracing the prefill program (%d tokens, %d layers)", prompt_length, n)
-        prefill = _rewritten(_Prefill(model, model.forward, n), (ids, positions), settings,
-                             _compress_outputs(budgets, capacities, config))
+        prefill = _rewritten(_Prefill(model, model.forward, n), (ids, positions),
+                             replace(settings, compress_layer=_compress_layers(budgets, capacities, config)),
+                             _no_statistics)
         with torch.no_grad():
             cache = prefill.module()(ids, positions)[1:]
         step = torch.tensor(0, device=device)
