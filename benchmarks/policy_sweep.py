@@ -12,7 +12,9 @@ every (policy, budget) compresses a copy of that cache, physically (`compress_ca
 Scoring is **greedy answer match, teacher-forced**: the full cache's greedy answer (its tokens up to the last
 character of the expected value) is the target, and a compressed cache scores 1 when, fed the target's tokens
 after the prompt, its argmax at every position is the target's next token, i.e. when greedy decoding would
-reproduce the answer. One forward per method instead of one per generated token. When the full cache answers
+reproduce the answer. One forward instead of one per generated token, and one for many methods: the compressed
+copies of a prompt's cache are stacked into one left-aligned batch (`fanout.stacked`, at most --batch-rows rows),
+which on a GPU replaces thousands of small kernel launches and host syncs per case by a few. When the full cache answers
 wrong, the target is the expected value's own tokens (and the full cache scores 0). Question-aware: context +
 question are compressed together; query-agnostic: the context alone is compressed, then the question is fed.
 
@@ -35,8 +37,8 @@ from pathlib import Path
 import torch
 
 from entropykv_fx.bench.cases import make_cases
-from entropykv_fx.bench.fanout import compressed_copy, prefill_of, scored_prefill
-from entropykv_fx.bench.quality import DTYPES, continuation_nll, environment
+from entropykv_fx.bench.fanout import compressed_copy, layer_kinds, prefill_of, scored_prefill, stacked
+from entropykv_fx.bench.quality import DTYPES, continuation_nll, continuation_nlls, environment
 from entropykv_fx.bench.scoring import answer_recall
 from entropykv_fx.compat import with_cache
 from entropykv_fx.config import EntropyKVConfig
@@ -111,14 +113,30 @@ def answer_target(tokenizer, generated: list[int], answers: list[str]) -> tuple[
 
 
 @torch.no_grad()
-def forced_match(model, cache, first_logits: torch.Tensor | None, feed: list[int], target: list[int]) -> bool:
-    """Would greedy decoding after `cache` (+ `feed`, e.g. the question) produce `target`? One forward."""
+def forced_matches(model, caches: list, first_logits: torch.Tensor | None, feed: list[int], target: list[int]
+                   ) -> list[bool]:
+    """For each single-row cache of one prompt: would greedy decoding after it (+ `feed`, e.g. the question)
+    produce `target`? One forward for all of them (`fanout.stacked`)."""
     ids = feed + target[:-1]
-    logits = model(input_ids=torch.tensor([ids], device=model.device), **with_cache(cache), use_cache=True).logits[0]
-    predicted = logits[len(feed) - 1 if feed else 0:].argmax(-1).tolist()
+    predicted = torch.empty(len(caches), 0, dtype=torch.long)
+    if ids:
+        batch = stacked(caches)
+        tokens = torch.tensor([ids], device=model.device).expand(len(caches), -1)
+        logits = model(input_ids=tokens, **with_cache(batch), use_cache=True).logits
+        predicted = logits[:, len(feed) - 1 if feed else 0:].argmax(-1).cpu()
     if not feed:
-        predicted = [int(first_logits.argmax())] + predicted
-    return predicted[:len(target)] == target
+        predicted = torch.cat([first_logits.argmax().cpu().expand(len(caches), 1), predicted], 1)
+    return (predicted[:, :len(target)] == torch.tensor(target)).all(-1).tolist()
+
+
+def in_batches(compressed: list[tuple], rows: int):
+    """`compressed` (name, budget, cache, report) in groups of at most `rows` whose caches can be `stacked`."""
+    groups: dict[tuple, list] = {}
+    for item in compressed:
+        groups.setdefault(layer_kinds(item[2]), []).append(item)
+    for group in groups.values():
+        for start in range(0, len(group), rows):
+            yield group[start:start + rows]
 
 
 def variant_prefill(fields: dict) -> tuple[str, tuple[int, ...]]:
@@ -135,9 +153,10 @@ def compressed_variants(full, variants: dict, budgets: list[float], prefill: tup
 
 
 @torch.no_grad()
-def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str]
+def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str], rows: int = 32
              ) -> tuple[list[dict], list[dict]]:
-    """(records, one target per setting: the prompt, what is fed after it and the full cache's answer tokens)."""
+    """(records, one target per setting: the prompt, what is fed after it and the full cache's answer tokens).
+    `rows`: at most this many compressed caches are scored by one batched forward."""
     records, targets = [], []
     q = case.questions[0]
     split = "select" if case.index % 2 == 0 else "report"
@@ -155,9 +174,10 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                                     nll=continuation_nll(model, copy.deepcopy(full), ids)))
                 targets.append(dict(base, setting="perplexity", prompt_ids=case.context_ids, feed=[],
                                     target=q.continuation_ids, full_correct=True))
-            for name, budget, cache, report in compressed_variants(full, variants, budgets, (scorer, repeat)):
-                records.append(dict(base, setting="perplexity", method=name, budget=budget,
-                                    kept=report.kept_fraction, nll=continuation_nll(model, cache, ids)))
+            for group in in_batches(list(compressed_variants(full, variants, budgets, (scorer, repeat))), rows):
+                nlls = continuation_nlls(model, stacked([cache for _, _, cache, _ in group]), ids, len(group))
+                records += [dict(base, setting="perplexity", method=name, budget=budget, kept=report.kept_fraction,
+                                 nll=nll) for (name, budget, _, report), nll in zip(group, nlls)]
         return records, targets
     for setting in settings:
         prompt = case.context_ids + (q.question_ids if setting == "question_aware" else [])
@@ -177,10 +197,10 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                 target, right = answer_target(tokenizer, generated, q.answers)
                 records.append(dict(base, setting=setting, method="full", budget=1.0, kept=1.0, correct=right))
                 targets.append(dict(base, setting=setting, prompt_ids=prompt, feed=feed, target=target, full_correct=right))
-            for name, budget, cache, report in compressed_variants(full, variants, budgets, (scorer, repeat)):
-                ok = forced_match(model, cache, logits, feed, target)
-                records.append(dict(base, setting=setting, method=name, budget=budget, kept=report.kept_fraction,
-                                    correct=ok))
+            for group in in_batches(list(compressed_variants(full, variants, budgets, (scorer, repeat))), rows):
+                matches = forced_matches(model, [cache for _, _, cache, _ in group], logits, feed, target)
+                records += [dict(base, setting=setting, method=name, budget=budget, kept=report.kept_fraction,
+                                 correct=ok) for (name, budget, _, report), ok in zip(group, matches)]
     return records, targets
 
 
@@ -286,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", default="0/1", help="K/N: run cases K, K+N, K+2N, ... (0 <= K < N)")
     parser.add_argument("--merge", nargs="+", type=Path, help="sweep JSONs to tabulate together instead of running "
                         "(and kvpress_runner.py --forced outputs)")
+    parser.add_argument("--batch-rows", type=int, default=32,
+                        help="compressed caches scored by one batched forward (fewer: less memory)")
     parser.add_argument("--save-targets", action="store_true",
                         help="also write each question's prompt, fed ids and target to <stem>.targets.jsonl, the "
                         "input of kvpress_runner.py --forced")
@@ -295,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     shard, shards = (int(x) for x in args.shard.split("/"))
     if not 0 <= shard < shards:
         parser.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
+    if args.batch_rows < 1:
+        parser.error(f"--batch-rows {args.batch_rows}: expected a positive count")
     start = time.perf_counter()
     model, tokenizer = load_default_model(dtype=DTYPES[args.dtype], device=args.device)
     cases = make_cases(tokenizer, args.tasks, args.lengths, args.cases, args.seed)
@@ -315,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if time.perf_counter() - start > args.time_limit:
             print(f"time limit: stopping after {i} cases", file=sys.stderr)
             break
-        got, targets = run_case(model, tokenizer, case, variants, args.budgets, args.settings)
+        got, targets = run_case(model, tokenizer, case, variants, args.budgets, args.settings, args.batch_rows)
         records += got
         if args.save_targets:
             with targets_path.open("a") as f:

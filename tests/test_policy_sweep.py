@@ -95,3 +95,72 @@ def test_perplexity_case_records_each_compressed_nll_and_tabulates_the_delta(tmp
     delta = nll["uniform/window", 0.25] - nll["full", 1.0]
     assert f"| uniform/window | {nll['uniform/window', 0.5] - nll['full', 1.0]:.4f} n=1 | {delta:.4f} n=1 |" in lines
     assert f"| kvpress tova | {nll['uniform/window', 0.5] - nll['full', 1.0] + 0.5:.4f} n=1 |" in lines
+
+
+def test_batched_scoring_equals_each_cache_alone():
+    """A stack of layer-wise and head-wise compressed copies gives each row the logits its cache alone gives, so
+    the batched forced match and NLL equal the one-cache-at-a-time ones."""
+    import copy
+
+    import torch
+
+    from entropykv_fx.bench.fanout import layer_kinds, prefill_of, scored_prefill, stacked
+    from entropykv_fx.bench.quality import continuation_nll, continuation_nlls
+    from entropykv_fx.compat import with_cache
+    from entropykv_fx.config import EntropyKVConfig
+    from entropykv_fx.reuse import continue_greedy
+
+    model = tiny_model("llama")
+    window = EntropyKVConfig(scorer="window")
+    full, logits = scored_prefill(model, random_prompt(160, seed=3), window)
+    variants = {n: policy_sweep.VARIANTS[n] for n in ["uniform/window", "entropy/window", "snapkv/window"]}
+    compressed = list(policy_sweep.compressed_variants(full, variants, [0.5, 0.3], prefill_of(window)))
+    assert len(compressed) == 6
+    caches = [c for _, _, c, _ in compressed] + [copy.deepcopy(full)]
+    assert len({layer_kinds(c) for c in caches}) == 2  # head-wise (snapkv) and layer-wise copies
+    feed = random_prompt(5, seed=4)[0].tolist()
+
+    def alone(cache, ids):
+        return model(input_ids=torch.tensor([ids]), **with_cache(stacked([cache])), use_cache=True).logits[0]
+
+    groups = list(policy_sweep.in_batches([(str(i), 0.5, c, None) for i, c in enumerate(caches)], rows=3))
+    assert sorted(len(g) for g in groups) == [2, 2, 3] and all(len({layer_kinds(x[2]) for x in g}) == 1 for g in groups)
+    for group in groups:
+        rows = [c for _, _, c, _ in group]
+        batch = model(input_ids=torch.tensor([feed] * len(rows)), **with_cache(stacked(rows)), use_cache=True).logits
+        for i, cache in enumerate(rows):
+            torch.testing.assert_close(batch[i], alone(cache, feed), atol=1e-5, rtol=1e-5)
+    target = continue_greedy(model, copy.deepcopy(full), logits, 4).tolist()  # the full cache's own answer
+    for first, fed in [(logits, []), (None, feed)]:
+        want = target if not fed else continue_greedy(model, copy.deepcopy(full), alone(full, fed)[-1], 4).tolist()
+        for kind in {layer_kinds(c) for c in caches}:
+            same = [c for c in caches if layer_kinds(c) == kind]
+            matches = policy_sweep.forced_matches(model, same, first, fed, want)
+            assert matches == [policy_sweep.forced_matches(model, [c], first, fed, want)[0] for c in same]
+        assert policy_sweep.forced_matches(model, [full], first, fed, want) == [True]  # its own greedy answer
+    continuation = torch.tensor([feed])
+    nlls = continuation_nlls(model, stacked(caches[:4]), continuation, rows=4)
+    assert nlls == pytest.approx([continuation_nll(model, stacked([c]), continuation) for c in caches[:4]], abs=1e-5)
+
+
+def test_stacked_rejects_what_cannot_share_a_batch():
+    import torch
+
+    from entropykv_fx.bench.fanout import compressed_copy, scored_prefill, stacked
+    from entropykv_fx.config import EntropyKVConfig
+
+    model = tiny_model("llama")
+    one, _ = scored_prefill(model, random_prompt(100, seed=3), EntropyKVConfig(scorer="window"))
+    other, _ = scored_prefill(model, random_prompt(90, seed=3), EntropyKVConfig(scorer="window"))
+    head_wise, _ = compressed_copy(one, EntropyKVConfig(policy="snapkv", budget=0.5))
+    layer_wise, _ = compressed_copy(one, EntropyKVConfig(policy="uniform", budget=0.5))
+    with pytest.raises(ValueError, match="no caches"):
+        stacked([])
+    with pytest.raises(ValueError, match="different positions"):
+        stacked([layer_wise, compressed_copy(other, EntropyKVConfig(policy="uniform", budget=0.5))[0]])
+    with pytest.raises(ValueError, match="different kinds"):
+        stacked([layer_wise, head_wise])
+    two = stacked([layer_wise, layer_wise])
+    two.next_positions = torch.cat([two.next_positions, two.next_positions])
+    with pytest.raises(ValueError, match="one prefilled row"):
+        stacked([two])

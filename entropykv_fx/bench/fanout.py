@@ -59,3 +59,33 @@ def compressed_copy(cache: EntropyKVCache, config: EntropyKVConfig) -> tuple[Ent
                          "the same way (scored_prefill(model, ids, EntropyKVConfig(scorer=...)))")
     copied = copy.deepcopy(cache)
     return copied, compress_cache(copied, config)
+
+
+def stacked(caches: list[EntropyKVCache]) -> EntropyKVCache:
+    """One batch whose row i is `caches[i]`: single-row caches of the same prompt (e.g. `compressed_copy`s under
+    different policies or budgets), so that one forward continues all of them. Shorter rows end in empty slots that
+    are never attended (`CompressedLayer.stack_rows`), so each row computes what its cache alone would, up to the
+    rounding of a batched matmul.
+
+    Raises ValueError for an empty list, a cache of several rows, caches that continue at different positions or
+    whose layers are of different kinds (layer-wise and head-wise caches do not stack: group them by
+    `layer_kinds`).
+    """
+    if not caches:
+        raise ValueError("stacked: no caches")
+    if any(c.next_positions is None or c.next_positions.shape[0] != 1 for c in caches):
+        raise ValueError("stacked: every cache must hold one prefilled row")
+    if len({c.seen_tokens for c in caches}) > 1 or len({int(c.next_positions[0]) for c in caches}) > 1:
+        raise ValueError("stacked: the caches continue at different positions (prefills of different prompts)")
+    if len({layer_kinds(c) for c in caches}) > 1:
+        raise ValueError(f"stacked: the caches' layers are of different kinds {sorted({layer_kinds(c) for c in caches})}")
+    batch = EntropyKVCache(len(caches[0].layers))
+    batch.layers = [type(rows[0]).stack_rows(list(rows)) for rows in zip(*(c.layers for c in caches))]
+    batch.seen_tokens = caches[0].seen_tokens
+    batch.next_positions = torch.cat([c.next_positions for c in caches])
+    return batch
+
+
+def layer_kinds(cache: EntropyKVCache) -> tuple[str, ...]:
+    """The class of each layer: caches with equal kinds can be `stacked`."""
+    return tuple(type(layer).__name__ for layer in cache.layers)

@@ -44,9 +44,15 @@ FULL_GRID_COMMAND = ("python benchmarks/quality.py --cases 50 --lengths 2048 409
 
 def continuation_nll(model, cache, continuation_ids: torch.Tensor) -> float:
     """Mean negative log-likelihood (nats) of continuation_ids[1:] fed after `cache` (which it extends)."""
+    return continuation_nlls(model, cache, continuation_ids, rows=1)[0]
+
+
+def continuation_nlls(model, cache, continuation_ids: torch.Tensor, rows: int) -> list[float]:
+    """`continuation_nll` of each of the `rows` rows of `cache` (e.g. `fanout.stacked`), one forward for all."""
+    ids = continuation_ids.to(model.device).expand(rows, -1)
     with torch.no_grad():
-        logits = model(input_ids=continuation_ids.to(model.device), **with_cache(cache), use_cache=True).logits
-    return float(F.cross_entropy(logits[0, :-1].float(), continuation_ids[0, 1:].to(logits.device)))
+        logits = model(input_ids=ids, **with_cache(cache), use_cache=True).logits
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none").mean(-1).tolist()
 
 
 def run_policies(model, cases: list[Case], policies: list[str], budgets: list[float], settings: list[str],
