@@ -250,6 +250,30 @@ def tables(records: list[dict], split: str) -> list[str]:
     return lines
 
 
+def length_tables(records: list[dict], split: str) -> list[str]:
+    """Accuracy % of each method at each prompt length, budgets left to right (a collapse at one length is hidden
+    in the pooled tables)."""
+    lines = []
+    records = [r for r in records if r["setting"] != "perplexity" and r["split"] == split]
+    lengths = sorted({r["length"] for r in records})
+    for setting in sorted({r["setting"] for r in records}):
+        rows = [r for r in records if r["setting"] == setting]
+        budgets = sorted({r["budget"] for r in rows if r["budget"] < 1.0}, reverse=True)
+        lines += [f"\n### {setting} by prompt length, {split} split (accuracy % at "
+                  f"{' / '.join(f'{b:g}' for b in budgets)} kept; n questions)\n",
+                  "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+        for m in ["full"] + sorted({r["method"] for r in rows} - {"full"}):
+            cells = []
+            for n in lengths:
+                by_budget = [[r["correct"] for r in rows if r["method"] == m and r["length"] == n and r["budget"] == b]
+                             for b in sorted({r["budget"] for r in rows if r["method"] == m}, reverse=True)]
+                n_asked = max(map(len, by_budget), default=0)
+                cells.append(" / ".join(f"{100 * sum(got) / len(got):.0f}" for got in by_budget if got) +
+                             f" n={n_asked}" if n_asked else "–")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write(records: list[dict], meta: dict, stem: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}))
     lines = [f"# Policy sweep: {meta['model']}, teacher-forced greedy answer match; perplexity as ΔNLL\n",
@@ -261,6 +285,7 @@ def write(records: list[dict], meta: dict, stem: Path) -> None:
              "\nByte fractions are measured from the compressed tensors (`report.kept_fraction`)."]
     for split in ("report", "select"):
         lines += tables(records, split)
+    lines += length_tables(records, "report")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -23,7 +23,7 @@ _EXPORTS = {
     "ExportError": "errors", "ExportedGenerator": "exported", "StaticCacheModel": "static", "StaticDecoder": "decode",
     "EntropyKVError": "errors", "InputError": "errors", "ArgumentTypeError": "errors", "Calibration": "config",
     "ExportLayout": "exported", "BudgetFloorWarning": "errors", "TransformersVersionError": "compat", "UntestedTransformersWarning": "compat",
-    "RankDivergenceError": "parallel",
+    "RankDivergenceError": "parallel", "PositionRangeWarning": "errors",
     **dict.fromkeys(("Composition", "Window", "LastQuery", "KeyNorm", "Reconstruct", "Uniform", "LayerEntropy", "LayerFocus",
                      "Pyramid", "HeadTopK", "CacheTopK", "HeadEntropyTiers", "MatrixEntropyGroups", "Recency",
                      "KeepAll"), "composition"),

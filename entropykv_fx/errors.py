@@ -19,6 +19,11 @@ class BudgetFloorWarning(UserWarning):
     """A requested or calibrated budget below the always-kept sink_tokens + window tokens was raised to them."""
 
 
+class PositionRangeWarning(UserWarning):
+    """A reconstruction prefill (scorer 'reconstruct') runs past the model's `max_position_embeddings`: the
+    repeated prompt attends at distances the model was not trained on, so its scores (and the kept tokens) degrade."""
+
+
 class InputError(EntropyKVError, ValueError):
     """A bad argument value of a public function or CLI option: names the argument, the value, what is accepted."""
 

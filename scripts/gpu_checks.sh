@@ -16,7 +16,7 @@
 #                                                 # (8k, 32k; default vs fast preset, with a kernel profile
 #                                                 # and the largest tensors alive at each prefill's peak)
 #   bash scripts/gpu_checks.sh OUT_DIR sweep TAG ARGS...  # benchmarks/policy_sweep.py ARGS as SWEEP_SHARDS processes
-#                                                 # (default 8) for SWEEP_LIMIT s, then kvpress_runner.py --forced on
+#                                                 # (default 4) for SWEEP_LIMIT s, then kvpress_runner.py --forced on
 #                                                 # their targets as KVPRESS_SHARDS processes for KVPRESS_LIMIT s, in a
 #                                                 # venv from the wheels in WHEELS; merged into OUT_DIR/sweep_TAG.*
 #   bash scripts/gpu_checks.sh OUT_DIR tp ARGS...  # on 2 GPUs: benchmarks/tp_speed.py, one GPU vs two ranks (NCCL)
@@ -102,9 +102,11 @@ sweep)
         bash benchmarks/kvpress_env.sh /tmp/kvpress-venv >"$parts/kvpress_env.log" 2>&1 &
     model_dir=$(python3 -c "from entropykv_fx.models import cache_dir, load_default_model
 load_default_model(show_progress=False); print(cache_dir())")  # GGUF -> safetensors once, before the shards
-    n=${SWEEP_SHARDS:-8} m=${KVPRESS_SHARDS:-6}  # kvpress: about 3 GiB of GPU memory each (KVzip at 4k)
-    # time limits fit one 10-minute call: on an H100, 8 sweep processes did 61 cases (2 variants, 2k/4k) in 270 s,
-    # start-up included, and 6 kvpress processes every one of their 122 questions in 100 s
+    n=${SWEEP_SHARDS:-4} m=${KVPRESS_SHARDS:-6}  # kvpress: about 3 GiB of GPU memory each (KVzip at 4k)
+    # Few sweep processes: every host sync (.item(), .tolist()) waits for the GPU, which other processes hold in
+    # time slices. On an H100 (6 variants, 2k/4k/8k), 8 processes did 27 cases in 218 s (one forward per method);
+    # 4 processes with batched scoring 82 cases in 287 s, about 7 s per case each after ~120 s of start-up and
+    # compiles. kvpress's forced runs take 30-150 s per entry (all presses x budgets, KVzip's passes).
     for ((k = 0; k < n; k++)); do  # two threads each: the processes share the machine's cores
         OMP_NUM_THREADS=2 timeout -s ABRT 590 python3 benchmarks/policy_sweep.py --device cuda --save-targets \
             --time-limit "${SWEEP_LIMIT:-420}" --shard "$k/$n" --out "$parts" --tag "$tag" "${@:4}" \

@@ -164,3 +164,14 @@ def test_stacked_rejects_what_cannot_share_a_batch():
     two.next_positions = torch.cat([two.next_positions, two.next_positions])
     with pytest.raises(ValueError, match="one prefilled row"):
         stacked([two])
+
+
+def test_length_tables_show_each_length_apart():
+    records = [dict(record("full", 1.0, True), length=n) for n in (256, 512)]
+    records += [dict(record("uniform/window", b, ok), length=n) for n, b, ok in
+                [(256, 0.5, True), (256, 0.25, True), (512, 0.5, True), (512, 0.25, False)]]
+    lines = policy_sweep.length_tables(records + [dict(record("kvpress tova", 0.5, True), length=512)], "report")
+    assert "| method | 256 tokens | 512 tokens |" in lines
+    assert "| uniform/window | 100 / 100 n=1 | 100 / 0 n=1 |" in lines
+    assert "| kvpress tova | – | 100 n=1 |" in lines
+    assert policy_sweep.length_tables(records, "select") == []

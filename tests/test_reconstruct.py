@@ -327,3 +327,30 @@ def test_the_reconstruction_prefill_scores_with_its_attentions_normalizers():
     q_rec = reconstruct["entropykv::max_attention"][0]
     assert reconstruct["entropykv::max_attention"][-1] == q_rec[:3], "lse [B, Hq, L] of the repeated queries"
     assert "entropykv::attention" in window and "entropykv::attention_lse" not in window
+
+
+def test_a_reconstruction_past_the_trained_positions_warns_before_the_forward():
+    """2 x prompt + repeat prompt positions past max_position_embeddings: a PositionRangeWarning naming the lengths,
+    raised before the forward runs; a prompt whose repetition fits runs without it."""
+    import warnings
+
+    from entropykv_fx import PositionRangeWarning
+
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 150
+    entropykv_fx.optimize(model, policy="cache_topk", scorer="reconstruct", budget=0.5, repeat_prompt=(5, 6, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PositionRangeWarning)
+        greedy(model, random_prompt(71), 2)  # 2 x 71 + 3 = 145 positions
+    with pytest.warns(PositionRangeWarning, match=r"80-token prompt .* 163 positions.*max_position_embeddings=150.*up "
+                      r"to 73 tokens"):
+        model(random_prompt(80), use_cache=True)
+    forwards = []
+    model.lm_head.register_forward_pre_hook(lambda *_: forwards.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PositionRangeWarning)
+        with pytest.raises(PositionRangeWarning):
+            model(random_prompt(80), use_cache=True)
+    assert forwards == []  # raised as an error, the warning stopped the call before the forward
+    model(random_prompt(60), use_cache=True)
+    assert forwards == [1]
