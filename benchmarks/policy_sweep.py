@@ -259,8 +259,8 @@ def length_tables(records: list[dict], split: str) -> list[str]:
     for setting in sorted({r["setting"] for r in records}):
         rows = [r for r in records if r["setting"] == setting]
         budgets = sorted({r["budget"] for r in rows if r["budget"] < 1.0}, reverse=True)
-        lines += [f"\n### {setting} by prompt length, {split} split (accuracy % at "
-                  f"{' / '.join(f'{b:g}' for b in budgets)} kept; n questions)\n",
+        kept = " / ".join(f"{b:g}" for b in budgets)
+        lines += [f"\n### {setting} by prompt length, {split} split (accuracy % at {kept} kept; n questions)\n",
                   "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
         for m in ["full"] + sorted({r["method"] for r in rows} - {"full"}):
             cells = []
