@@ -5,7 +5,8 @@ cell on a GPU.
 
 Cases are `entropykv_fx.bench.cases` from the committed Austen texts: by default `single_needle`, `multi_key_last`
 (one to three distractor needles before the asked one) and `perplexity` (the mean NLL of 128 tokens of the text
-that follows a compressed context; tabulated as ΔNLL against the full cache), at 2k, 4k and 8k tokens. A case with an even index belongs to the *select* split (for choosing settings), an odd one to the
+that follows a compressed context, tabulated as ΔNLL against the full cache, and the ROUGE-L of 32 greedy tokens
+against the full cache's greedy continuation), at 2k, 4k and 8k tokens. A case with an even index belongs to the *select* split (for choosing settings), an odd one to the
 *report* split (for the tables). Each question is prefilled once per scorer (`bench.fanout.scored_prefill`) and
 every (policy, budget) compresses a copy of that cache, physically (`compress_cache`).
 
@@ -39,13 +40,14 @@ import torch
 from entropykv_fx.bench.cases import make_cases
 from entropykv_fx.bench.fanout import compressed_copy, layer_kinds, prefill_of, scored_prefill, stacked
 from entropykv_fx.bench.quality import DTYPES, continuation_nll, continuation_nlls, environment
-from entropykv_fx.bench.scoring import answer_recall
+from entropykv_fx.bench.scoring import answer_recall, rouge_l
 from entropykv_fx.compat import with_cache
 from entropykv_fx.config import EntropyKVConfig
 from entropykv_fx.models import load_default_model
 from entropykv_fx.reuse import continue_greedy
 from entropykv_fx.scorers import REPEAT_INSTRUCTION, repeat_prompt_ids
 
+GREEDY_TOKENS = 32  # perplexity cases: the greedy continuation scored by ROUGE-L against the full cache's
 # name -> EntropyKVConfig fields besides the budget; "full" is always run
 VARIANTS = {
     "uniform/window": dict(policy="uniform"),
@@ -129,6 +131,19 @@ def forced_matches(model, caches: list, first_logits: torch.Tensor | None, feed:
     return (predicted[:, :len(target)] == torch.tensor(target)).all(-1).tolist()
 
 
+@torch.no_grad()
+def greedy_rows(model, batch, first_logits: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy tokens [rows, steps] continuing every row of a `stacked` batch of caches of one prompt, the first token
+    of each from `first_logits` [vocab] (the prompt's last position, which compression after the prefill leaves
+    the same for all of them)."""
+    token = first_logits.argmax().expand(batch.next_positions.shape[0]).to(model.device)
+    tokens = [token]
+    for _ in range(steps - 1):
+        token = model(input_ids=token[:, None], **with_cache(batch), use_cache=True).logits[:, -1].argmax(-1)
+        tokens.append(token)
+    return torch.stack(tokens, 1).cpu()
+
+
 def in_batches(compressed: list[tuple], rows: int):
     """`compressed` (name, budget, cache, report) in groups of at most `rows` whose caches can be `stacked`."""
     groups: dict[tuple, list] = {}
@@ -167,17 +182,23 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
     if case.task == "perplexity":  # the continuation's mean NLL after each compressed context
         ids = torch.tensor([q.continuation_ids], device=model.device)
         for i, (scorer, repeat) in enumerate(prefills):
-            full, _ = scored_prefill(model, torch.tensor([case.context_ids]),
-                                     EntropyKVConfig(scorer=scorer, repeat_prompt=repeat), policies=policies)
+            full, logits = scored_prefill(model, torch.tensor([case.context_ids]),
+                                          EntropyKVConfig(scorer=scorer, repeat_prompt=repeat), policies=policies)
             if i == 0:
                 records.append(dict(base, setting="perplexity", method="full", budget=1.0, kept=1.0,
                                     nll=continuation_nll(model, copy.deepcopy(full), ids)))
                 targets.append(dict(base, setting="perplexity", prompt_ids=case.context_ids, feed=[],
                                     target=q.continuation_ids, full_correct=True))
+                reference = tokenizer.decode(continue_greedy(model, copy.deepcopy(full), logits, GREEDY_TOKENS).tolist(),
+                                             skip_special_tokens=True)
             for group in in_batches(list(compressed_variants(full, variants, budgets, (scorer, repeat))), rows):
-                nlls = continuation_nlls(model, stacked([cache for _, _, cache, _ in group]), ids, len(group))
+                caches = [cache for _, _, cache, _ in group]
+                nlls = continuation_nlls(model, stacked(caches), ids, len(group))
+                texts = tokenizer.batch_decode(greedy_rows(model, stacked(caches), logits, GREEDY_TOKENS).tolist(),
+                                               skip_special_tokens=True)
                 records += [dict(base, setting="perplexity", method=name, budget=budget, kept=report.kept_fraction,
-                                 nll=nll) for (name, budget, _, report), nll in zip(group, nlls)]
+                                 nll=nll, rouge_l=rouge_l(text, reference))
+                            for (name, budget, _, report), nll, text in zip(group, nlls, texts)]
         return records, targets
     for setting in settings:
         prompt = case.context_ids + (q.question_ids if setting == "question_aware" else [])
@@ -204,9 +225,17 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
     return records, targets
 
 
+def budget_table(title: str, methods: list[str], budgets: list[float], cell) -> list[str]:
+    """A markdown table: one row per method, one column per budget, `cell(method, budget)` in each."""
+    return [f"\n### {title}\n", "| method | " + " | ".join(f"{b:g} kept" for b in budgets) + " |",
+            "|---" * (len(budgets) + 1) + "|", *(f"| {m} | " + " | ".join(cell(m, b) for b in budgets) + " |"
+                                                 for m in methods)]
+
+
 def nll_table(records: list[dict], split: str) -> list[str]:
     """Mean ΔNLL (nats per token) of each method and budget against its own library's full cache on the same
-    case ('full' for ours, 'kvpress full' for kvpress's)."""
+    case ('full' for ours, 'kvpress full' for kvpress's), and the ROUGE-L of our compressed caches' greedy
+    continuations against the full cache's."""
     rows = [r for r in records if r["setting"] == "perplexity" and r["split"] == split]
     if not rows:
         return []
@@ -214,16 +243,23 @@ def nll_table(records: list[dict], split: str) -> list[str]:
             if r["method"] in ("full", "kvpress full")}
     methods = sorted({r["method"] for r in rows} - {"full", "kvpress full"})
     budgets = sorted({r["budget"] for r in rows if r["method"] in methods}, reverse=True)
-    lines = [f"\n### perplexity, {split} split (mean ΔNLL vs the same library's full cache, nats/token; n contexts)\n",
-             "| method | " + " | ".join(f"{b:g} kept" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
-    for m in methods:
+
+    def delta(m: str, b: float) -> str:
         reference = "kvpress full" if m.startswith("kvpress ") else "full"
-        cells = []
-        for b in budgets:
-            deltas = [r["nll"] - full[(reference, r["task"], r["length"], r["case"])] for r in rows
-                      if r["method"] == m and r["budget"] == b and (reference, r["task"], r["length"], r["case"]) in full]
-            cells.append(f"{sum(deltas) / len(deltas):.4f} n={len(deltas)}" if deltas else "")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        deltas = [r["nll"] - full[(reference, r["task"], r["length"], r["case"])] for r in rows
+                  if r["method"] == m and r["budget"] == b and (reference, r["task"], r["length"], r["case"]) in full]
+        return f"{sum(deltas) / len(deltas):.4f} n={len(deltas)}" if deltas else ""
+
+    def rouge(m: str, b: float) -> str:
+        got = [r["rouge_l"] for r in rows if r["method"] == m and r["budget"] == b and "rouge_l" in r]
+        return f"{100 * sum(got) / len(got):.1f} n={len(got)}" if got else ""
+
+    lines = budget_table(f"perplexity, {split} split (mean ΔNLL vs the same library's full cache, nats/token; "
+                         "n contexts)", methods, budgets, delta)
+    with_rouge = [m for m in methods if any("rouge_l" in r for r in rows if r["method"] == m)]
+    if with_rouge:
+        lines += budget_table(f"continuation, {split} split (mean ROUGE-L % of {GREEDY_TOKENS} greedy tokens vs the "
+                              "full cache's; n contexts)", with_rouge, budgets, rouge)
     return lines
 
 

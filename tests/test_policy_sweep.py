@@ -24,6 +24,9 @@ class DigitTokenizer:
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [5, 6]}
 
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [self.decode(ids) for ids in rows]
+
 
 def test_run_case_writes_each_settings_prompt_feed_and_target():
     context, question = random_prompt(80, seed=3)[0].tolist(), random_prompt(7, seed=4)[0].tolist()
@@ -138,6 +141,10 @@ def test_batched_scoring_equals_each_cache_alone():
             matches = policy_sweep.forced_matches(model, same, first, fed, want)
             assert matches == [policy_sweep.forced_matches(model, [c], first, fed, want)[0] for c in same]
         assert policy_sweep.forced_matches(model, [full], first, fed, want) == [True]  # its own greedy answer
+    for kind in {layer_kinds(c) for c in caches}:  # batched greedy decoding: each row as its cache alone
+        same = [c for c in caches if layer_kinds(c) == kind]
+        rows = policy_sweep.greedy_rows(model, stacked(same), logits, 5)
+        assert rows.tolist() == [continue_greedy(model, stacked([c]), logits, 5).tolist() for c in same]
     continuation = torch.tensor([feed])
     nlls = continuation_nlls(model, stacked(caches[:4]), continuation, rows=4)
     assert nlls == pytest.approx([continuation_nll(model, stacked([c]), continuation) for c in caches[:4]], abs=1e-5)
@@ -175,3 +182,15 @@ def test_length_tables_show_each_length_apart():
     assert "| uniform/window | 100 / 100 n=1 | 100 / 0 n=1 |" in lines
     assert "| kvpress tova | – | 100 n=1 |" in lines
     assert policy_sweep.length_tables(records, "select") == []
+
+
+def test_perplexity_case_scores_each_greedy_continuation_by_rouge_l_against_the_full_caches():
+    context, continuation = random_prompt(120, seed=3)[0].tolist(), random_prompt(12, seed=5)[0].tolist()
+    case = Case("perplexity", 256, 1, 0, context, [Question([], [], "", continuation)], [], [], 0, False)
+    variants = {"uniform/window": policy_sweep.VARIANTS["uniform/window"]}
+    records, _ = policy_sweep.run_case(tiny_model("llama"), DigitTokenizer(), case, variants, [1.0, 0.3],
+                                       ["question_aware"])
+    rouge = {r["budget"]: r["rouge_l"] for r in records if r["method"] == "uniform/window"}
+    assert rouge[1.0] == 1.0 and 0.0 <= rouge[0.3] <= 1.0  # a full budget continues exactly as the full cache
+    lines = "\n".join(policy_sweep.nll_table(records, "report"))
+    assert f"| uniform/window | 100.0 n=1 | {100 * rouge[0.3]:.1f} n=1 |" in lines
