@@ -6,7 +6,7 @@ cell on a GPU.
 Cases are `entropykv_fx.bench.cases` from the committed Austen texts: by default `single_needle`, `multi_key_last`
 (one to three distractor needles before the asked one) and `perplexity` (the mean NLL of 128 tokens of the text
 that follows a compressed context, tabulated as ΔNLL against the full cache, and the ROUGE-L of 32 greedy tokens
-against the full cache's greedy continuation), at 2k, 4k and 8k tokens. A case with an even index belongs to the *select* split (for choosing settings), an odd one to the
+against the full cache's greedy continuation, --continuation-tokens), at 2k, 4k and 8k tokens. A case with an even index belongs to the *select* split (for choosing settings), an odd one to the
 *report* split (for the tables). Each question is prefilled once per scorer (`bench.fanout.scored_prefill`) and
 every (policy, budget) compresses a copy of that cache, physically (`compress_cache`).
 
@@ -47,7 +47,6 @@ from entropykv_fx.models import load_default_model
 from entropykv_fx.reuse import continue_greedy
 from entropykv_fx.scorers import REPEAT_INSTRUCTION, repeat_prompt_ids
 
-GREEDY_TOKENS = 32  # perplexity cases: the greedy continuation scored by ROUGE-L against the full cache's
 # name -> EntropyKVConfig fields besides the budget; "full" is always run
 VARIANTS = {
     "uniform/window": dict(policy="uniform"),
@@ -168,10 +167,12 @@ def compressed_variants(full, variants: dict, budgets: list[float], prefill: tup
 
 
 @torch.no_grad()
-def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str], rows: int = 32
-             ) -> tuple[list[dict], list[dict]]:
+def run_case(model, tokenizer, case, variants: dict, budgets: list[float], settings: list[str], rows: int = 32,
+             greedy_tokens: int = 32) -> tuple[list[dict], list[dict]]:
     """(records, one target per setting: the prompt, what is fed after it and the full cache's answer tokens).
-    `rows`: at most this many compressed caches are scored by one batched forward."""
+    `rows`: at most this many compressed caches are scored by one batched forward. `greedy_tokens`: a perplexity
+    case also scores this many greedy tokens after each compressed cache by ROUGE-L against the full cache's (0:
+    not)."""
     records, targets = [], []
     q = case.questions[0]
     split = "select" if case.index % 2 == 0 else "report"
@@ -189,16 +190,19 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                                     nll=continuation_nll(model, copy.deepcopy(full), ids)))
                 targets.append(dict(base, setting="perplexity", prompt_ids=case.context_ids, feed=[],
                                     target=q.continuation_ids, full_correct=True))
-                reference = tokenizer.decode(continue_greedy(model, copy.deepcopy(full), logits, GREEDY_TOKENS).tolist(),
-                                             skip_special_tokens=True)
+                if greedy_tokens:
+                    reference = tokenizer.decode(continue_greedy(model, copy.deepcopy(full), logits, greedy_tokens)
+                                                 .tolist(), skip_special_tokens=True)
             for group in in_batches(list(compressed_variants(full, variants, budgets, (scorer, repeat))), rows):
                 caches = [cache for _, _, cache, _ in group]
                 nlls = continuation_nlls(model, stacked(caches), ids, len(group))
-                texts = tokenizer.batch_decode(greedy_rows(model, stacked(caches), logits, GREEDY_TOKENS).tolist(),
-                                               skip_special_tokens=True)
                 records += [dict(base, setting="perplexity", method=name, budget=budget, kept=report.kept_fraction,
-                                 nll=nll, rouge_l=rouge_l(text, reference))
-                            for (name, budget, _, report), nll, text in zip(group, nlls, texts)]
+                                 nll=nll) for (name, budget, _, report), nll in zip(group, nlls)]
+                if greedy_tokens:
+                    texts = tokenizer.batch_decode(greedy_rows(model, stacked(caches), logits, greedy_tokens).tolist(),
+                                                   skip_special_tokens=True)
+                    for record, text in zip(records[-len(group):], texts):
+                        record["rouge_l"] = rouge_l(text, reference)
         return records, targets
     for setting in settings:
         prompt = case.context_ids + (q.question_ids if setting == "question_aware" else [])
@@ -258,8 +262,8 @@ def nll_table(records: list[dict], split: str) -> list[str]:
                          "n contexts)", methods, budgets, delta)
     with_rouge = [m for m in methods if any("rouge_l" in r for r in rows if r["method"] == m)]
     if with_rouge:
-        lines += budget_table(f"continuation, {split} split (mean ROUGE-L % of {GREEDY_TOKENS} greedy tokens vs the "
-                              "full cache's; n contexts)", with_rouge, budgets, rouge)
+        lines += budget_table(f"continuation, {split} split (mean ROUGE-L % of the greedy continuation vs the full "
+                              "cache's; n contexts)", with_rouge, budgets, rouge)
     return lines
 
 
@@ -369,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(and kvpress_runner.py --forced outputs)")
     parser.add_argument("--batch-rows", type=int, default=32,
                         help="compressed caches scored by one batched forward (fewer: less memory)")
+    parser.add_argument("--continuation-tokens", type=int, default=32,
+                        help="perplexity cases: greedy tokens scored by ROUGE-L against the full cache's (0: none)")
     parser.add_argument("--save-targets", action="store_true",
                         help="also write each question's prompt, fed ids and target to <stem>.targets.jsonl, the "
                         "input of kvpress_runner.py --forced")
@@ -380,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
     if args.batch_rows < 1:
         parser.error(f"--batch-rows {args.batch_rows}: expected a positive count")
+    if args.continuation_tokens < 0:
+        parser.error(f"--continuation-tokens {args.continuation_tokens}: expected a count >= 0")
     start = time.perf_counter()
     model, tokenizer = load_default_model(dtype=DTYPES[args.dtype], device=args.device)
     cases = make_cases(tokenizer, args.tasks, args.lengths, args.cases, args.seed)
@@ -400,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         if time.perf_counter() - start > args.time_limit:
             print(f"time limit: stopping after {i} cases", file=sys.stderr)
             break
-        got, targets = run_case(model, tokenizer, case, variants, args.budgets, args.settings, args.batch_rows)
+        got, targets = run_case(model, tokenizer, case, variants, args.budgets, args.settings, args.batch_rows,
+                                args.continuation_tokens)
         records += got
         if args.save_targets:
             with targets_path.open("a") as f:

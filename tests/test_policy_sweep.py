@@ -194,3 +194,6 @@ def test_perplexity_case_scores_each_greedy_continuation_by_rouge_l_against_the_
     assert rouge[1.0] == 1.0 and 0.0 <= rouge[0.3] <= 1.0  # a full budget continues exactly as the full cache
     lines = "\n".join(policy_sweep.nll_table(records, "report"))
     assert f"| uniform/window | 100.0 n=1 | {100 * rouge[0.3]:.1f} n=1 |" in lines
+    records, _ = policy_sweep.run_case(tiny_model("llama"), DigitTokenizer(), case, variants, [0.3], ["question_aware"],
+                                       greedy_tokens=0)
+    assert not any("rouge_l" in r for r in records) and "ROUGE" not in "\n".join(policy_sweep.nll_table(records, "report"))
