@@ -23,7 +23,7 @@ from .cache import CompressedLayer, EntropyKVCache, take_slots
 from .config import EntropyKVConfig
 from .errors import BudgetFloorWarning
 from .headwise import HeadwiseLayer, calibrated_plan
-from .policies import POLICIES, HeadPlan
+from .policies import POLICIES, HeadPlan, budget_bounds
 from .scorers import SCORERS
 
 
@@ -136,15 +136,56 @@ def budgets_before_scores(config: EntropyKVConfig, n_layers: int) -> Callable[[i
     return _during_prefill(lambda n_tokens: layer_budgets([math.nan] * n_layers, n_tokens, config))
 
 
-def ceiling_before_scores(config: EntropyKVConfig) -> Callable[[int], int] | None:
-    """n_tokens -> the most tokens any one layer can be granted, for a layer-wise policy whose budgets need every
-    layer's statistics but have a ceiling known before them (`Policy.layer_ceiling`: `entropy` and `entropy_focus`
-    grant at most max_layer_budget x the mean). A layer can then be trimmed to it as soon as its attention has run
-    (`trim_layer_now`) and compressed to its budget after the forward. None for other policies."""
+def trim_before_budgets(config: EntropyKVConfig, n_layers: int) -> Callable[[CompressedLayer], int] | None:
+    """For a one-row prefill whose budgets wait for every layer's statistics: a function of a just-prefilled, scored
+    layer giving the most slots it can still be granted, so that it is trimmed to them right away
+    (`trim_layer_now`) and compressed to its budget after the forward. Two kinds of bound:
+
+    - a layer-wise policy's ceiling, known before any statistic (`Policy.layer_ceiling`: `entropy` and
+      `entropy_focus` grant at most max_layer_budget x the mean);
+    - a cache-wide top-k (`Policy.cache_wide_topk`: `cache_topk`, `cache_topk_layer`) over unpooled scores whose
+      heads combine by max (`reconstruct`, the default's): `CacheTopKBound`.
+
+    None for every other policy. Call it once per prefill: the cache-wide bound remembers the layers before."""
     policy = POLICIES[config.policy]
-    if config.budget_source != "dynamic" or policy.headwise or policy.layer_ceiling is None or not policy.evicts:
+    if config.budget_source != "dynamic" or not policy.evicts:
         return None
-    return _during_prefill(lambda n_tokens: policy.layer_ceiling(n_tokens, config))
+    if policy.layer_ceiling is not None and not policy.headwise:
+        ceiling = _during_prefill(lambda n_tokens: policy.layer_ceiling(n_tokens, config))
+        return lambda layer: ceiling(int((layer.positions >= 0).sum()))
+    scorer = SCORERS[config.scorer]
+    if policy.cache_wide_topk and not scorer.pooled and not scorer.from_keys and scorer.combine == "max":
+        return CacheTopKBound(config, n_layers)
+    return None
+
+
+class CacheTopKBound:
+    """The running bar of a cache-wide top-k (KVzip's allocation, arXiv 2505.23416 §3.3) during a one-row prefill.
+
+    The cache keeps its k best (layer, KV head, token) entries, k = layers x heads x the mean budget; the k-th best
+    of the layers prefilled so far can only rise as later layers join, so an entry below it now is never kept. A
+    token all of whose heads are below it is dropped from its layer as soon as the layer has run (at least the
+    mean budget's best tokens stay, so the top-k after the forward counts the same k): that top-k then keeps exactly
+    the entries it would keep from every slot, up to ties at the bar. Scores must be comparable across layers and
+    combine over heads by max (`reconstruct`), so that a token's layer score is its best head's."""
+
+    def __init__(self, config: EntropyKVConfig, n_layers: int) -> None:
+        self.config, self.n_layers = config, n_layers
+        self.mean = _during_prefill(lambda n_tokens: budget_bounds(n_tokens, config)[1])
+        self.best: Tensor | None = None  # the k best entries of the layers so far, descending
+
+    def __call__(self, layer: CompressedLayer) -> int:
+        scorer, policy = SCORERS[self.config.scorer], POLICIES[self.config.policy]
+        scores = scorer.head_scores(layer, self.config) if policy.headwise else scorer.layer_scores(layer, self.config)[:, None]
+        ranked = ops.selection_ranks(scores, layer.positions, self.config.sink_tokens, self.config.window)  # [1, H, S]
+        slots = ranked.shape[2]
+        mean = min(self.mean(int((layer.positions >= 0).sum())), slots)
+        k = self.n_layers * ranked.shape[1] * mean
+        pool = ranked.flatten() if self.best is None else torch.cat([self.best, ranked.flatten()])
+        self.best = pool.topk(min(k, pool.numel())).values
+        if self.best.numel() < k:
+            return slots
+        return max(int((ranked.amax(1) >= self.best[-1]).sum()), mean)
 
 
 def _during_prefill(of_length: Callable[[int], Any]) -> Callable[[int], Any]:
@@ -246,7 +287,7 @@ def _compress_sequence(cache: EntropyKVCache, config: EntropyKVConfig, n_tokens:
             plan = calibrated_plan(plan, n_tokens, config)
         if heads is not None:
             plan = plan.heads(heads)
-        return compress_heads(cache, plan, config, n_tokens, entropies)
+        return compress_heads(cache, plan, config, n_tokens, entropies, held_before)
     budgets = policy.plan_layers(layers, n_tokens, config) if policy.plan_layers and config.budget_source == "dynamic" \
         else layer_budgets(entropies, n_tokens, config)
     reports = []
@@ -270,11 +311,12 @@ def _shrink(layer: CompressedLayer, index: int, budget: int, entropy: float, con
 
 
 def compress_heads(cache: EntropyKVCache, plan: HeadPlan, config: EntropyKVConfig, n_tokens: int,
-                   entropies: list[float]) -> CompressionReport:
-    """Replace every layer by its head-wise layout (`HeadwiseLayer`) as `plan` says; the per-head report."""
+                   entropies: list[float], held_before: dict[int, tuple[int, int]] | None = None) -> CompressionReport:
+    """Replace every layer by its head-wise layout (`HeadwiseLayer`) as `plan` says; the per-head report.
+    `held_before`: (slots, bytes) of the layers trimmed during the prefill, before the trim (`trim_layer_now`)."""
     reports = []
     for i, layer in enumerate(cache.layers):
-        slots, nbytes = layer.get_seq_length(), layer.nbytes
+        slots, nbytes = (held_before or {}).get(i) or (layer.get_seq_length(), layer.nbytes)
         ranked = ops.selection_ranks(plan.scores[i], layer.positions, config.sink_tokens, config.window)
         # never more than a row's candidates: pads and what the policy ruled out (-inf) are left empty instead
         row_budgets = torch.minimum(plan.budgets[i], (ranked > float("-inf")).sum(-1))

@@ -47,9 +47,9 @@ from .compress import (
     CompressionReport,
     LayerReport,
     budgets_before_scores,
-    ceiling_before_scores,
     compress_cache,
     compress_layer_now,
+    trim_before_budgets,
     trim_layer_now,
     uncompressed_report,
 )
@@ -122,7 +122,7 @@ class Optimized:
         # the running prefill compresses each layer as soon as it has run (budgets known before any statistic),
         # or trims it to a ceiling of its budget (known before the statistics), keeping what it held before
         self._budgets_now: Callable[[int], list[int]] | None = None
-        self._ceiling_now: Callable[[int], int] | None = None
+        self._trim_now: Callable[[CompressedLayer], int] | None = None
         self._compressed_now: dict[int, tuple[LayerReport, list[LayerReport]]] = {}
         self._trimmed_now: dict[int, tuple[tuple[int, int], PrefillStats]] = {}
 
@@ -236,7 +236,7 @@ class Optimized:
             self._compressed_now, self._trimmed_now = {}, {}
             now = not self._keep_stats and self.tp_group is None
             self._budgets_now = budgets_before_scores(self.config, self.num_layers) if now else None
-            self._ceiling_now = ceiling_before_scores(self.config) if now else None
+            self._trim_now = trim_before_budgets(self.config, self.num_layers) if now else None
         try:
             out = step()
         finally:
@@ -439,11 +439,13 @@ class Optimized:
         """A prefill graph calls this right after layer `layer`'s attention and scoring
         (`RewriteSettings.compress_layer`): when the policy's budgets need no other layer's statistics, the layer
         is compressed there and then (`compress.compress_layer_now`), and the graph releases its full keys and
-        values before the next layer runs; when they need every layer's statistics but have a known ceiling
-        (`entropy`, `entropy_focus`), a prompt of one row is trimmed to that ceiling (`compress.trim_layer_now`) and
-        compressed to its budget after the forward. Otherwise (and for sliding-window layers, which first drop
-        what no later query can attend) the layer is compressed after the forward only."""
-        if self.sliding_windows[layer] or (self._budgets_now is None and self._ceiling_now is None):
+        values before the next layer runs; when they need every layer's statistics but the layer's share is bounded
+        as soon as it has run (`compress.trim_before_budgets`: the ceiling of `entropy` and `entropy_focus`, the
+        running bar of the default's cache-wide top-k), a prompt of one row is trimmed to that bound
+        (`compress.trim_layer_now`) and compressed to its budget after the forward. Otherwise (and for
+        sliding-window layers, which first drop what no later query can attend) the layer is compressed after the
+        forward only."""
+        if self.sliding_windows[layer] or (self._budgets_now is None and self._trim_now is None):
             return keys, values, positions
         held = CompressedLayer.holding(keys, values, positions, PrefillStats(*stats))
         with torch.no_grad():  # a selection, not part of any gradient: the cache holds no autograd graph
@@ -451,7 +453,7 @@ class Optimized:
                 self._compressed_now[layer] = compress_layer_now(held, layer, lambda n: self._budgets_now(n)[layer],
                                                                  self.config)
             else:  # a batch of one row (a batch is compressed after the forward)
-                before = trim_layer_now(held, self._ceiling_now(int((positions >= 0).sum())), self.config)
+                before = trim_layer_now(held, self._trim_now(held), self.config) if held.keys.shape[0] == 1 else None
                 if before is not None:
                     self._trimmed_now[layer] = before, held.stats
         return held.keys, held.values, held.positions

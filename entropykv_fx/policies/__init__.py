@@ -53,6 +53,9 @@ class Policy:
     budgets_from_length: bool = False  # `allocate` reads the prompt length and config only, never the entropies
     # (n_tokens, config) -> the most tokens `allocate` can grant one layer, known before any statistic (its clamp)
     layer_ceiling: Callable[[int, EntropyKVConfig], int] | None = None
+    # True: every (layer, head, token) score competes in one top-k over the whole cache (KVzip's allocation), so an
+    # entry below the k-th best of the layers prefilled so far can never be kept (`compress.CacheTopKBound`)
+    cache_wide_topk: bool = False
 
     @property
     def headwise(self) -> bool:
