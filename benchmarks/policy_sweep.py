@@ -190,9 +190,9 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                                     nll=continuation_nll(model, copy.deepcopy(full), ids)))
                 targets.append(dict(base, setting="perplexity", prompt_ids=case.context_ids, feed=[],
                                     target=q.continuation_ids, full_correct=True))
-                if greedy_tokens:
-                    reference = tokenizer.decode(continue_greedy(model, copy.deepcopy(full), logits, greedy_tokens)
-                                                 .tolist(), skip_special_tokens=True)
+            if greedy_tokens:  # this prefill's own full cache: its rows start from the same logits
+                reference = tokenizer.decode(continue_greedy(model, copy.deepcopy(full), logits, greedy_tokens).tolist(),
+                                             skip_special_tokens=True)
             for group in in_batches(list(compressed_variants(full, variants, budgets, (scorer, repeat))), rows):
                 caches = [cache for _, _, cache, _ in group]
                 nlls = continuation_nlls(model, stacked(caches), ids, len(group))
@@ -303,12 +303,13 @@ def length_tables(records: list[dict], split: str) -> list[str]:
         lines += [f"\n### {setting} by prompt length, {split} split (accuracy % at {kept} kept; n questions)\n",
                   "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
         for m in ["full"] + sorted({r["method"] for r in rows} - {"full"}):
+            whole = all(r["budget"] == 1.0 for r in rows if r["method"] == m)  # a full cache: one value
             cells = []
             for n in lengths:
                 by_budget = [[r["correct"] for r in rows if r["method"] == m and r["length"] == n and r["budget"] == b]
-                             for b in sorted({r["budget"] for r in rows if r["method"] == m}, reverse=True)]
-                n_asked = max(map(len, by_budget), default=0)
-                cells.append(" / ".join(f"{100 * sum(got) / len(got):.0f}" for got in by_budget if got) +
+                             for b in ([1.0] if whole else budgets)]
+                n_asked = max(map(len, by_budget))
+                cells.append(" / ".join(f"{100 * sum(got) / len(got):.0f}" if got else "–" for got in by_budget) +
                              f" n={n_asked}" if n_asked else "–")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines

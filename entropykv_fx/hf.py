@@ -324,7 +324,7 @@ class Optimized:
                           f"max_position_embeddings={trained}: the repetition attends at distances the model was not "
                           f"trained on and the scores degrade. Prompts of up to {(trained - reach + 2 * length) // 2} "
                           "tokens stay in range; for longer ones choose a scorer without repetition (e.g. "
-                          "policy='uniform', scorer 'window')", PositionRangeWarning, stacklevel=4)
+                          "policy='uniform', scorer 'window')", PositionRangeWarning, stacklevel=2)
 
     def _entropykv_cache(self, cache: Any, cache_arg: str, batch: int) -> EntropyKVCache:
         if isinstance(cache, EntropyKVCache):
