@@ -275,18 +275,17 @@ def tables(records: list[dict], split: str) -> list[str]:
         methods = ["full"] + sorted({r["method"] for r in rows} - {"full"})
         whole = {m for m in methods if all(r["budget"] == 1.0 for r in rows if r["method"] == m)}  # full caches
         budgets = sorted({r["budget"] for r in rows if r["method"] not in whole}, reverse=True)
-        lines += [f"\n### {setting}, {split} split (accuracy %, Wilson 95% interval, n questions)\n",
-                  "| method | " + " | ".join(f"{b:g} kept" for b in budgets) + " |",
-                  "|---" * (len(budgets) + 1) + "|"]
-        for m in methods:
-            cells = []
-            for b in ([1.0] * len(budgets) if m in whole else budgets):
-                got = [r["correct"] for r in rows if r["method"] == m and r["budget"] == b]
-                lo, hi = wilson(sum(got), len(got))
-                kept = [r["kept"] for r in rows if r["method"] == m and r["budget"] == b]
-                cells.append(f"{100 * sum(got) / max(len(got), 1):.1f} [{100 * lo:.0f}, {100 * hi:.0f}] n={len(got)}"
-                             f" ({100 * sum(kept) / max(len(kept), 1):.1f}% bytes)")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+
+        def accuracy(m: str, b: float, rows: list[dict] = rows, whole: set[str] = whole) -> str:
+            b = 1.0 if m in whole else b
+            got = [r["correct"] for r in rows if r["method"] == m and r["budget"] == b]
+            lo, hi = wilson(sum(got), len(got))
+            kept = [r["kept"] for r in rows if r["method"] == m and r["budget"] == b]
+            return (f"{100 * sum(got) / max(len(got), 1):.1f} [{100 * lo:.0f}, {100 * hi:.0f}] n={len(got)}"
+                    f" ({100 * sum(kept) / max(len(kept), 1):.1f}% bytes)")
+
+        lines += budget_table(f"{setting}, {split} split (accuracy %, Wilson 95% interval, n questions)", methods,
+                              budgets, accuracy)
     return lines
 
 

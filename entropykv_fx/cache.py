@@ -38,8 +38,8 @@ class PrefillStats:
     kv_scores: Tensor  # [B, Hkv, S] token scores per KV head
     layer_scores: Tensor  # [B, S] token scores summed over all heads
     head_statistic: Tensor | None = None  # [B, H] a policy's own per-head measure (`Policy.prefill_statistic`)
-    # [B, S] the layer's token ranking, computed over every slot of the prefill before the layer was trimmed to a
-    # ceiling during it (`compress.trim_layer_now`): what selection after the forward ranks by
+    # [B, S] the layer's token ranking, computed over every slot of the prefill before the layer was trimmed during
+    # it (`compress.trim_layer_now`): what selection after the forward ranks by
     ranking: Tensor | None = None
 
     @classmethod

@@ -120,7 +120,7 @@ class Optimized:
         self._keep_stats = False  # scored_prefill: leave the prefill uncompressed, statistics on its layers
         self._statistic_of: str | None = None  # scored_prefill: a policy whose own statistic to compute too
         # the running prefill compresses each layer as soon as it has run (budgets known before any statistic),
-        # or trims it to a ceiling of its budget (known before the statistics), keeping what it held before
+        # or trims it to a bound of its budget known by then (`trim_before_budgets`), keeping what it held before
         self._budgets_now: Callable[[int], list[int]] | None = None
         self._trim_now: Callable[[CompressedLayer], int] | None = None
         self._compressed_now: dict[int, tuple[LayerReport, list[LayerReport]]] = {}

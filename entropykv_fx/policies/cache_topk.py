@@ -56,10 +56,9 @@ def plan_heads(layers, n_tokens, config) -> HeadPlan:
 
 
 ATTENTION_SCORERS = ("window", "last_query", "reconstruct")  # attention probabilities: comparable everywhere
-POLICY = Policy("cache_topk", None, needs_scores=True, plan_heads=plan_heads, scorers=ATTENTION_SCORERS, cache_wide_topk=True,
-                scorer="reconstruct",
+POLICY = Policy("cache_topk", None, needs_scores=True, plan_heads=plan_heads, scorers=ATTENTION_SCORERS,
+                cache_wide_topk=True, scorer="reconstruct",
                 summary="per-(layer, KV head) budgets from one top-k over the whole cache's scores (KVzip's allocation)")
 LAYER_POLICY = Policy("cache_topk_layer", None, needs_scores=True, plan_layers=plan_layers, scorers=ATTENTION_SCORERS,
-                      cache_wide_topk=True,
-                      scorer="reconstruct",
+                      cache_wide_topk=True, scorer="reconstruct",
                       summary="per-layer budgets from one top-k over every layer's scores; one token set per layer")
