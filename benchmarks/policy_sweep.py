@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from entropykv_fx.bench.cases import make_cases
-from entropykv_fx.bench.fanout import compressed_copy, layer_kinds, prefill_of, scored_prefill, stacked
+from entropykv_fx.bench.fanout import compressed_copy, layer_kinds, prefill_config, prefill_of, scored_prefill, stacked
 from entropykv_fx.bench.quality import DTYPES, continuation_nll, continuation_nlls, environment
 from entropykv_fx.bench.scoring import answer_recall, rouge_l
 from entropykv_fx.compat import with_cache
@@ -87,6 +87,9 @@ VARIANTS = {
     "cache_topk/window": dict(policy="cache_topk", scorer="window"),
     "cache_topk/last_query": dict(policy="cache_topk", scorer="last_query"),
     "cache_topk/reconstruct": dict(policy="cache_topk", scorer="reconstruct"),
+    "cache_topk/reconstruct/chunk512": dict(policy="cache_topk", scorer="reconstruct", reconstruct_chunk=512),
+    "cache_topk/reconstruct/chunk2048": dict(policy="cache_topk", scorer="reconstruct", reconstruct_chunk=2048),
+    "cache_topk/reconstruct/unchunked": dict(policy="cache_topk", scorer="reconstruct", reconstruct_chunk=2**20),
     "cache_topk/reconstruct/prompted": dict(policy="cache_topk", scorer="reconstruct", repeat_prompt=REPEAT_INSTRUCTION),
     "cache_topk_layer/window": dict(policy="cache_topk_layer", scorer="window"),
     "cache_topk_layer/reconstruct": dict(policy="cache_topk_layer", scorer="reconstruct"),
@@ -153,8 +156,8 @@ def in_batches(compressed: list[tuple], rows: int):
             yield group[start:start + rows]
 
 
-def variant_prefill(fields: dict) -> tuple[str, tuple[int, ...]]:
-    """(scorer, repeat prompt) of a variant as its config resolves them (a policy's own scorer when none is named)."""
+def variant_prefill(fields: dict) -> tuple[str, tuple[int, ...], int | None]:
+    """(scorer, repeat prompt, reconstruction chunk) of a variant as its config resolves them (a policy's own scorer when none is named)."""
     return prefill_of(EntropyKVConfig(**fields))
 
 
@@ -177,14 +180,14 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
     q = case.questions[0]
     split = "select" if case.index % 2 == 0 else "report"
     base = dict(task=case.task, length=case.length, case=case.index, split=split)
-    # one prefill per (scorer, repeat prompt): what the prefill computes depends on nothing else
+    # one prefill per (scorer, repeat prompt, chunk): what the prefill computes depends on nothing else
     prefills = sorted({variant_prefill(v) for v in variants.values()})
     policies = [EntropyKVConfig(**v).policy for v in variants.values()]
     if case.task == "perplexity":  # the continuation's mean NLL after each compressed context
         ids = torch.tensor([q.continuation_ids], device=model.device)
-        for i, (scorer, repeat) in enumerate(prefills):
-            full, logits = scored_prefill(model, torch.tensor([case.context_ids]),
-                                          EntropyKVConfig(scorer=scorer, repeat_prompt=repeat), policies=policies)
+        for i, prefill in enumerate(prefills):
+            full, logits = scored_prefill(model, torch.tensor([case.context_ids]), prefill_config(prefill),
+                                          policies=policies)
             if i == 0:
                 records.append(dict(base, setting="perplexity", method="full", budget=1.0, kept=1.0,
                                     nll=continuation_nll(model, copy.deepcopy(full), ids)))
@@ -193,7 +196,7 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
             if greedy_tokens:  # this prefill's own full cache: its rows start from the same logits
                 reference = tokenizer.decode(continue_greedy(model, copy.deepcopy(full), logits, greedy_tokens).tolist(),
                                              skip_special_tokens=True)
-            for group in in_batches(list(compressed_variants(full, variants, budgets, (scorer, repeat))), rows):
+            for group in in_batches(list(compressed_variants(full, variants, budgets, prefill)), rows):
                 caches = [cache for _, _, cache, _ in group]
                 nlls = continuation_nlls(model, stacked(caches), ids, len(group))
                 records += [dict(base, setting="perplexity", method=name, budget=budget, kept=report.kept_fraction,
@@ -208,9 +211,8 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
         prompt = case.context_ids + (q.question_ids if setting == "question_aware" else [])
         feed = [] if setting == "question_aware" else q.question_ids
         target = right = None
-        for scorer, repeat in prefills:
-            full, logits = scored_prefill(model, torch.tensor([prompt]),
-                                          EntropyKVConfig(scorer=scorer, repeat_prompt=repeat), policies=policies)
+        for prefill in prefills:
+            full, logits = scored_prefill(model, torch.tensor([prompt]), prefill_config(prefill), policies=policies)
             if target is None:  # the full cache's own greedy answer is the target
                 working = copy.deepcopy(full)
                 if feed:
@@ -222,7 +224,7 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
                 target, right = answer_target(tokenizer, generated, q.answers)
                 records.append(dict(base, setting=setting, method="full", budget=1.0, kept=1.0, correct=right))
                 targets.append(dict(base, setting=setting, prompt_ids=prompt, feed=feed, target=target, full_correct=right))
-            for group in in_batches(list(compressed_variants(full, variants, budgets, (scorer, repeat))), rows):
+            for group in in_batches(list(compressed_variants(full, variants, budgets, prefill)), rows):
                 matches = forced_matches(model, [cache for _, _, cache, _ in group], logits, feed, target)
                 records += [dict(base, setting=setting, method=name, budget=budget, kept=report.kept_fraction,
                                  correct=ok) for (name, budget, _, report), ok in zip(group, matches)]

@@ -63,11 +63,13 @@ class KeyNorm(_Part):
 @dataclass(frozen=True)
 class Reconstruct(_Part):
     """KVzip's context reconstruction (Kim et al. 2025, https://arxiv.org/abs/2505.23416): the prefill is one
-    forward over [prompt, `repeat_prompt`, prompt] and a token scores the most attention it receives while the
+    forward over the prompt and its repetition in chunks of `reconstruct_chunk` tokens, each chunk seeing the prompt
+    up to its own end (`entropykv_fx.reconstruct`), and a token scores the most attention it receives while the
     model re-reads the prompt (max over queries and heads). Independent of what is asked next; about twice a plain
-    prefill's work. `repeat_prompt`: token ids between the prompt and its repetition (`repeat_prompt_ids`)."""
+    prefill's work. `repeat_prompt`: token ids before each repeated chunk (`repeat_prompt_ids`)."""
 
     repeat_prompt: tuple[int, ...] = ()
+    reconstruct_chunk: int = 1024
     name: ClassVar[str] = "reconstruct"
 
 

@@ -171,6 +171,9 @@ class EntropyKVConfig:
         position (streaming) or keep everything ignore it.
     repeat_prompt: token ids placed between the prompt and its repetition by the "reconstruct" scorer (e.g. the
         tokenized "Repeat the previous context exactly."); empty: the prompt is simply repeated.
+    reconstruct_chunk: the "reconstruct" scorer repeats the prompt in chunks of this many tokens, each seeing the
+        prompt up to its own end (KVzip's chunked scoring), so the repetition reaches at most prompt + chunk +
+        repeat_prompt positions and copies from chunk + repeat_prompt positions back (`entropykv_fx.reconstruct`).
     window: the last `window` prompt queries measure attention entropy (and score tokens, for the "window"
         scorer); those `window` tokens are always kept.
     sink_tokens: the first tokens of each sequence, always kept (attention sinks).
@@ -212,6 +215,7 @@ class EntropyKVConfig:
     layer_groups: int = 2
     scorer: str | None = None  # after the older fields: they keep their positions
     repeat_prompt: tuple[int, ...] = ()
+    reconstruct_chunk: int = 1024
     # Set by the config itself from calibration_file (kept across `replace` while the file name is unchanged).
     calibration: Calibration | None = dataclasses.field(default=None, repr=False, compare=False)
     # Set by the config itself: the policy / scorer were not named (None), so `replace` resolves them again (a new
@@ -244,6 +248,8 @@ class EntropyKVConfig:
         if not isinstance(r, (tuple, list)) or len(r) > MAX_TOKENS or not all(_int_in(t, 0) for t in r):
             _fail("repeat_prompt", r, "a tuple of token ids (ints >= 0)")
         object.__setattr__(self, "repeat_prompt", tuple(int(t) for t in r))
+        if not _int_in(self.reconstruct_chunk, 1):
+            _fail("reconstruct_chunk", self.reconstruct_chunk, f"an int >= 1 (tokens, at most {MAX_TOKENS})")
         b = self.budget
         if _is_int(b):
             if not 1 <= b <= MAX_TOKENS:

@@ -201,7 +201,7 @@ class Optimized:
                                               ref.device)
         embeds = inputs_embeds if inputs_embeds is not None else self.decoder.embed_tokens(input_ids)
         reconstruct = prefill and self._reconstructs()
-        if reconstruct:  # one forward over [prompt, repeat prompt, prompt] (entropykv_fx.reconstruct)
+        if reconstruct:  # one forward over the prompt and its repetition in chunks (entropykv_fx.reconstruct)
             valid = mask_pos >= 0
             if position_ids is not None and bool((mask_pos != valid.long().cumsum(-1) - 1)[valid].any()):
                 raise UnsupportedCallError("entropykv: scorer='reconstruct' repeats the prompt at the following "
@@ -209,9 +209,10 @@ class Optimized:
                                            "padding); pass none, or use another scorer")
             prompt_pos, length = mask_pos, embeds.shape[1]
             repeat = torch.tensor(self.config.repeat_prompt, dtype=torch.long, device=embeds.device)
-            embeds, mask_pos = repeat_context(embeds, mask_pos, self.decoder.embed_tokens(repeat))
+            self._check_reconstruction_range(int((mask_pos >= 0).sum(-1).max()))
+            embeds, mask_pos = repeat_context(embeds, mask_pos, self.decoder.embed_tokens(repeat),
+                                              self.config.reconstruct_chunk)
             model_pos = mask_pos.clamp(min=0)
-            self._check_reconstruction_range(length, embeds.shape[1])
         if not prefill:
             self._decode_layout(cache, embeds.shape[1])
         forward = self._graph_for(prefill, embeds.shape[0], embeds.shape[1], cache, kwargs)
@@ -312,19 +313,23 @@ class Optimized:
                                        "attention has none); call model.eval() or run under torch.no_grad()")
         return ref
 
-    def _check_reconstruction_range(self, length: int, reach: int) -> None:
-        """Warn when the reconstruction prefill's positions (up to 2 x length + repeat prompt) pass the model's
-        trained range. On SmolLM2-135M (trained to 8192 positions) the default policy found 19% of the needles at 25%
-        kept in 8000-token prompts, whose repetition runs to 16000 positions, against 95% in 2k and 4k ones
-        (H100, benchmarks/results/sweep_h100_s33*.json)."""
+    def _check_reconstruction_range(self, length: int) -> None:
+        """Warn when the reconstruction prefill of a `length`-token prompt reaches past the model's trained
+        positions: its last chunk's repetition runs to length + repeat prompt + that chunk. Unchunked (one
+        repetition of the whole prompt, to 16000 positions) the default policy found 19% of the needles at 25% kept
+        in 8000-token prompts on SmolLM2-135M (trained to 8192 positions), against 95% in 2k and 4k ones (H100,
+        benchmarks/results/sweep_h100_s33*.json)."""
         trained = getattr(self.decoder.config, "max_position_embeddings", None)
+        chunk, repeat = self.config.reconstruct_chunk, len(self.config.repeat_prompt)
+        reach = length + repeat + length - (length - 1) // chunk * chunk
         if trained and reach > trained:
-            warnings.warn(f"entropykv: scorer='reconstruct' scores a {length}-token prompt with a forward over {reach} "
-                          f"positions (the prompt, the repeat prompt and the prompt again), past the model's "
+            fits = trained - length - repeat
+            remedy = (f"reconstruct_chunk={fits} or less keeps it in range" if fits >= 1 else
+                      "choose a scorer without repetition (e.g. policy='uniform', scorer 'window')")
+            warnings.warn(f"entropykv: scorer='reconstruct' repeats a {length}-token prompt in chunks of {chunk} "
+                          f"tokens (repeat prompt: {repeat}), reaching position {reach - 1}, past the model's "
                           f"max_position_embeddings={trained}: the repetition attends at distances the model was not "
-                          f"trained on and the scores degrade. Prompts of up to {(trained - reach + 2 * length) // 2} "
-                          "tokens stay in range; for longer ones choose a scorer without repetition (e.g. "
-                          "policy='uniform', scorer 'window')", PositionRangeWarning, stacklevel=2)
+                          f"trained on and the scores degrade; {remedy}", PositionRangeWarning, stacklevel=2)
 
     def _entropykv_cache(self, cache: Any, cache_arg: str, batch: int) -> EntropyKVCache:
         if isinstance(cache, EntropyKVCache):
@@ -401,14 +406,16 @@ class Optimized:
         cfg = self.config
         rank_queries = SCORERS[cfg.scorer].rank_queries
         repeat = len(cfg.repeat_prompt) if self._reconstructs() else None
+        chunk = cfg.reconstruct_chunk if repeat is not None else 1
         # Inductor would trace into the Python of `_compress_layer_now`: its prefills compress after the forward
         now = None if self.inductor else self._compress_layer_now
+        shared = dict(rank_queries=rank_queries, repeat_tokens=repeat, reconstruct_chunk=chunk, compress_layer=now)
         if policy.prefill_statistic is None:
-            return (RewriteSettings(cfg.window, self.sliding_windows, None, rank_queries, repeat, now),
-                    (cfg.window, rank_queries, repeat))
+            return (RewriteSettings(cfg.window, self.sliding_windows, None, **shared),
+                    (cfg.window, rank_queries, repeat, chunk))
         statistic = _statistic(policy.prefill_statistic, cfg)
-        return (RewriteSettings(cfg.window, self.sliding_windows, statistic, rank_queries, repeat, now),
-                (cfg.window, rank_queries, repeat, policy.name, cfg.matrix_states, cfg.matrix_rank))
+        return (RewriteSettings(cfg.window, self.sliding_windows, statistic, **shared),
+                (cfg.window, rank_queries, repeat, chunk, policy.name, cfg.matrix_states, cfg.matrix_rank))
 
     def _graph_for(self, prefill: bool, batch: int, length: int, cache: EntropyKVCache, kwargs: dict) -> Any:
         settings, depends_on = self._settings(prefill)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reconstruct import prompt_columns, segments
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -203,27 +205,67 @@ def _(q, k, q_pos, k_pos, scale, sliding_window):
 
 
 # --------------------------------------------------------------------------------------------- reconstruction
-def reconstruction_layout(q_pos: Tensor, repeat_tokens: int) -> tuple[Tensor, Tensor]:
-    """(context tokens n [B], left pads p [B]) of a reconstruction prefill, whose rows hold p pads, the context (n
-    tokens), `repeat_tokens` prompt tokens, the context again and p pads (`entropykv_fx.reconstruct`): 2n +
-    repeat_tokens valid positions, contiguous from column p."""
-    valid = (q_pos >= 0).sum(-1)
-    return (valid - repeat_tokens) // 2, (q_pos.shape[-1] - valid) // 2
-
-
-def context_queries(q_pos: Tensor, repeat_tokens: int) -> Tensor:
-    """`q_pos` [B, L] of a reconstruction prefill with every query past the context set to -1 (invalid), for
-    statistics that describe the context alone."""
-    n, _ = reconstruction_layout(q_pos, repeat_tokens)
-    return q_pos.masked_fill(q_pos >= n[:, None], -1)
+def context_queries(q_pos: Tensor, repeat_tokens: int, chunk: int) -> Tensor:
+    """`q_pos` [B, T] of a reconstruction prefill (`entropykv_fx.reconstruct`) with every query past the prompt's
+    columns set to -1 (invalid), for statistics that describe the prompt alone."""
+    length = prompt_columns(q_pos.shape[-1], repeat_tokens, chunk)
+    return torch.cat([q_pos[:, :length], torch.full_like(q_pos[:, length:], -1)], -1)
 
 
 def _check_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, repeat_tokens: int,
-                          lse: Tensor | None) -> None:
-    _check_qkv("entropykv.score_reconstruction", q, k, None, q_pos, k_pos)
-    _check(window >= 1 and repeat_tokens >= 0, f"entropykv.score_reconstruction: window must be >= 1 and "
-           f"repeat_tokens >= 0, got {window} and {repeat_tokens}")
-    _check_lse("entropykv.score_reconstruction", q, lse)
+                          chunk: int, lse: Tensor | None, op: str = "entropykv.score_reconstruction") -> None:
+    _check_qkv(op, q, k, None, q_pos, k_pos)
+    _check(window >= 1 and repeat_tokens >= 0 and chunk >= 1, f"{op}: window and chunk must be >= 1 and "
+           f"repeat_tokens >= 0, got {window}, {chunk} and {repeat_tokens}")
+    _check(q.shape[2] == k.shape[2], f"{op}: a reconstruction prefill's queries and keys are its columns, got "
+           f"{q.shape[2]} queries and {k.shape[2]} keys")
+    _check_lse(op, q, lse)
+
+
+def _segment_views(q_pos: Tensor, k_pos: Tensor, repeat_tokens: int, chunk: int):
+    """Yield, per segment slot of a reconstruction prefill: (its columns [first, end), prefix: the prompt columns
+    some row's segment sees, the prompt keys' positions with those past each row's chunk end hidden (-1), the
+    slot's query positions with the repeat prompt and pads hidden (-1): the queries that score)."""
+    length = prompt_columns(q_pos.shape[-1], repeat_tokens, chunk)
+    n = (q_pos[:, :length] >= 0).sum(-1)
+    pads = length - n
+    for first, width, start in segments(length, repeat_tokens, chunk):
+        end = start + (n - start).clamp(0, chunk)  # each row's chunk end, in its own positions
+        prefix = min(int((pads + end).max()), length)  # a row without tokens in the chunk sees nothing
+        seen = k_pos[:, :prefix]
+        seen = seen.masked_fill(seen >= end[:, None], -1)
+        slot = q_pos[:, first:first + width]
+        yield (first, first + width), prefix, seen, slot.masked_fill(slot < (end + repeat_tokens)[:, None], -1)
+
+
+@torch.library.custom_op("entropykv::attention_reconstruction", mutates_args=())
+def attention_reconstruction(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float,
+                             sliding_window: int, repeat_tokens: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """`attention_lse` of a reconstruction prefill (`entropykv_fx.reconstruct`): ([B, Hq, T, Dv], lse [B, Hq, T]).
+
+    q [B, Hq, T, D], k, v [B, Hkv, T, D] and positions [B, T] are the prefill's T = 2L + K r columns (L: the
+    prompt's; K segments of `chunk` tokens each after `repeat_tokens` repeat-prompt tokens). The prompt's queries
+    attend to the prompt only (by positions, as `attention`); a segment's queries to the prompt up to the end of
+    their row's chunk and to their own segment. Positions alone cannot express this (a segment shares its
+    positions with the prompt's later tokens), so each segment is one `attention_lse` over its own keys: the
+    fused causal kernel serves the prompt. Raises ValueError for shapes `attention` does not accept.
+    """
+    _check_reconstruction(q, k, q_pos, k_pos, 1, repeat_tokens, chunk, None, "entropykv.attention_reconstruction")
+    length = prompt_columns(q.shape[2], repeat_tokens, chunk)
+    outs = [attention_lse(q[:, :, :length], k[:, :, :length], v[:, :, :length], q_pos[:, :length],
+                          k_pos[:, :length], scale, sliding_window)]
+    for (first, end), prefix, seen, _ in _segment_views(q_pos, k_pos, repeat_tokens, chunk):
+        slot = slice(first, end)
+        outs.append(attention_lse(q[:, :, slot], torch.cat([k[:, :, :prefix], k[:, :, slot]], 2),
+                                  torch.cat([v[:, :, :prefix], v[:, :, slot]], 2), q_pos[:, slot],
+                                  torch.cat([seen, k_pos[:, slot]], 1), scale, sliding_window))
+    return torch.cat([o for o, _ in outs], 2), torch.cat([lse for _, lse in outs], 2)
+
+
+@attention_reconstruction.register_fake
+def _(q, k, v, q_pos, k_pos, scale, sliding_window, repeat_tokens, chunk):
+    _check_reconstruction(q, k, q_pos, k_pos, 1, repeat_tokens, chunk, None, "entropykv.attention_reconstruction")
+    return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _check_lse(op: str, q: Tensor, lse: Tensor | None) -> None:
@@ -271,49 +313,46 @@ def _(q, k, q_pos, k_pos, scale, sliding_window, slots, lse=None):
 
 @torch.library.custom_op("entropykv::score_reconstruction", mutates_args=())
 def score_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int,
-                         window: int, repeat_tokens: int, lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                         window: int, repeat_tokens: int, chunk: int, lse: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
     """Token scores by context reconstruction (KVzip, Kim et al. 2025, https://arxiv.org/abs/2505.23416).
 
-    The prefill holds, per row, the context (n tokens), `repeat_tokens` prompt tokens and the context again
-    between p pads on either side (`reconstruction_layout`); q [B, Hq, L, D] are all its queries, k [B, Hkv, L, D]
-    its keys (the prefill's slots: slot j holds column j). Returns float32 tensors shaped as `score`'s:
-      entropy [B, Hq]: `score`'s entropy over the context's last `window` queries (what a prefill of the context
+    q [B, Hq, T, D], k [B, Hkv, T, D] and positions [B, T] are a reconstruction prefill's T = 2L + K r columns
+    (`entropykv_fx.reconstruct`: the prompt's L, then per chunk of `chunk` prompt tokens `repeat_tokens` repeat-prompt
+    tokens and the chunk again). Returns float32 tensors shaped as `score`'s:
+      entropy [B, Hq]: `score`'s entropy over the prompt's last `window` queries (what a prefill of the prompt
         alone measures, up to rounding);
-      kv_scores [B, Hkv, L]: for the context's slots, the largest attention probability each receives from a
-        query of the repeated context (`max_attention`: a slot needed to reproduce the context scores high); the
-        other slots, which the runtime drops, are scored only as far as the batch's longest context reaches (0
-        past it);
-      layer_scores [B, L]: the largest of kv_scores over the KV heads.
-    lse [B, Hq, L]: the queries' softmax normalizers from the prefill's own attention (`attention_lse`), so the
-    repeated queries' probabilities cost one pass over the keys; None: `max_attention` computes them.
+      kv_scores [B, Hkv, T]: for the prompt's slots, the largest attention probability each receives from a query
+        of a repeated chunk (`max_attention`; a repeated chunk sees the prompt up to its end: a slot needed to
+        reproduce the prompt scores high); 0 for the other slots, which the runtime drops;
+      layer_scores [B, T]: the largest of kv_scores over the KV heads.
+    lse [B, Hq, T]: the queries' softmax normalizers from the prefill's own attention (`attention_reconstruction`),
+    so the repeated queries' probabilities cost one pass over the keys; None: computed here.
     """
-    _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens, lse)
+    _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens, chunk, lse)
     b, hq, _, d = q.shape
-    n, pads = reconstruction_layout(q_pos, repeat_tokens)
-
-    def columns(first: Tensor, count: int, length: Tensor) -> tuple[Tensor, Tensor]:
-        """The columns of `count` queries per row from position first[b] on ([B, count]) and their positions, those
-        at or past first + length marked invalid (-1)."""
-        pos = first[:, None] + torch.arange(count, device=q.device)
-        ok = (pos >= 0) & (pos < (first + length)[:, None])
-        return (pads[:, None] + pos).clamp(0, q.shape[2] - 1), torch.where(ok, pos, -1)
-
-    def queries(col: Tensor) -> Tensor:
-        return q.gather(2, col[:, None, :, None].expand(b, hq, col.shape[1], d))
-
-    col_win, pos_win = columns(n - window, window, torch.full_like(n, window))
-    entropy = score(queries(col_win), k, pos_win, k_pos, scale, sliding_window)[0]
-    col_rec, pos_rec = columns(n + repeat_tokens, int(n.max()), n)
-    lse_rec = None if lse is None else lse.gather(2, col_rec[:, None].expand(b, hq, col_rec.shape[1]))
-    context_slots = int((pads + n).max())  # no row's context reaches past this slot
-    kv_scores = F.pad(max_attention(queries(col_rec), k, pos_rec, k_pos, scale, sliding_window, context_slots,
-                                    lse_rec), (0, k.shape[2] - context_slots))
+    length = prompt_columns(q.shape[2], repeat_tokens, chunk)
+    n = (q_pos[:, :length] >= 0).sum(-1)
+    pos_win = n[:, None] - window + torch.arange(window, device=q.device)
+    col_win = (length - n[:, None] + pos_win).clamp(0, length - 1)
+    entropy = score(q.gather(2, col_win[:, None, :, None].expand(b, hq, window, d)), k[:, :, :length],
+                    pos_win.masked_fill(pos_win < 0, -1), k_pos[:, :length], scale, sliding_window)[0]
+    kv_scores = q.new_zeros(b, k.shape[1], k.shape[2], dtype=torch.float32)
+    for (first, end), prefix, seen, scoring in _segment_views(q_pos, k_pos, repeat_tokens, chunk):
+        slot = slice(first, end)
+        if lse is None:  # the normalizers over everything the segment sees: its own keys too
+            keys, key_pos, slot_lse = torch.cat([k[:, :, :prefix], k[:, :, slot]], 2), \
+                torch.cat([seen, k_pos[:, slot]], 1), None
+        else:
+            keys, key_pos, slot_lse = k[:, :, :prefix], seen, lse[:, :, slot]
+        got = max_attention(q[:, :, slot], keys, scoring, key_pos, scale, sliding_window, prefix, slot_lse)
+        kv_scores[..., :prefix] = torch.maximum(kv_scores[..., :prefix], got)
     return entropy, kv_scores, kv_scores.amax(1)
 
 
 @score_reconstruction.register_fake
-def _(q, k, q_pos, k_pos, scale, sliding_window, window, repeat_tokens, lse=None):
-    _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens, lse)
+def _(q, k, q_pos, k_pos, scale, sliding_window, window, repeat_tokens, chunk, lse=None):
+    _check_reconstruction(q, k, q_pos, k_pos, window, repeat_tokens, chunk, lse)
     return _score_shapes(q, k)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_ops import ref_probs, ref_score
+from test_ops import ref_probs, ref_score, ref_visible
 from test_runtime import greedy, kept_positions
 from tiny_models import DEVICE, calibrated, left_padded, random_prompt, tiny_model
 
@@ -20,83 +20,129 @@ from entropykv_fx.bench.fanout import scored_prefill
 from entropykv_fx.config import ConfigError, EntropyKVConfig
 from entropykv_fx.errors import ExportError
 from entropykv_fx.hf import UnsupportedCallError
-from entropykv_fx.reconstruct import repeat_context
+from entropykv_fx.reconstruct import prompt_columns, repeat_context, segments
 from entropykv_fx.static import StaticCacheModel
 
 
-def reconstruction_batch(lengths: list[int], repeat: int, hq: int = 4, hkv: int = 2, d: int = 8,
+def reconstruction_batch(lengths: list[int], repeat: int, chunk: int = 4, hq: int = 4, hkv: int = 2, d: int = 8,
                          dtype: torch.dtype = torch.float32):
-    """Random q, k and the positions of a reconstruction prefill of contexts of `lengths` tokens (each row's pads
-    split between its two ends, `entropykv_fx.reconstruct`)."""
-    total = 2 * max(lengths) + repeat
-    pos = torch.tensor([[-1] * (max(lengths) - n) + list(range(2 * n + repeat)) + [-1] * (max(lengths) - n)
-                        for n in lengths], device=DEVICE)
+    """Random q, k, v and the positions of a reconstruction prefill of left-padded prompts of `lengths` tokens
+    repeated in chunks of `chunk` (`entropykv_fx.reconstruct`)."""
+    length = max(lengths)
+    prompt_pos = torch.tensor([[-1] * (length - n) + list(range(n)) for n in lengths], device=DEVICE)
+    _, pos = repeat_context(torch.zeros(len(lengths), length, 1, device=DEVICE), prompt_pos,
+                            torch.zeros(repeat, 1, device=DEVICE), chunk)
+    total = pos.shape[1]
     q = torch.randn(len(lengths), hq, total, d, device=DEVICE).to(dtype)
     k = torch.randn(len(lengths), hkv, total, d, device=DEVICE).to(dtype)
-    return q, k, pos
+    v = torch.randn(len(lengths), hkv, total, d, device=DEVICE).to(dtype)
+    return q, k, v, pos
 
 
-def reference(q, k, pos, scale, sliding_window, window, repeat):
-    """(entropy, kv_scores) by loops over float64 probabilities."""
-    probs, _ = ref_probs(q, k, pos, pos, scale, sliding_window)  # [B, Hq, L, S]
-    b, hq = q.shape[:2]
+def layout_visibility(pos: torch.Tensor, repeat: int, chunk: int, sliding_window: int) -> torch.Tensor:
+    """[B, T, T] which key column each query column sees, from the layout's definition: prompt queries the prompt;
+    a segment's queries the prompt before their row's chunk end and their own segment; always causal by position."""
+    length = prompt_columns(pos.shape[1], repeat, chunk)
+    region = torch.zeros(pos.shape[1], dtype=torch.long)
+    for s, (first, width, _) in enumerate(segments(length, repeat, chunk)):
+        region[first:first + width] = s + 1
+    seen = ref_visible(pos.cpu(), pos.cpu(), sliding_window).clone()
+    for b in range(pos.shape[0]):
+        n = int((pos[b, :length] >= 0).sum())
+        for i in range(pos.shape[1]):
+            s = int(region[i])
+            end = (s - 1) * chunk + min(max(n - (s - 1) * chunk, 0), chunk)
+            allowed = region == s
+            if s:
+                allowed |= (region == 0) & (pos[b].cpu() < end)
+            seen[b, i] &= allowed
+    return seen
+
+
+def reference(q, k, v, pos, scale, sliding_window, window, repeat, chunk):
+    """(entropy, kv_scores, attention output) by loops over float64 probabilities."""
+    seen = layout_visibility(pos, repeat, chunk, sliding_window)
+    q64, k64 = q.cpu().double(), k.cpu().double()
+    b, hq, total, _ = q.shape
     hkv, group = k.shape[1], hq // k.shape[1]
-    kv = torch.zeros(b, hkv, k.shape[2], dtype=torch.float64)
+    probs = torch.zeros(b, hq, total, total, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            logits = q64[bi, h] @ k64[bi, h // group].T * scale
+            for i in range(total):
+                if seen[bi, i].any():
+                    probs[bi, h, i, seen[bi, i]] = torch.softmax(logits[i][seen[bi, i]], -1)
+    out = probs @ v.cpu().double().repeat_interleave(group, 1)
+    length = prompt_columns(total, repeat, chunk)
+    kv = torch.zeros(b, hkv, total, dtype=torch.float64)
     entropy = torch.zeros(b, hq, dtype=torch.float64)
     for bi in range(b):
         p = pos[bi].tolist()
-        n = (sum(x >= 0 for x in p) - repeat) // 2
-        rec = [i for i, x in enumerate(p) if x >= n + repeat]
-        for h in range(hkv):
-            kv[bi, h] = probs[bi, h * group:(h + 1) * group, rec].amax(dim=(0, 1)) if rec else 0
-        win = [i for i, x in enumerate(p) if n - window <= x < n]
+        n = sum(x >= 0 for x in p[:length])
+        for s, (first, width, start) in enumerate(segments(length, repeat, chunk)):
+            end = start + min(max(n - start, 0), chunk)
+            scoring = [first + i for i in range(width) if p[first + i] >= end + repeat]
+            for h in range(hkv):
+                if scoring:
+                    got = probs[bi, h * group:(h + 1) * group, scoring, :length].amax(dim=(0, 1))
+                    kv[bi, h, :length] = torch.maximum(kv[bi, h, :length], got)
+        win = [i for i in range(length) if n - window <= p[i] < n]
         if win:
-            entropy[bi] = ref_score(q[bi:bi + 1, :, win], k[bi:bi + 1], pos[bi:bi + 1, win], pos[bi:bi + 1], scale,
-                                    sliding_window)[0][0]
-    reach = (pos.shape[1] - repeat) // 2  # the prompt's columns, pads included
-    kv[..., reach:] = 0  # past every row's context: not scored
-    return entropy, kv
+            entropy[bi] = ref_score(q[bi:bi + 1, :, win], k[bi:bi + 1, :, :length], pos[bi:bi + 1, win],
+                                    pos[bi:bi + 1, :length], scale, sliding_window)[0][0]
+    return entropy, kv, out
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3), repeat=st.integers(0, 3),
-       window=st.integers(1, 5), sliding_window=st.sampled_from([0, 4]), seed=st.integers(0, 2**16))
-def test_score_reconstruction_matches_reference(lengths, repeat, window, sliding_window, seed):
+@given(lengths=st.lists(st.integers(1, 11), min_size=1, max_size=3), repeat=st.integers(0, 3),
+       chunk=st.integers(1, 12), window=st.integers(1, 5), sliding_window=st.sampled_from([0, 4]),
+       seed=st.integers(0, 2**16))
+def test_score_reconstruction_matches_reference(lengths, repeat, chunk, window, sliding_window, seed):
+    """Chunks from one token to longer than the prompt (one repetition of it all), pads, repeat prompts, sliding
+    windows: the scores and the attention equal float64 loops over the layout's own definition of what each query
+    sees."""
     torch.manual_seed(seed)
-    q, k, pos = reconstruction_batch(lengths, repeat)
+    q, k, v, pos = reconstruction_batch(lengths, repeat, chunk)
     scale = 1 / math.sqrt(q.shape[-1])
-    entropy, kv_scores, layer_scores = ops.score_reconstruction(q, k, pos, pos, scale, sliding_window, window, repeat)
-    exp_entropy, exp_kv = reference(q, k, pos, scale, sliding_window, window, repeat)
+    exp_entropy, exp_kv, exp_out = reference(q, k, v, pos, scale, sliding_window, window, repeat, chunk)
+    out, lse = ops.attention_reconstruction(q, k, v, pos, pos, scale, sliding_window, repeat, chunk)
+    valid = pos >= 0
+    torch.testing.assert_close(out.cpu().double().transpose(1, 2)[valid.cpu()],
+                               exp_out.transpose(1, 2)[valid.cpu()], atol=1e-5, rtol=1e-5)
+    entropy, kv_scores, layer_scores = ops.score_reconstruction(q, k, pos, pos, scale, sliding_window, window, repeat,
+                                                                chunk)
     torch.testing.assert_close(entropy.cpu().double(), exp_entropy, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(kv_scores.cpu().double(), exp_kv, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer_scores, kv_scores.amax(1))
     assert ((kv_scores >= 0) & (kv_scores <= 1 + 1e-6)).all()
     assert (layer_scores[pos < 0] == 0).all()  # pads are never attended
-    lse = ops.attention_lse(q, k, k, pos, pos, scale, sliding_window)[1]  # the prefill attention's normalizers
-    reused = ops.score_reconstruction(q, k, pos, pos, scale, sliding_window, window, repeat, lse)
+    reused = ops.score_reconstruction(q, k, pos, pos, scale, sliding_window, window, repeat, chunk, lse)
     for a, b in zip(reused, (entropy, kv_scores, layer_scores)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_score_reconstruction_in_low_precision_scores_in_float32():
     torch.manual_seed(3)
-    q, k, pos = reconstruction_batch([6, 4], 2, dtype=torch.bfloat16)
-    got = ops.score_reconstruction(q, k, pos, pos, 0.3, 0, 3, 2)
-    exp_entropy, exp_kv = reference(q, k, pos, 0.3, 0, 3, 2)
+    q, k, v, pos = reconstruction_batch([6, 4], 2, dtype=torch.bfloat16)
+    got = ops.score_reconstruction(q, k, pos, pos, 0.3, 0, 3, 2, 4)
+    exp_entropy, exp_kv, _ = reference(q, k, v, pos, 0.3, 0, 3, 2, 4)
     assert all(t.dtype == torch.float32 for t in got)
     torch.testing.assert_close(got[1].cpu().double(), exp_kv, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[0].cpu().double(), exp_entropy, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("lengths, repeat, sliding_window", [([5, 3], 2, 0), ([7], 0, 3)])
-def test_score_reconstruction_opcheck(lengths, repeat, sliding_window):
+@pytest.mark.parametrize("lengths, repeat, chunk, sliding_window", [([5, 3], 2, 2, 0), ([7], 0, 3, 3),
+                                                                   ([6], 1, 8, 0)])
+def test_score_reconstruction_opcheck(lengths, repeat, chunk, sliding_window):
     torch.manual_seed(4)
-    q, k, pos = reconstruction_batch(lengths, repeat)
+    q, k, v, pos = reconstruction_batch(lengths, repeat, chunk)
     torch.library.opcheck(torch.ops.entropykv.score_reconstruction.default,
-                          (q, k, pos, pos, 0.25, sliding_window, 2, repeat))
-    lse = ops.log_normalizers(q, k, pos, pos, 0.25, sliding_window)
+                          (q, k, pos, pos, 0.25, sliding_window, 2, repeat, chunk))
+    lse = ops.attention_reconstruction(q, k, v, pos, pos, 0.25, sliding_window, repeat, chunk)[1]
     torch.library.opcheck(torch.ops.entropykv.score_reconstruction.default,
-                          (q, k, pos, pos, 0.25, sliding_window, 2, repeat, lse))
+                          (q, k, pos, pos, 0.25, sliding_window, 2, repeat, chunk, lse))
+    torch.library.opcheck(torch.ops.entropykv.attention_reconstruction.default,
+                          (q, k, v, pos, pos, 0.25, sliding_window, repeat, chunk))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -161,7 +207,7 @@ def test_attention_lse_of_an_unpadded_causal_prefill(dtype):
 
 def test_attention_lse_opcheck():
     torch.manual_seed(7)
-    q, k, pos = reconstruction_batch([5, 3], 2)
+    q, k, _, pos = reconstruction_batch([5, 3], 2)
     torch.library.opcheck(torch.ops.entropykv.attention_lse.default, (q, k, k, pos, pos, 0.25, 0))
     plain = torch.arange(q.shape[2])[None].expand(2, -1).contiguous()
     torch.library.opcheck(torch.ops.entropykv.attention_lse.default, (q, k, k, plain, plain, 0.25, 0))
@@ -170,7 +216,7 @@ def test_attention_lse_opcheck():
 @pytest.mark.parametrize("slots", [0, 6, 13])
 def test_max_attention_opcheck(slots):
     torch.manual_seed(5)
-    q, k, pos = reconstruction_batch([5, 4], 3)
+    q, k, _, pos = reconstruction_batch([5, 4], 3, chunk=5)
     torch.library.opcheck(torch.ops.entropykv.max_attention.default, (q[:, :, 8:], k, pos[:, 8:], pos, 0.25, 0, slots))
     lse = ops.log_normalizers(q[:, :, 8:], k, pos[:, 8:], pos, 0.25, 0)
     torch.library.opcheck(torch.ops.entropykv.max_attention.default,
@@ -178,37 +224,55 @@ def test_max_attention_opcheck(slots):
 
 
 def test_score_reconstruction_rejects_bad_arguments():
-    q, k, pos = reconstruction_batch([4], 1)
-    with pytest.raises(ValueError, match="window must be >= 1"):
-        ops.score_reconstruction(q, k, pos, pos, 0.25, 0, 0, 1)
+    q, k, v, pos = reconstruction_batch([4], 1)
+    with pytest.raises(ValueError, match="window and chunk must be >= 1"):
+        ops.score_reconstruction(q, k, pos, pos, 0.25, 0, 0, 1, 4)
+    with pytest.raises(ValueError, match="window and chunk must be >= 1"):
+        ops.attention_reconstruction(q, k, v, pos, pos, 0.25, 0, 1, 0)
     with pytest.raises(ValueError, match="q_pos must be"):
-        ops.score_reconstruction(q, k, pos[:, 1:], pos, 0.25, 0, 2, 1)
+        ops.score_reconstruction(q, k, pos[:, 1:], pos, 0.25, 0, 2, 1, 4)
+    with pytest.raises(ValueError, match="queries and keys are its columns"):
+        ops.score_reconstruction(q[:, :, 1:], k, pos[:, 1:], pos, 0.25, 0, 2, 1, 4)
     with pytest.raises(ValueError, match="slots must be in 0..9"):
         ops.max_attention(q, k, pos, pos, 0.25, 0, 10)
     with pytest.raises(ValueError, match=r"lse must be float32 \[B, Hq, L\]=\(1, 4, 9\)"):
-        ops.score_reconstruction(q, k, pos, pos, 0.25, 0, 2, 1, torch.zeros(1, 4, 8))
+        ops.score_reconstruction(q, k, pos, pos, 0.25, 0, 2, 1, 4, torch.zeros(1, 4, 8))
     with pytest.raises(ValueError, match="lse must be float32"):
         ops.max_attention(q, k, pos, pos, 0.25, 0, 9, torch.zeros(1, 4, 9, dtype=torch.float64))
 
 
 def test_context_queries_hides_the_repetition():
-    pos = torch.tensor([[-1, 0, 1, 2, 3, 4, -1], [0, 1, 2, 3, 4, 5, 6]])
-    assert ops.context_queries(pos, 1).tolist() == [[-1, 0, 1, -1, -1, -1, -1], [0, 1, 2, -1, -1, -1, -1]]
+    prompt_pos = torch.tensor([[-1, 0, 1], [0, 1, 2]])
+    _, pos = repeat_context(torch.zeros(2, 3, 1), prompt_pos, torch.zeros(1, 1), 2)
+    assert pos.shape[1] == 2 * 3 + 2 * 1
+    assert ops.context_queries(pos, 1, 2).tolist() == [[-1, 0, 1] + [-1] * 5, [0, 1, 2] + [-1] * 5]
+
+
+@pytest.mark.parametrize("length", range(1, 40))
+@pytest.mark.parametrize("repeat, chunk", [(0, 1), (0, 7), (3, 4), (2, 64)])
+def test_prompt_columns_inverts_the_layouts_length(length, repeat, chunk):
+    total = length + sum(width for _, width, _ in segments(length, repeat, chunk))
+    assert total == 2 * length + repeat * -(-length // chunk)
+    assert prompt_columns(total, repeat, chunk) == length
 
 
 def test_repeat_context_lays_the_prompt_out_in_the_prefills_own_columns():
-    """Row b: its p_b left pads and n_b tokens where the prefill had them, the repeat prompt, the n_b tokens again,
-    p_b pads; every column's embedding is the token's at its position."""
+    """The prompt's columns unmoved; then per chunk of each row's own tokens a slot of the repeat prompt and the
+    chunk, at the positions right after the chunk, left-padded to the longest row's slot; a row without tokens in a
+    chunk leaves its slot to pads."""
     length, hidden = 5, 3
     positions = torch.tensor([[-1, -1, 0, 1, 2], [0, 1, 2, 3, 4]])
     embeds = torch.arange(2 * length * hidden, dtype=torch.float32).view(2, length, hidden)
     prompt = -torch.arange(2 * hidden, dtype=torch.float32).view(2, hidden) - 1
-    got, pos = repeat_context(embeds, positions, prompt)
-    assert pos.tolist() == [[-1, -1, 0, 1, 2, 3, 4, 5, 6, 7, -1, -1], list(range(12))]
-    for b, pads in enumerate((2, 0)):
-        want = torch.cat([embeds[b, pads:], prompt, embeds[b, pads:]])
-        assert torch.equal(got[b][pos[b] >= 0], want), f"row {b}"
-        assert torch.equal(got[b, pads:length], embeds[b, pads:]), "the prompt stays in the prefill's columns"
+    got, pos = repeat_context(embeds, positions, prompt, 2)
+    assert pos.tolist() == [[-1, -1, 0, 1, 2, 2, 3, 4, 5, -1, 3, 4, 5, -1, -1, -1],
+                            [0, 1, 2, 3, 4, 2, 3, 4, 5, 4, 5, 6, 7, 5, 6, 7]]
+    r0, r1 = prompt
+    want = {0: [r0, r1, embeds[0, 2], embeds[0, 3], r0, r1, embeds[0, 4]],
+            1: [r0, r1, embeds[1, 0], embeds[1, 1], r0, r1, embeds[1, 2], embeds[1, 3], r0, r1, embeds[1, 4]]}
+    for b in range(2):
+        assert torch.equal(got[b, :length], embeds[b]), "the prompt stays in the prefill's columns"
+        assert torch.equal(got[b, length:][pos[b, length:] >= 0], torch.stack(want[b])), f"row {b}"
 
 
 # --------------------------------------------------------------------------------------- the runtime
@@ -312,8 +376,8 @@ def test_bad_uses_are_refused_before_any_work(tmp_path):
 
 
 def test_the_reconstruction_prefill_scores_with_its_attentions_normalizers():
-    """The prefill graph's attention keeps the softmax normalizers (`attention_lse`) and `max_attention` receives
-    them, so the scorer makes one pass over the keys; a window-scored prefill runs plain `attention`."""
+    """The prefill graph's attention keeps the softmax normalizers (`attention_reconstruction`) and `max_attention`
+    receives them, so the scorer makes one pass over the keys; a window-scored prefill runs plain `attention`."""
     ids = random_prompt(40, seed=1)
 
     def op_inputs(scorer: str) -> dict[str, list]:
@@ -323,34 +387,63 @@ def test_the_reconstruction_prefill_scores_with_its_attentions_normalizers():
         return {e.name: e.input_shapes for e in prof.events() if e.name.startswith("entropykv::")}
 
     reconstruct, window = op_inputs("reconstruct"), op_inputs("window")
-    assert "entropykv::attention_lse" in reconstruct and "entropykv::attention" not in reconstruct
+    assert "entropykv::attention_reconstruction" in reconstruct and "entropykv::attention_lse" in reconstruct
     q_rec = reconstruct["entropykv::max_attention"][0]
     assert reconstruct["entropykv::max_attention"][-1] == q_rec[:3], "lse [B, Hq, L] of the repeated queries"
     assert "entropykv::attention" in window and "entropykv::attention_lse" not in window
 
 
 def test_a_reconstruction_past_the_trained_positions_warns_before_the_forward():
-    """2 x prompt + repeat prompt positions past max_position_embeddings: a PositionRangeWarning naming the lengths,
-    raised before the forward runs; a prompt whose repetition fits runs without it."""
+    """A repetition whose last chunk reaches past max_position_embeddings: a PositionRangeWarning naming the lengths
+    and the chunk that would fit, raised before the forward runs; prompts whose repetition fits run without it."""
     import warnings
 
     from entropykv_fx import PositionRangeWarning
 
     model = tiny_model("llama")
     model.config.max_position_embeddings = 150
-    entropykv_fx.optimize(model, policy="cache_topk", scorer="reconstruct", budget=0.5, repeat_prompt=(5, 6, 7))
+    entropykv_fx.optimize(model, policy="cache_topk", scorer="reconstruct", budget=0.5, repeat_prompt=(5, 6, 7),
+                          reconstruct_chunk=32)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PositionRangeWarning)
-        greedy(model, random_prompt(71), 2)  # 2 x 71 + 3 = 145 positions
-    with pytest.warns(PositionRangeWarning, match=r"80-token prompt .* 163 positions.*max_position_embeddings=150.*up "
-                      r"to 73 tokens"):
-        model(random_prompt(80), use_cache=True)
+        greedy(model, random_prompt(71), 2)  # its last chunk (7 tokens) reaches 71 + 3 + 7 = 81 positions
+        model(random_prompt(120), use_cache=True)  # 120 + 3 + 24
+    with pytest.warns(PositionRangeWarning, match=r"140-token prompt in chunks of 32 .*repeat prompt: 3.*position "
+                      r"154.*max_position_embeddings=150.*reconstruct_chunk=7 or less"):
+        model(random_prompt(140), use_cache=True)
+    with pytest.warns(PositionRangeWarning, match=r"150-token prompt.*choose a scorer without repetition"):
+        model(random_prompt(150), use_cache=True)
     forwards = []
     model.lm_head.register_forward_pre_hook(lambda *_: forwards.append(1))
     with warnings.catch_warnings():
         warnings.simplefilter("error", PositionRangeWarning)
         with pytest.raises(PositionRangeWarning):
-            model(random_prompt(80), use_cache=True)
+            model(random_prompt(140), use_cache=True)
     assert forwards == []  # raised as an error, the warning stopped the call before the forward
     model(random_prompt(60), use_cache=True)
     assert forwards == [1]
+
+
+def test_each_chunks_scores_are_the_unmodified_models_attention_while_it_repeats_that_chunk():
+    """The whole path (layout, positions, rotary embeddings, the rewritten graph) against the model's own eager
+    attention: for each chunk, a forward of [prompt up to the chunk's end, repeat prompt, chunk] through the
+    unmodified model, whose attention probabilities from the chunk's queries to the prompt's tokens, maxed over
+    those queries and each KV head's query heads and then over the chunks, are the layer's scores."""
+    ids = random_prompt(45, seed=4)
+    chunk, repeat = 16, (5, 6)
+    full, _ = scored_prefill(tiny_model("llama"), ids, EntropyKVConfig(scorer="reconstruct", repeat_prompt=repeat,
+                                                                       reconstruct_chunk=chunk))
+    plain = tiny_model("llama")
+    plain.set_attn_implementation("eager")
+    hkv = full.layers[0].keys.shape[1]
+    want = torch.zeros(len(full.layers), hkv, ids.shape[1], dtype=torch.float64)
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        seq = torch.cat([ids[0, :end], torch.tensor(repeat, device=DEVICE), ids[0, start:end]])[None]
+        with torch.no_grad():
+            attentions = plain(seq, output_attentions=True).attentions  # per layer [1, Hq, T, T]
+        for i, a in enumerate(attentions):
+            got = a[0, :, end + len(repeat):, :end].unflatten(0, (hkv, -1)).amax(dim=(1, 2)).double().cpu()
+            want[i, :, :end] = torch.maximum(want[i, :, :end], got)
+    for i, layer in enumerate(full.layers):
+        torch.testing.assert_close(layer.stats.kv_scores[0].double().cpu(), want[i], atol=1e-5, rtol=1e-5)

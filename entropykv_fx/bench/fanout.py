@@ -20,6 +20,7 @@ from ..compress import CompressionReport, compress_cache
 from ..config import EntropyKVConfig
 from ..hf import optimize, optimized
 from ..policies import POLICIES
+from ..scorers import SCORERS
 
 
 @torch.no_grad()
@@ -43,9 +44,17 @@ def scored_prefill(model: nn.Module, input_ids: Tensor, base: EntropyKVConfig | 
     return cache, logits[0]
 
 
-def prefill_of(config: EntropyKVConfig) -> tuple[str, tuple[int, ...]]:
-    """What a prefill scored for `config` computes: its (resolved) scorer and repeat prompt."""
-    return config.scorer, config.repeat_prompt
+def prefill_of(config: EntropyKVConfig) -> tuple[str, tuple[int, ...], int | None]:
+    """What a prefill scored for `config` computes: its (resolved) scorer, repeat prompt and reconstruction chunk
+    (None for scorers that do not reconstruct)."""
+    chunk = config.reconstruct_chunk if SCORERS[config.scorer].reconstruct else None
+    return config.scorer, config.repeat_prompt, chunk
+
+
+def prefill_config(prefill: tuple[str, tuple[int, ...], int | None]) -> EntropyKVConfig:
+    """A config whose prefill computes `prefill` (as `prefill_of` gives it)."""
+    scorer, repeat, chunk = prefill
+    return EntropyKVConfig(scorer=scorer, repeat_prompt=repeat, **({} if chunk is None else {"reconstruct_chunk": chunk}))
 
 
 def compressed_copy(cache: EntropyKVCache, config: EntropyKVConfig) -> tuple[EntropyKVCache, CompressionReport]:
@@ -54,7 +63,7 @@ def compressed_copy(cache: EntropyKVCache, config: EntropyKVConfig) -> tuple[Ent
         raise ValueError("compressed_copy needs a cache from scored_prefill (its layers carry prefill scores)")
     policy = POLICIES[config.policy]
     if policy.evicts and policy.needs_scores and cache.scored_with != prefill_of(config):
-        raise ValueError(f"compressed_copy: the cache was scored for (scorer, repeat_prompt) {cache.scored_with} but "
+        raise ValueError(f"compressed_copy: the cache was scored for (scorer, repeat_prompt, reconstruct_chunk) {cache.scored_with} but "
                          f"policy {config.policy!r} ranks by {prefill_of(config)}; prefill with a config that scores "
                          "the same way (scored_prefill(model, ids, EntropyKVConfig(scorer=...)))")
     copied = copy.deepcopy(cache)

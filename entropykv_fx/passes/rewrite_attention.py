@@ -52,9 +52,12 @@ class RewriteSettings:
         scores on prefill graphs (a policy's own measure, e.g. matrix entropy).
     rank_queries: when set, the token scores come from the last `rank_queries` queries (a second, smaller
         `entropykv::score`) while the entropies still come from the `score_window` ones (`scorers.last_query`).
-    repeat_tokens: when set, every prefill is a reconstruction prefill (context, `repeat_tokens` prompt tokens,
-        the context again) scored by `entropykv::score_reconstruction`; a per-head statistic then sees the
-        context's queries only (`scorers.reconstruct`).
+    repeat_tokens: when set, every prefill is a reconstruction prefill (the prompt, then per chunk of
+        `reconstruct_chunk` prompt tokens `repeat_tokens` repeat-prompt tokens and the chunk again;
+        `entropykv_fx.reconstruct`) attended by `entropykv::attention_reconstruction` and scored by
+        `entropykv::score_reconstruction`; a per-head statistic then sees the prompt's queries only
+        (`scorers.reconstruct`).
+    reconstruct_chunk: prompt tokens per repeated chunk of a reconstruction prefill.
     compress_layer: (layer, keys, values, positions, *that layer's statistics) -> (keys, values, positions): called
         on prefill graphs right after each scored layer's attention; what it returns becomes the layer's cache
         (it may return its inputs). Lets a policy whose budgets need no other layer compress as it goes.
@@ -65,6 +68,7 @@ class RewriteSettings:
     prefill_statistic: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
     rank_queries: int | None = None
     repeat_tokens: int | None = None
+    reconstruct_chunk: int = 1
     compress_layer: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
@@ -173,8 +177,9 @@ def _new_pos(cache_op: fx.Node) -> fx.Node:
 
 
 def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, settings: RewriteSettings,
-                  score: bool) -> tuple[fx.Node, ...] | None:
-    """Replace the site by attention over its cache; returns the added scoring nodes, if any."""
+                  score: bool, reconstructs: bool) -> tuple[fx.Node, ...] | None:
+    """Replace the site by attention over its cache (`reconstructs`: a reconstruction prefill's); returns the
+    added scoring nodes, if any."""
     q_pos, layer = _new_pos(cache_op), cache_op.args[-1]
     scale = site.scale if site.scale is not None else float(_val(site.query).shape[-1]) ** -0.5
     window = settings.sliding_window(layer)
@@ -189,8 +194,9 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
         else:
             keys, values, positions = (_output(graph, cache_op, i) for i in range(3))
             attend = (site.query, keys, values, q_pos, positions, scale, window)
-            if score and settings.reconstructs:  # the scorer reuses the attention's softmax normalizers
-                both = graph.call_function(torch.ops.entropykv.attention_lse.default, attend)
+            if reconstructs:  # the scorer reuses the attention's softmax normalizers
+                both = graph.call_function(torch.ops.entropykv.attention_reconstruction.default,
+                                           (*attend, settings.repeat_tokens, settings.reconstruct_chunk))
                 out, lse = (graph.call_function(operator.getitem, (both, i)) for i in (0, 1))
             else:
                 out = graph.call_function(torch.ops.entropykv.attention.default, attend)
@@ -203,19 +209,19 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
                                            (q_win, keys, pos_win, positions, scale, window))
 
             stat_pos = q_pos
-            if settings.reconstructs:
+            layout = (settings.repeat_tokens, settings.reconstruct_chunk)
+            if reconstructs:
                 scored = ranked = graph.call_function(
                     torch.ops.entropykv.score_reconstruction.default,
-                    (site.query, keys, q_pos, positions, scale, window, settings.score_window, settings.repeat_tokens,
-                     lse))
-                stat_pos = graph.call_function(ops.context_queries, (q_pos, settings.repeat_tokens))
+                    (site.query, keys, q_pos, positions, scale, window, settings.score_window, *layout, lse))
+                stat_pos = graph.call_function(ops.context_queries, (q_pos, *layout))
             else:
                 scored = score_last(settings.score_window)
                 ranked = scored if settings.rank_queries is None else score_last(settings.rank_queries)
             stats = (graph.call_function(operator.getitem, (scored, 0)),
                      *(graph.call_function(operator.getitem, (ranked, i)) for i in (1, 2)))
-            if settings.reconstructs:  # the scores of the prompt's slots, the ones its cache keeps
-                stats = (stats[0], *(graph.call_function(context_slots, (t, -1, settings.repeat_tokens))
+            if reconstructs:  # the scores of the prompt's slots, the ones its cache keeps
+                stats = (stats[0], *(graph.call_function(context_slots, (t, -1, *layout))
                                      for t in stats[1:]))
             if settings.prefill_statistic is not None:
                 stats += (graph.call_function(settings.prefill_statistic, (site.query, keys, stat_pos)),)
@@ -238,7 +244,7 @@ def _layer_cache(graph: fx.Graph, append: fx.Node, stats: tuple[fx.Node, ...] | 
     kept = list(full)
     with graph.inserting_before(at):
         if settings.reconstructs:
-            kept = [graph.call_function(context_slots, (t, dim, settings.repeat_tokens))
+            kept = [graph.call_function(context_slots, (t, dim, settings.repeat_tokens, settings.reconstruct_chunk))
                     for t, dim in zip(full, (2, 2, 1))]
         if settings.compress_layer is not None and stats is not None:
             trimmed = graph.call_function(settings.compress_layer, (append.args[-1], *kept, *stats[:-3]))
@@ -278,7 +284,8 @@ def rewrite_attention(gm: fx.GraphModule, settings: RewriteSettings,
         prefill = _is_prefill(append)
         result.prefill |= prefill
         after = site.output.next  # the site's first node after the attention (the attention itself is replaced)
-        stats = _rewrite_site(graph, site, append, settings, score=prefill and settings.score_window is not None)
+        stats = _rewrite_site(graph, site, append, settings, score=prefill and settings.score_window is not None,
+                              reconstructs=prefill and settings.reconstructs)
         if prefill and (settings.reconstructs or (stats is not None and settings.compress_layer is not None)):
             _layer_cache(graph, append, stats, settings, after)
         if stats is not None:
