@@ -95,6 +95,16 @@ def _is_plain_causal(q_pos: Tensor, k_pos: Tensor, sliding_window: int) -> bool:
     return bool(((k_pos - start == steps) & (q_pos == k_pos)).all() & (start >= 0).all())
 
 
+def _sees_every_key(q_pos: Tensor, k_pos: Tensor, sliding_window: int) -> bool:
+    """True when every query sees every key slot: all valid, none later than the earliest query, none out of the
+    window (a chunk's repetition attending to the prompt before it). O(L + S), like `_is_plain_causal`."""
+    if k_pos.shape[-1] == 0 or q_pos.shape[-1] == 0 or not bool((k_pos >= 0).all()):
+        return False
+    first, last = q_pos.amin(-1), q_pos.amax(-1)
+    ok = (first >= k_pos.amax(-1)) & ((sliding_window == 0) | (last - k_pos.amin(-1) < sliding_window))
+    return bool(ok.all())
+
+
 @attention.register_fake
 def _(q, k, v, q_pos, k_pos, scale, sliding_window):
     _check_qkv("entropykv.attention", q, k, v, q_pos, k_pos)  # fake/meta inputs get the same errors
@@ -113,9 +123,12 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
     dtypes or devices `attention` does not accept.
     """
     _check_qkv("entropykv.attention_lse", q, k, v, q_pos, k_pos)
-    if q.device.type == "cpu" and _is_plain_causal(q_pos, k_pos, sliding_window):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
-        return out.contiguous(), lse.contiguous()  # the kernels' own layouts: the fake's strides
+    if q.device.type == "cpu":
+        causal = _is_plain_causal(q_pos, k_pos, sliding_window)
+        if causal or _sees_every_key(q_pos, k_pos, sliding_window):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
+                                                                                 scale=scale)[:2]
+            return out.contiguous(), lse.contiguous()  # the kernels' own layouts: the fake's strides
     return attention(q, k, v, q_pos, k_pos, scale, sliding_window), log_normalizers(q, k, q_pos, k_pos, scale,
                                                                                    sliding_window)
 
@@ -256,10 +269,24 @@ def attention_reconstruction(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_p
                           k_pos[:, :length], scale, sliding_window)]
     for (first, end), prefix, seen, _ in _segment_views(q_pos, k_pos, repeat_tokens, chunk):
         slot = slice(first, end)
-        outs.append(attention_lse(q[:, :, slot], torch.cat([k[:, :, :prefix], k[:, :, slot]], 2),
-                                  torch.cat([v[:, :, :prefix], v[:, :, slot]], 2), q_pos[:, slot],
-                                  torch.cat([seen, k_pos[:, slot]], 1), scale, sliding_window))
+        # Two attentions merged by their normalizers, so neither copies keys and, for unpadded rows, each is one
+        # fused kernel: over the prompt before the chunk's end (every query sees every key) and causal over itself.
+        before = attention_lse(q[:, :, slot], k[:, :, :prefix], v[:, :, :prefix], q_pos[:, slot], seen, scale,
+                               sliding_window)
+        own = attention_lse(q[:, :, slot], k[:, :, slot], v[:, :, slot], q_pos[:, slot], k_pos[:, slot], scale,
+                            sliding_window)
+        outs.append(merge_attention(before, own))
     return torch.cat([o for o, _ in outs], 2), torch.cat([lse for _, lse in outs], 2)
+
+
+def merge_attention(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(out, lse) of attention over the union of two disjoint key sets from each one's (out [B, H, L, Dv], lse
+    [B, H, L] float32): the softmax weights each part by exp(its lse - the union's). A query that sees neither
+    (lse -inf in both) gets zeros and -inf."""
+    lse = torch.logaddexp(a[1], b[1])
+    out = sum(torch.where(part_lse.isneginf(), 0.0, (part_lse - lse).exp())[..., None] * part.float()
+              for part, part_lse in (a, b))
+    return out.to(a[0].dtype), lse
 
 
 @attention_reconstruction.register_fake

@@ -205,6 +205,38 @@ def test_attention_lse_of_an_unpadded_causal_prefill(dtype):
     torch.testing.assert_close(lse.double(), reference_lse(q, k, pos, pos, 0.25, 0), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_lse_of_queries_that_see_every_key(dtype):
+    """A repeated chunk over the prompt before it (every query sees every key): the fused kernel's output and
+    normalizers, the same as from the logits; a window that cuts keys off, or a pad, takes the general path."""
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(1, 6, n, 16, device=DEVICE).to(dtype) for n in (12, 30, 30))
+    q_pos, k_pos = torch.arange(30, 42, device=DEVICE)[None], torch.arange(30, device=DEVICE)[None]
+    assert ops._sees_every_key(q_pos, k_pos, 0) and ops._sees_every_key(q_pos, k_pos, 42)
+    assert not ops._sees_every_key(q_pos, k_pos, 41) and not ops._sees_every_key(q_pos, k_pos.clone().fill_(-1), 0)
+    out, lse = ops.attention_lse(q, k[:, :2], v[:, :2], q_pos, k_pos, 0.25, 0)
+    torch.testing.assert_close(out.float(), ops.attention(q, k[:, :2], v[:, :2], q_pos, k_pos, 0.25, 0).float(),
+                               atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+    torch.testing.assert_close(lse.double().cpu(), reference_lse(q, k[:, :2], q_pos, k_pos, 0.25, 0).cpu(), atol=1e-3,
+                               rtol=1e-3)
+
+
+def test_merge_attention_is_attention_over_both_key_sets():
+    """Attention over two disjoint key sets merged by normalizers equals attention over their union; a query that
+    sees neither part stays zero with lse -inf."""
+    torch.manual_seed(9)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    q_pos = torch.tensor([[9, 10, 11, 12, 13], [-1, 10, 11, 12, 13]])
+    k_pos = torch.tensor([[0, 1, 2, -1, 4, 9, 10, 11, 12], [0, 1, 2, 3, 4, 9, 10, 11, 12]])
+    whole = ops.attention_lse(q, k, v, q_pos, k_pos, 0.3, 0)
+    parts = [ops.attention_lse(q, k[:, :, cols], v[:, :, cols], q_pos, k_pos[:, cols], 0.3, 0)
+             for cols in (slice(0, 5), slice(5, 9))]
+    out, lse = ops.merge_attention(*parts)
+    torch.testing.assert_close(out, whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, whole[1], atol=1e-5, rtol=1e-5)
+    assert lse[1, :, 0].isneginf().all() and (out[1, :, 0] == 0).all()
+
+
 def test_attention_lse_opcheck():
     torch.manual_seed(7)
     q, k, _, pos = reconstruction_batch([5, 3], 2)

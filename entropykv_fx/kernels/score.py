@@ -221,9 +221,10 @@ def fused_lse_kernel(q: torch.Tensor) -> str:
     return "flash" if (q.device, q.dtype, q.shape[-1]) in _CUDNN_REFUSED else "cudnn"
 
 
-def _fused_causal_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse [B, Hq, L] float32) of an unpadded causal prefill from one fused kernel, GQA without expanding.
+def _fused_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse [B, Hq, L] float32) of an unpadded causal prefill (`causal`), or of queries that see every key,
+    from one fused kernel, GQA without expanding.
 
     cuDNN's attention where it takes the inputs: on an H100 at 32k tokens it ran in 55 ms against PyTorch's
     FlashAttention-2's 97 ms, with the same normalizers (`benchmarks/results/reconstruction_score_h100_cudnn.md`);
@@ -232,23 +233,26 @@ def _fused_causal_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     key = (q.device, q.dtype, q.shape[-1])
     if key not in _CUDNN_REFUSED:
         try:
-            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
                                                                           scale=scale)[:2]
             return out.contiguous(), lse.reshape(q.shape[:3]).float().contiguous()  # the fake's layouts
         except RuntimeError:  # refused (build, GPU or shape): decided once per key
             _CUDNN_REFUSED.add(key)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
     return out.contiguous(), lse.contiguous()
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                   scale: float, sliding_window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA `entropykv::attention_lse`: an unpadded causal bf16/fp16 prefill takes the normalizers from the fused
-    kernel that computes its attention (`_fused_causal_lse`); otherwise `attention` plus the first pass."""
+    """CUDA `entropykv::attention_lse`: in bf16/fp16, an unpadded causal prefill, or queries that see every key,
+    take the normalizers from the fused kernel that computes the attention (`_fused_lse`); otherwise `attention`
+    plus the first pass."""
     ops._check_qkv("entropykv.attention_lse", q, k, v, q_pos, k_pos)
-    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and \
-            ops._is_plain_causal(q_pos, k_pos, sliding_window):
-        return _fused_causal_lse(q, k, v, scale)
+    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        if ops._is_plain_causal(q_pos, k_pos, sliding_window):
+            return _fused_lse(q, k, v, scale, causal=True)
+        if ops._sees_every_key(q_pos, k_pos, sliding_window):
+            return _fused_lse(q, k, v, scale, causal=False)
     b, hq, length = q.shape[:3]
     rows = _normalizers(q, k, q_pos, k_pos, scale, sliding_window)[1][:, :hq // k.shape[1] * length]
     return ops.attention(q, k, v, q_pos, k_pos, scale, sliding_window), (rows / LOG2E).reshape(b, hq, length)
