@@ -16,10 +16,11 @@ the scorer says (`ops.select`).
 
 `window` and `last_query` are computed inside the prefill graph by `entropykv::score`, the second over one query
 (`RewriteSettings.rank_queries`); `key_norm` needs only the cached keys. `reconstruct` makes the prefill one
-forward over [prompt, `repeat_prompt`, prompt] (`entropykv_fx.reconstruct`), scored by
+forward over the prompt and its repetition in chunks of `reconstruct_chunk` tokens, `repeat_prompt` before each,
+each chunk seeing the prompt up to its own end (`entropykv_fx.reconstruct`), scored by
 `entropykv::score_reconstruction` with the softmax normalizers the forward's attention already computed
-(`entropykv::attention_lse`): a forward over twice the prompt plus one pass over its keys, for a ranking that does
-not depend on what is asked next (compress a document once, ask many questions).
+(`entropykv::attention_reconstruction`): a forward over twice the prompt plus one pass over its keys, for a ranking
+that does not depend on what is asked next (compress a document once, ask many questions).
 """
 
 from __future__ import annotations
