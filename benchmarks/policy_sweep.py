@@ -232,7 +232,10 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
 
 
 def budget_table(title: str, methods: list[str], budgets: list[float], cell) -> list[str]:
-    """A markdown table: one row per method, one column per budget, `cell(method, budget)` in each."""
+    """A markdown table: one row per method, one column per budget, `cell(method, budget)` in each (none without
+    budgets: a split the run did not reach)."""
+    if not budgets:
+        return []
     return [f"\n### {title}\n", "| method | " + " | ".join(f"{b:g} kept" for b in budgets) + " |",
             "|---" * (len(budgets) + 1) + "|", *(f"| {m} | " + " | ".join(cell(m, b) for b in budgets) + " |"
                                                  for m in methods)]
