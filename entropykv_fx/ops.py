@@ -126,9 +126,7 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
     if q.device.type == "cpu":
         causal = _is_plain_causal(q_pos, k_pos, sliding_window)
         if causal or _sees_every_key(q_pos, k_pos, sliding_window):
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
-                                                                                 scale=scale)[:2]
-            return out.contiguous(), lse.contiguous()  # the kernels' own layouts: the fake's strides
+            return fused_attention_lse(q, k, v, scale, causal)
     return attention(q, k, v, q_pos, k_pos, scale, sliding_window), log_normalizers(q, k, q_pos, k_pos, scale,
                                                                                    sliding_window)
 
@@ -137,6 +135,24 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
 def _(q, k, v, q_pos, k_pos, scale, sliding_window):
     _check_qkv("entropykv.attention_lse", q, k, v, q_pos, k_pos)
     return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def fused_attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """`attention_lse` of queries q [B, Hq, L, D] that see every key of k, v [B, Hkv, S, D] (causal=False), or of an
+    unpadded causal prefill (causal=True, L == S), with no positions to check: ([B, Hq, L, Dv], lse [B, Hq, L]
+    float32), GQA without expanding. One fused kernel where the device has one: FlashAttention for CPU tensors,
+    cuDNN's attention or FlashAttention-2 for CUDA fp16/bf16 (`kernels.score.fused_lse`); otherwise `attention`
+    and `log_normalizers` over the positions these cases imply."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
+        return out.contiguous(), lse.contiguous()  # the kernels' own layouts: the fake's strides
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        from .kernels.score import fused_lse  # CUDA only: Triton is imported with the kernels
+
+        return fused_lse(q, k, v, scale, causal)
+    k_pos = torch.arange(k.shape[2], device=q.device)[None].expand(q.shape[0], -1)
+    q_pos = k_pos[:, -q.shape[2]:] if causal else torch.full((q.shape[0], q.shape[2]), k.shape[2], device=q.device)
+    return attention(q, k, v, q_pos, k_pos, scale, 0), log_normalizers(q, k, q_pos, k_pos, scale, 0)
 
 
 def visible_logits(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, sliding_window: int,
@@ -241,10 +257,11 @@ def _segment_views(q_pos: Tensor, k_pos: Tensor, repeat_tokens: int, chunk: int)
     slot's query positions with the repeat prompt and pads hidden (-1): the queries that score)."""
     length = prompt_columns(q_pos.shape[-1], repeat_tokens, chunk)
     n = (q_pos[:, :length] >= 0).sum(-1)
-    pads = length - n
+    tokens = n.tolist()  # the op's one host sync: each segment's prefix is then known on the host
     for first, width, start in segments(length, repeat_tokens, chunk):
         end = start + (n - start).clamp(0, chunk)  # each row's chunk end, in its own positions
-        prefix = min(int((pads + end).max()), length)  # a row without tokens in the chunk sees nothing
+        # the prompt columns some row's chunk reaches (a row without tokens in the chunk sees nothing)
+        prefix = min(max(length - t + start + min(max(t - start, 0), chunk) for t in tokens), length)
         seen = k_pos[:, :prefix]
         seen = seen.masked_fill(seen >= end[:, None], -1)
         slot = q_pos[:, first:first + width]
@@ -265,6 +282,15 @@ def attention_reconstruction(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_p
     """
     _check_reconstruction(q, k, q_pos, k_pos, 1, repeat_tokens, chunk, None, "entropykv.attention_reconstruction")
     length = prompt_columns(q.shape[2], repeat_tokens, chunk)
+    if (sliding_window == 0 or sliding_window >= q.shape[2]) and \
+            _is_plain_causal(q_pos[:, :length], k_pos[:, :length], 0):
+        # Unpadded rows: the layout fixes every segment's keys, so fused kernels run without position checks.
+        outs = [fused_attention_lse(q[:, :, :length], k[:, :, :length], v[:, :, :length], scale, True)]
+        for first, width, start in segments(length, repeat_tokens, chunk):
+            end, slot = min(start + chunk, length), slice(first, first + width)
+            outs.append(merge_attention(fused_attention_lse(q[:, :, slot], k[:, :, :end], v[:, :, :end], scale, False),
+                                        fused_attention_lse(q[:, :, slot], k[:, :, slot], v[:, :, slot], scale, True)))
+        return torch.cat([o for o, _ in outs], 2), torch.cat([lse for _, lse in outs], 2)
     outs = [attention_lse(q[:, :, :length], k[:, :, :length], v[:, :, :length], q_pos[:, :length],
                           k_pos[:, :length], scale, sliding_window)]
     for (first, end), prefix, seen, _ in _segment_views(q_pos, k_pos, repeat_tokens, chunk):

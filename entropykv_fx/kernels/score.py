@@ -221,7 +221,7 @@ def fused_lse_kernel(q: torch.Tensor) -> str:
     return "flash" if (q.device, q.dtype, q.shape[-1]) in _CUDNN_REFUSED else "cudnn"
 
 
-def _fused_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+def fused_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse [B, Hq, L] float32) of an unpadded causal prefill (`causal`), or of queries that see every key,
     from one fused kernel, GQA without expanding.
@@ -245,14 +245,14 @@ def _fused_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                   scale: float, sliding_window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA `entropykv::attention_lse`: in bf16/fp16, an unpadded causal prefill, or queries that see every key,
-    take the normalizers from the fused kernel that computes the attention (`_fused_lse`); otherwise `attention`
+    take the normalizers from the fused kernel that computes the attention (`fused_lse`); otherwise `attention`
     plus the first pass."""
     ops._check_qkv("entropykv.attention_lse", q, k, v, q_pos, k_pos)
     if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
         if ops._is_plain_causal(q_pos, k_pos, sliding_window):
-            return _fused_lse(q, k, v, scale, causal=True)
+            return fused_lse(q, k, v, scale, causal=True)
         if ops._sees_every_key(q_pos, k_pos, sliding_window):
-            return _fused_lse(q, k, v, scale, causal=False)
+            return fused_lse(q, k, v, scale, causal=False)
     b, hq, length = q.shape[:3]
     rows = _normalizers(q, k, q_pos, k_pos, scale, sliding_window)[1][:, :hq // k.shape[1] * length]
     return ops.attention(q, k, v, q_pos, k_pos, scale, sliding_window), (rows / LOG2E).reshape(b, hq, length)
