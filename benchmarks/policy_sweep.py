@@ -294,17 +294,18 @@ def tables(records: list[dict], split: str) -> list[str]:
     return lines
 
 
-def length_tables(records: list[dict], split: str) -> list[str]:
+def length_tables(records: list[dict], split: str | None) -> list[str]:
     """Accuracy % of each method at each prompt length, budgets left to right (a collapse at one length is hidden
-    in the pooled tables)."""
+    in the pooled tables); split None: both splits together (twice the questions per cell)."""
     lines = []
-    records = [r for r in records if r["setting"] != "perplexity" and r["split"] == split]
+    records = [r for r in records if r["setting"] != "perplexity" and split in (None, r["split"])]
+    split = f"{split} split" if split else "both splits"
     lengths = sorted({r["length"] for r in records})
     for setting in sorted({r["setting"] for r in records}):
         rows = [r for r in records if r["setting"] == setting]
         budgets = sorted({r["budget"] for r in rows if r["budget"] < 1.0}, reverse=True)
         kept = " / ".join(f"{b:g}" for b in budgets)
-        lines += [f"\n### {setting} by prompt length, {split} split (accuracy % at {kept} kept; n questions)\n",
+        lines += [f"\n### {setting} by prompt length, {split} (accuracy % at {kept} kept; n questions)\n",
                   "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
         for m in ["full"] + sorted({r["method"] for r in rows} - {"full"}):
             whole = all(r["budget"] == 1.0 for r in rows if r["method"] == m)  # a full cache: one value
@@ -330,7 +331,7 @@ def write(records: list[dict], meta: dict, stem: Path) -> None:
              "\nByte fractions are measured from the compressed tensors (`report.kept_fraction`)."]
     for split in ("report", "select"):
         lines += tables(records, split)
-    lines += length_tables(records, "report")
+    lines += length_tables(records, "report") + length_tables(records, None)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

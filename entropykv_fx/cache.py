@@ -276,7 +276,7 @@ class EntropyKVCache(Cache):
     def __init__(self, num_layers: int) -> None:
         super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
         self.seen_tokens = 0
-        self.scored_with: tuple[str, tuple[int, ...]] | None = None  # (scorer, repeat_prompt): bench.fanout's prefill
+        self.scored_with: tuple | None = None  # (scorer, repeat_prompt, chunk): bench.fanout's prefill_of
         self.next_positions: Tensor | None = None
         self.step_positions: Tensor | None = None
 

@@ -65,8 +65,8 @@ class Reconstruct(_Part):
     """KVzip's context reconstruction (Kim et al. 2025, https://arxiv.org/abs/2505.23416): the prefill is one
     forward over the prompt and its repetition in chunks of `reconstruct_chunk` tokens, each chunk seeing the prompt
     up to its own end (`entropykv_fx.reconstruct`), and a token scores the most attention it receives while the
-    model re-reads the prompt (max over queries and heads). Independent of what is asked next; about twice a plain
-    prefill's work. `repeat_prompt`: token ids before each repeated chunk (`repeat_prompt_ids`)."""
+    model re-reads the prompt (max over queries and heads). Independent of what is asked next; a forward over twice
+    the prompt. `repeat_prompt`: token ids before each repeated chunk (`repeat_prompt_ids`)."""
 
     repeat_prompt: tuple[int, ...] = ()
     reconstruct_chunk: int = 1024

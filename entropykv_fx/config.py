@@ -166,13 +166,13 @@ class EntropyKVConfig:
     scorer: how tokens are ranked inside each budget (`entropykv_fx.scorers`): "window" (attention from the
         observation window, SnapKV), "last_query" (attention from the last prompt query, TOVA) or "key_norm"
         (negated key norm, Knorm) or "reconstruct" (attention received while the model re-reads the prompt,
-        KVzip; about twice a plain prefill's work). None (default): the policy's own, `Policy.scorer`
+        KVzip; a forward over twice the prompt). None (default): the policy's own, `Policy.scorer`
         ("reconstruct" for cache_topk and cache_topk_layer, "window" for the others). Policies that rank by
         position (streaming) or keep everything ignore it.
     repeat_prompt: token ids placed between the prompt and its repetition by the "reconstruct" scorer (e.g. the
         tokenized "Repeat the previous context exactly."); empty: the prompt is simply repeated.
     reconstruct_chunk: the "reconstruct" scorer repeats the prompt in chunks of this many tokens, each seeing the
-        prompt up to its own end (KVzip's chunked scoring), so the repetition reaches at most prompt + chunk +
+        prompt up to its own end (chunked as KVzip does long contexts; `entropykv_fx.reconstruct` says how it differs), so the repetition reaches at most prompt + chunk +
         repeat_prompt positions and copies from chunk + repeat_prompt positions back (`entropykv_fx.reconstruct`).
     window: the last `window` prompt queries measure attention entropy (and score tokens, for the "window"
         scorer); those `window` tokens are always kept.

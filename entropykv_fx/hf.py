@@ -209,7 +209,7 @@ class Optimized:
                                            "padding); pass none, or use another scorer")
             prompt_pos, length = mask_pos, embeds.shape[1]
             repeat = torch.tensor(self.config.repeat_prompt, dtype=torch.long, device=embeds.device)
-            self._check_reconstruction_range(int((mask_pos >= 0).sum(-1).max()))
+            self._check_reconstruction_range((mask_pos >= 0).sum(-1).tolist())
             embeds, mask_pos = repeat_context(embeds, mask_pos, self.decoder.embed_tokens(repeat),
                                               self.config.reconstruct_chunk)
             model_pos = mask_pos.clamp(min=0)
@@ -313,17 +313,17 @@ class Optimized:
                                        "attention has none); call model.eval() or run under torch.no_grad()")
         return ref
 
-    def _check_reconstruction_range(self, length: int) -> None:
-        """Warn when the reconstruction prefill of a `length`-token prompt reaches past the model's trained
-        positions: its last chunk's repetition runs to length + repeat prompt + that chunk. Unchunked (one
-        repetition of the whole prompt, to 16000 positions) the default policy found 19% of the needles at 25% kept
-        in 8000-token prompts on SmolLM2-135M (trained to 8192 positions), against 95% in 2k and 4k ones (H100,
-        benchmarks/results/sweep_h100_s33*.json)."""
+    def _check_reconstruction_range(self, lengths: list[int]) -> None:
+        """Warn when the reconstruction prefill of prompts of `lengths` tokens (one per row) reaches past the model's
+        trained positions: a row's last chunk's repetition runs to its length + repeat prompt + that chunk.
+        Unchunked (one repetition of the whole prompt, to 16000 positions) the default policy found 19% of the
+        needles at 25% kept in 8000-token prompts on SmolLM2-135M (trained to 8192 positions), against 95% in 2k
+        and 4k ones (H100, benchmarks/results/sweep_h100_s33*.json)."""
         trained = getattr(self.decoder.config, "max_position_embeddings", None)
         chunk, repeat = self.config.reconstruct_chunk, len(self.config.repeat_prompt)
-        reach = length + repeat + length - (length - 1) // chunk * chunk
+        reach, length = max((n + repeat + n - (n - 1) // chunk * chunk, n) for n in lengths)
         if trained and reach > trained:
-            fits = trained - length - repeat
+            fits = trained - max(lengths) - repeat
             remedy = (f"reconstruct_chunk={fits} or less keeps it in range" if fits >= 1 else
                       "choose a scorer without repetition (e.g. policy='uniform', scorer 'window')")
             warnings.warn(f"entropykv: scorer='reconstruct' repeats a {length}-token prompt in chunks of {chunk} "

@@ -248,6 +248,11 @@ def _check_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, wi
            f"repeat_tokens >= 0, got {window}, {chunk} and {repeat_tokens}")
     _check(q.shape[2] == k.shape[2], f"{op}: a reconstruction prefill's queries and keys are its columns, got "
            f"{q.shape[2]} queries and {k.shape[2]} keys")
+    if chunk >= 1 and repeat_tokens >= 0 and isinstance(q.shape[2], int):  # symbolic lengths: checked when run
+        length = prompt_columns(q.shape[2], repeat_tokens, chunk)
+        _check(2 * length + -(-length // chunk) * repeat_tokens == q.shape[2],
+               f"{op}: {q.shape[2]} columns are no reconstruction prefill's (2 L + ceil(L / {chunk}) x {repeat_tokens} "
+               "for a prompt of L columns; lay it out with entropykv_fx.reconstruct.repeat_context)")
     _check_lse(op, q, lse)
 
 
@@ -260,8 +265,8 @@ def _segment_views(q_pos: Tensor, k_pos: Tensor, repeat_tokens: int, chunk: int)
     tokens = n.tolist()  # the op's one host sync: each segment's prefix is then known on the host
     for first, width, start in segments(length, repeat_tokens, chunk):
         end = start + (n - start).clamp(0, chunk)  # each row's chunk end, in its own positions
-        # the prompt columns some row's chunk reaches (a row without tokens in the chunk sees nothing)
-        prefix = min(max(length - t + start + min(max(t - start, 0), chunk) for t in tokens), length)
+        # the prompt columns the rows with tokens in this chunk reach (the others' segments are all pads)
+        prefix = max((length - t + min(t, start + chunk) for t in tokens if t > start), default=0)
         seen = k_pos[:, :prefix]
         seen = seen.masked_fill(seen >= end[:, None], -1)
         slot = q_pos[:, first:first + width]
@@ -282,7 +287,8 @@ def attention_reconstruction(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_p
     """
     _check_reconstruction(q, k, q_pos, k_pos, 1, repeat_tokens, chunk, None, "entropykv.attention_reconstruction")
     length = prompt_columns(q.shape[2], repeat_tokens, chunk)
-    if (sliding_window == 0 or sliding_window >= q.shape[2]) and \
+    # no window that cuts off a key: the farthest query sits at length + r + (last chunk) - 1
+    if (sliding_window == 0 or sliding_window >= length + repeat_tokens + min(chunk, length)) and \
             _is_plain_causal(q_pos[:, :length], k_pos[:, :length], 0):
         # Unpadded rows: the layout fixes every segment's keys, so fused kernels run without position checks.
         outs = [fused_attention_lse(q[:, :, :length], k[:, :, :length], v[:, :, :length], scale, True)]

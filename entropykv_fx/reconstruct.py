@@ -3,11 +3,17 @@
 A prompt of n tokens is prefilled together with its repetition, chunk by chunk, in one forward: the prompt first
 (its queries see the prompt only, so its columns compute exactly what a prefill of the prompt alone computes),
 then one segment per chunk of `chunk` prompt tokens: the r repeat-prompt tokens and the chunk again. A segment
-sees the prompt up to the end of its chunk and itself, at the positions that follow (KVzip's chunked scoring), so
-its queries copy from `chunk + r` positions back and never reach further than n + r + chunk: a prompt near the
-model's trained length is scored at distances it was trained on, and the repetition's attention costs about a
-plain prefill's instead of three times it (one repetition of the whole prompt after it). The queries of each
-repeated chunk measure which cached tokens the model needs to reproduce it (`ops.score_reconstruction`).
+sees the prompt up to the end of its chunk and itself, at the positions that follow, so its queries copy from
+chunk + r positions back and never reach further than n + r + chunk: a prompt near the model's trained length is
+scored at distances it was trained on. The queries of each repeated chunk measure which cached tokens the model
+needs to reproduce it (`ops.score_reconstruction`); a token's score is the largest over every later chunk's
+queries and heads.
+
+KVzip (kvpress 0.5.5's KVzipPress: chunks of 2048) also scores long contexts chunk by chunk, but differently: each
+chunk's repetition follows the whole
+context's cache (positions after all n tokens, so the copy distance still grows with n), and its queries score
+only that chunk's own tokens, normalized over the sink tokens, the chunk and the repetition. Here the prompt
+after a chunk is hidden from its repetition instead, and every earlier token is scored by every later chunk.
 
 Layout: a left-padded prefill of L columns (row b: p_b pads, then its n_b tokens) becomes L + K r + L columns,
 K = ceil(L / chunk): the prefill's own L columns (unmoved), then K segment slots, slot k of r + min(chunk, L -

@@ -121,6 +121,20 @@ def test_score_reconstruction_matches_reference(lengths, repeat, chunk, window, 
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unpadded_rows_take_the_fused_path_with_the_general_paths_results(dtype, monkeypatch):
+    """Unpadded rows run fused kernels without position checks; forced onto the general path (position-checked
+    attention per segment) they give the same outputs and normalizers."""
+    torch.manual_seed(10)
+    q, k, v, pos = reconstruction_batch([23, 23], 2, chunk=5, dtype=dtype)
+    fused = ops.attention_reconstruction(q, k, v, pos, pos, 0.3, 0, 2, 5)
+    monkeypatch.setattr(ops, "_is_plain_causal", lambda *_: False)
+    general = ops.attention_reconstruction(q, k, v, pos, pos, 0.3, 0, 2, 5)
+    tol = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[0].float(), general[0].float(), **tol)
+    torch.testing.assert_close(fused[1], general[1], atol=1e-3, rtol=1e-3)
+
+
 def test_score_reconstruction_in_low_precision_scores_in_float32():
     torch.manual_seed(3)
     q, k, v, pos = reconstruction_batch([6, 4], 2, dtype=torch.bfloat16)
@@ -263,6 +277,10 @@ def test_score_reconstruction_rejects_bad_arguments():
         ops.attention_reconstruction(q, k, v, pos, pos, 0.25, 0, 1, 0)
     with pytest.raises(ValueError, match="q_pos must be"):
         ops.score_reconstruction(q, k, pos[:, 1:], pos, 0.25, 0, 2, 1, 4)
+    with pytest.raises(ValueError, match="10 columns are no reconstruction prefill's"):
+        ops.attention_reconstruction(torch.cat([q, q[:, :, :1]], 2), torch.cat([k, k[:, :, :1]], 2),
+                                     torch.cat([v, v[:, :, :1]], 2), torch.cat([pos, pos[:, :1]], 1),
+                                     torch.cat([pos, pos[:, :1]], 1), 0.25, 0, 1, 4)
     with pytest.raises(ValueError, match="queries and keys are its columns"):
         ops.score_reconstruction(q[:, :, 1:], k, pos[:, 1:], pos, 0.25, 0, 2, 1, 4)
     with pytest.raises(ValueError, match="slots must be in 0..9"):
@@ -324,7 +342,7 @@ def test_a_reconstruction_prefill_looks_like_a_prefill_of_the_prompt(arch, monke
     ids, mask = left_padded([random_prompt(50, seed=5)[0], random_prompt(33, seed=6)[0]])
     plain = entropykv_fx.optimize(tiny_model(arch), policy="uniform", scorer="window", budget=1.0)  # layer-wise caches
     model = entropykv_fx.optimize(tiny_model(arch), policy="uniform", scorer="reconstruct", budget=1.0,
-                                  repeat_prompt=(7, 8, 9))
+                                  repeat_prompt=(7, 8, 9), reconstruct_chunk=16)  # 4 and 3 chunks
     with torch.no_grad():
         want = plain(ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
         got = model(ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
@@ -355,7 +373,7 @@ def test_full_budget_generates_the_unmodified_tokens_with_a_repeat_prompt():
                                     "cache_topk_layer"])
 def test_every_row_of_a_batch_keeps_and_generates_what_it_does_alone(policy):
     model = entropykv_fx.optimize(tiny_model("qwen3"), policy=policy, scorer="reconstruct", budget=0.4, window=6,
-                                  sink_tokens=2)
+                                  sink_tokens=2, reconstruct_chunk=16)  # 4 and 3 chunks: rows chunk their own tokens
     prompts = [random_prompt(n, seed=n)[0] for n in (64, 37)]
     ids, mask = left_padded(prompts)
     batched = greedy(model, ids, attention_mask=mask, n=5)
@@ -446,6 +464,10 @@ def test_a_reconstruction_past_the_trained_positions_warns_before_the_forward():
         model(random_prompt(140), use_cache=True)
     with pytest.warns(PositionRangeWarning, match=r"150-token prompt.*choose a scorer without repetition"):
         model(random_prompt(150), use_cache=True)
+    # the shorter row reaches further (128 + 3 + 32 against 130 + 3 + 2)
+    ids, mask = left_padded([random_prompt(128, seed=2)[0], random_prompt(130, seed=3)[0]])
+    with pytest.warns(PositionRangeWarning, match=r"128-token prompt.*position 162.*reconstruct_chunk=17 or less"):
+        model(ids, attention_mask=mask, use_cache=True)
     forwards = []
     model.lm_head.register_forward_pre_hook(lambda *_: forwards.append(1))
     with warnings.catch_warnings():

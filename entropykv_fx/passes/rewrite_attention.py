@@ -9,7 +9,7 @@ head-wise layer (`entropykv::headwise_cache`) becomes `headwise.attend_heads` ov
 reading a packed head-wise layer with room (`entropykv::packed_cache`) `entropykv::attention_packed`. On a prefill
 graph (the layer's cache is empty before the append, or a static write of several tokens) the pass also adds
 `entropykv::score` over the last `score_window` queries (and the policy's per-head statistic, if any) and hands them
-to `use_scores`; a reconstruction prefill's site becomes `entropykv::attention_lse` instead, whose softmax
+to `use_scores`; a reconstruction prefill's site becomes `entropykv::attention_reconstruction` instead, whose softmax
 normalizers `entropykv::score_reconstruction` reuses.
 
 What a prefill graph returns as a layer's cache is computed right after that layer's attention and scoring (the

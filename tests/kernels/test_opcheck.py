@@ -35,10 +35,12 @@ def test_opcheck_through_the_cuda_kernels(dtype):
     lse = ops.attention_lse(prefill_q, k, v, pos, pos, d ** -0.5, 0)[1]
     torch.library.opcheck(ops.max_attention, (prefill_q, k, pos, pos, d ** -0.5, 0, s // 2, lse))
     # a chunked reconstruction prefill (left-padded rows): each segment's attention and the scoring of its chunk
-    prompt = prompt_positions(b, 150, [0, 7])
-    _, rec_pos = repeat_context(torch.zeros(b, 150, 1, device=k.device), prompt, torch.zeros(3, 1, device=k.device), 64)
-    t = rec_pos.shape[1]
-    rq, rk, rv = randn(b, hq, t, d, dtype=dtype), randn(b, hkv, t, d, dtype=dtype), randn(b, hkv, t, d, dtype=dtype)
-    torch.library.opcheck(ops.attention_reconstruction, (rq, rk, rv, rec_pos, rec_pos, d ** -0.5, 0, 3, 64))
-    rec_lse = ops.attention_reconstruction(rq, rk, rv, rec_pos, rec_pos, d ** -0.5, 0, 3, 64)[1]
-    torch.library.opcheck(ops.score_reconstruction, (rq, rk, rec_pos, rec_pos, d ** -0.5, 0, 16, 3, 64, rec_lse))
+    for pads in ([0, 7], [0, 0]):  # the general path, and the fused one of unpadded rows
+        prompt = prompt_positions(b, 150, pads)
+        _, rec_pos = repeat_context(torch.zeros(b, 150, 1, device=k.device), prompt, torch.zeros(3, 1, device=k.device),
+                                    64)
+        t = rec_pos.shape[1]
+        rq, rk, rv = randn(b, hq, t, d, dtype=dtype), randn(b, hkv, t, d, dtype=dtype), randn(b, hkv, t, d, dtype=dtype)
+        torch.library.opcheck(ops.attention_reconstruction, (rq, rk, rv, rec_pos, rec_pos, d ** -0.5, 0, 3, 64))
+        rec_lse = ops.attention_reconstruction(rq, rk, rv, rec_pos, rec_pos, d ** -0.5, 0, 3, 64)[1]
+        torch.library.opcheck(ops.score_reconstruction, (rq, rk, rec_pos, rec_pos, d ** -0.5, 0, 16, 3, 64, rec_lse))
