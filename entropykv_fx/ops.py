@@ -248,7 +248,7 @@ def _check_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, wi
            f"repeat_tokens >= 0, got {window}, {chunk} and {repeat_tokens}")
     _check(q.shape[2] == k.shape[2], f"{op}: a reconstruction prefill's queries and keys are its columns, got "
            f"{q.shape[2]} queries and {k.shape[2]} keys")
-    if chunk >= 1 and repeat_tokens >= 0 and isinstance(q.shape[2], int):  # symbolic lengths: checked when run
+    if isinstance(q.shape[2], int):  # symbolic lengths: checked when run
         length = prompt_columns(q.shape[2], repeat_tokens, chunk)
         _check(2 * length + -(-length // chunk) * repeat_tokens == q.shape[2],
                f"{op}: {q.shape[2]} columns are no reconstruction prefill's (2 L + ceil(L / {chunk}) x {repeat_tokens} "
@@ -282,8 +282,10 @@ def attention_reconstruction(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_p
     prompt's; K segments of `chunk` tokens each after `repeat_tokens` repeat-prompt tokens). The prompt's queries
     attend to the prompt only (by positions, as `attention`); a segment's queries to the prompt up to the end of
     their row's chunk and to their own segment. Positions alone cannot express this (a segment shares its
-    positions with the prompt's later tokens), so each segment is one `attention_lse` over its own keys: the
-    fused causal kernel serves the prompt. Raises ValueError for shapes `attention` does not accept.
+    positions with the prompt's later tokens), so each segment runs two attentions merged by their normalizers
+    (`merge_attention`): over the prompt before its chunk's end and causal over itself. Unpadded rows take fused
+    kernels throughout (`fused_attention_lse`). Raises ValueError for shapes `attention` does not accept or a
+    column count that is no reconstruction prefill's.
     """
     _check_reconstruction(q, k, q_pos, k_pos, 1, repeat_tokens, chunk, None, "entropykv.attention_reconstruction")
     length = prompt_columns(q.shape[2], repeat_tokens, chunk)
