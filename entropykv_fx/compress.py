@@ -151,8 +151,8 @@ def trim_before_budgets(config: EntropyKVConfig, n_layers: int) -> Callable[[Com
     if config.budget_source != "dynamic" or not policy.evicts:
         return None
     if policy.layer_ceiling is not None and not policy.headwise:
-        ceiling = _during_prefill(lambda n_tokens: policy.layer_ceiling(n_tokens, config))
-        return lambda layer: ceiling(int((layer.positions >= 0).sum()))
+        ceiling, tokens = _during_prefill(lambda n_tokens: policy.layer_ceiling(n_tokens, config)), _prompt_tokens()
+        return lambda layer: ceiling(tokens(layer))
     scorer = SCORERS[config.scorer]
     if policy.cache_wide_topk and not scorer.pooled and not scorer.from_keys and scorer.combine == "max":
         return CacheTopKBound(config, n_layers)
@@ -173,19 +173,32 @@ class CacheTopKBound:
         self.config, self.n_layers = config, n_layers
         self.mean = _during_prefill(lambda n_tokens: budget_bounds(n_tokens, config)[1])
         self.best: Tensor | None = None  # the k best entries of the layers so far, descending
+        self.tokens = _prompt_tokens()
 
     def __call__(self, layer: CompressedLayer) -> int:
         scorer, policy = SCORERS[self.config.scorer], POLICIES[self.config.policy]
         scores = scorer.head_scores(layer, self.config) if policy.headwise else scorer.layer_scores(layer, self.config)[:, None]
         ranked = ops.selection_ranks(scores, layer.positions, self.config.sink_tokens, self.config.window)  # [1, H, S]
         slots = ranked.shape[2]
-        mean = min(self.mean(int((layer.positions >= 0).sum())), slots)
+        mean = min(self.mean(self.tokens(layer)), slots)
         k = self.n_layers * ranked.shape[1] * mean
         pool = ranked.flatten() if self.best is None else torch.cat([self.best, ranked.flatten()])
         self.best = pool.topk(min(k, pool.numel())).values
         if self.best.numel() < k:
             return slots
         return max(int((ranked.amax(1) >= self.best[-1]).sum()), mean)
+
+
+def _prompt_tokens() -> Callable[[CompressedLayer], int]:
+    """The prompt's tokens in a one-row prefill's layers: read from the device at the first layer only, since every
+    layer holds the same prompt (each read waits for the device to finish what was queued)."""
+    seen: list[int] = []
+
+    def tokens(layer: CompressedLayer) -> int:
+        if not seen:
+            seen.append(int((layer.positions >= 0).sum()))
+        return seen[0]
+    return tokens
 
 
 def _during_prefill(of_length: Callable[[int], Any]) -> Callable[[int], Any]:

@@ -13,6 +13,7 @@ Shapes: q [B, Hq, L, D]; k, v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA, not
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -256,13 +257,40 @@ def _check_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, wi
     _check_lse(op, q, lse)
 
 
+_LAYOUT_MEMO: tuple | None = None  # (weakrefs to q_pos and k_pos, their versions, the layout, its facts)
+
+
+def _prompt_layout(q_pos: Tensor, k_pos: Tensor, repeat_tokens: int, chunk: int) -> tuple[list[int], bool]:
+    """(each row's prompt tokens, whether every row is unpadded with the prompt at positions 0, 1, ... in q_pos
+    and k_pos alike) of a reconstruction prefill's positions, read on the host.
+
+    Reading them waits for the device, and every layer of a prefill asks about the same positions: the answer is
+    remembered for the last tensors asked about, while they live unmodified (their identity and version counter),
+    so a forward waits once instead of twice per layer (the graph passes one positions tensor to every layer)."""
+    global _LAYOUT_MEMO
+    key = (q_pos._version, k_pos._version, q_pos.shape[-1], repeat_tokens, chunk)
+    memo = _LAYOUT_MEMO
+    if memo is not None and memo[0]() is q_pos and memo[1]() is k_pos and memo[2] == key:
+        return memo[3]
+    facts = _read_prompt_layout(q_pos, k_pos, prompt_columns(q_pos.shape[-1], repeat_tokens, chunk))
+    _LAYOUT_MEMO = weakref.ref(q_pos), weakref.ref(k_pos), key, facts
+    return facts
+
+
+def _read_prompt_layout(q_pos: Tensor, k_pos: Tensor, length: int) -> tuple[list[int], bool]:
+    prompt = q_pos[:, :length]
+    plain = (prompt == torch.arange(length, device=q_pos.device)) & (k_pos[:, :length] == prompt)
+    got = torch.cat([(prompt >= 0).sum(-1), plain.all()[None].long()]).tolist()  # one wait for the device
+    return got[:-1], bool(got[-1]) and length > 0
+
+
 def _segment_views(q_pos: Tensor, k_pos: Tensor, repeat_tokens: int, chunk: int):
     """Yield, per segment slot of a reconstruction prefill: (its columns [first, end), prefix: the prompt columns
     some row's segment sees, the prompt keys' positions with those past each row's chunk end hidden (-1), the
     slot's query positions with the repeat prompt and pads hidden (-1): the queries that score)."""
     length = prompt_columns(q_pos.shape[-1], repeat_tokens, chunk)
     n = (q_pos[:, :length] >= 0).sum(-1)
-    tokens = n.tolist()  # the op's one host sync: each segment's prefix is then known on the host
+    tokens = _prompt_layout(q_pos, k_pos, repeat_tokens, chunk)[0]  # each segment's prefix is then known on the host
     for first, width, start in segments(length, repeat_tokens, chunk):
         end = start + (n - start).clamp(0, chunk)  # each row's chunk end, in its own positions
         # the prompt columns the rows with tokens in this chunk reach (the others' segments are all pads)
@@ -291,7 +319,7 @@ def attention_reconstruction(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_p
     length = prompt_columns(q.shape[2], repeat_tokens, chunk)
     # no window that cuts off a key: the farthest query sits at length + r + (last chunk) - 1
     if (sliding_window == 0 or sliding_window >= length + repeat_tokens + min(chunk, length)) and \
-            _is_plain_causal(q_pos[:, :length], k_pos[:, :length], 0):
+            _prompt_layout(q_pos, k_pos, repeat_tokens, chunk)[1]:
         # Unpadded rows: the layout fixes every segment's keys, so fused kernels run without position checks.
         outs = [fused_attention_lse(q[:, :, :length], k[:, :, :length], v[:, :, :length], scale, True)]
         for first, width, start in segments(length, repeat_tokens, chunk):

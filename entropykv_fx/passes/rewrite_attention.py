@@ -195,8 +195,11 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
             keys, values, positions = (_output(graph, cache_op, i) for i in range(3))
             attend = (site.query, keys, values, q_pos, positions, scale, window)
             if reconstructs:  # the scorer reuses the attention's softmax normalizers
+                # A reconstruction prefill's cache starts empty, so its keys' positions are its queries': every
+                # layer passes the same tensor, whose layout the ops read from the device once (ops._prompt_layout).
                 both = graph.call_function(torch.ops.entropykv.attention_reconstruction.default,
-                                           (*attend, settings.repeat_tokens, settings.reconstruct_chunk))
+                                           (site.query, keys, values, q_pos, q_pos, scale, window,
+                                            settings.repeat_tokens, settings.reconstruct_chunk))
                 out, lse = (graph.call_function(operator.getitem, (both, i)) for i in (0, 1))
             else:
                 out = graph.call_function(torch.ops.entropykv.attention.default, attend)
@@ -213,7 +216,7 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
             if reconstructs:
                 scored = ranked = graph.call_function(
                     torch.ops.entropykv.score_reconstruction.default,
-                    (site.query, keys, q_pos, positions, scale, window, settings.score_window, *layout, lse))
+                    (site.query, keys, q_pos, q_pos, scale, window, settings.score_window, *layout, lse))
                 stat_pos = graph.call_function(ops.context_queries, (q_pos, *layout))
             else:
                 scored = score_last(settings.score_window)
