@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,13 +89,35 @@ def _sdpa_by_position(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Ten
 
 def _is_plain_causal(q_pos: Tensor, k_pos: Tensor, sliding_window: int) -> bool:
     """True when query and key slot i both hold position p + i (p >= 0), so slot i sees slots 0..i: the causal
-    mask. Checked in O(L), because the [L, L] mask of a long prefill (16 GB at 128k tokens) must never be built."""
+    mask. Checked in O(L), because the [L, L] mask of a long prefill (16 GB at 128k tokens) must never be built;
+    the answer waits for the device, so it is `_remembered` (every layer of a prefill asks about the same
+    positions)."""
     n = k_pos.shape[-1]
     if q_pos.shape != k_pos.shape or n < 2 or 0 < sliding_window < n:
         return False
-    start = k_pos[:, :1]
-    steps = torch.arange(n, device=k_pos.device)
-    return bool(((k_pos - start == steps) & (q_pos == k_pos)).all() & (start >= 0).all())
+
+    def read() -> bool:
+        start = k_pos[:, :1]
+        steps = torch.arange(n, device=k_pos.device)
+        return bool(((k_pos - start == steps) & (q_pos == k_pos)).all() & (start >= 0).all())
+    return _remembered("plain_causal", q_pos, k_pos, (), read)
+
+
+_MEMO: dict[str, tuple] = {}  # kind -> (weakrefs to q_pos and k_pos, their versions and the question, the answer)
+
+
+def _remembered(kind: str, q_pos: Tensor, k_pos: Tensor, question: tuple, read: Callable[[], Any]) -> Any:
+    """read(): a fact about positions that the host learns by waiting for the device (a sync, which stalls the
+    queue of launched work). Every layer of a forward passes the same positions tensors (the graph pass sees to
+    it), so the last answer of each kind is kept for as long as both tensors live unmodified (their identity and
+    version counter) and the question (`question`: whatever else the answer depends on) is the same."""
+    key = (q_pos._version, k_pos._version, question)
+    memo = _MEMO.get(kind)
+    if memo is not None and memo[0]() is q_pos and memo[1]() is k_pos and memo[2] == key:
+        return memo[3]
+    answer = read()
+    _MEMO[kind] = weakref.ref(q_pos), weakref.ref(k_pos), key, answer
+    return answer
 
 
 def _sees_every_key(q_pos: Tensor, k_pos: Tensor, sliding_window: int) -> bool:
@@ -257,24 +281,11 @@ def _check_reconstruction(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, wi
     _check_lse(op, q, lse)
 
 
-_LAYOUT_MEMO: tuple | None = None  # (weakrefs to q_pos and k_pos, their versions, the layout, its facts)
-
-
 def _prompt_layout(q_pos: Tensor, k_pos: Tensor, repeat_tokens: int, chunk: int) -> tuple[list[int], bool]:
     """(each row's prompt tokens, whether every row is unpadded with the prompt at positions 0, 1, ... in q_pos
-    and k_pos alike) of a reconstruction prefill's positions, read on the host.
-
-    Reading them waits for the device, and every layer of a prefill asks about the same positions: the answer is
-    remembered for the last tensors asked about, while they live unmodified (their identity and version counter),
-    so a forward waits once instead of twice per layer (the graph passes one positions tensor to every layer)."""
-    global _LAYOUT_MEMO
-    key = (q_pos._version, k_pos._version, q_pos.shape[-1], repeat_tokens, chunk)
-    memo = _LAYOUT_MEMO
-    if memo is not None and memo[0]() is q_pos and memo[1]() is k_pos and memo[2] == key:
-        return memo[3]
-    facts = _read_prompt_layout(q_pos, k_pos, prompt_columns(q_pos.shape[-1], repeat_tokens, chunk))
-    _LAYOUT_MEMO = weakref.ref(q_pos), weakref.ref(k_pos), key, facts
-    return facts
+    and k_pos alike) of a reconstruction prefill's positions, read on the host once per forward (`_remembered`)."""
+    length = prompt_columns(q_pos.shape[-1], repeat_tokens, chunk)
+    return _remembered("prompt_layout", q_pos, k_pos, (length,), lambda: _read_prompt_layout(q_pos, k_pos, length))
 
 
 def _read_prompt_layout(q_pos: Tensor, k_pos: Tensor, length: int) -> tuple[list[int], bool]:

@@ -3,6 +3,7 @@ contract: callers see a prefill of their prompt (outputs, cache, positions), row
 
 from __future__ import annotations
 
+import collections
 import math
 
 import pytest
@@ -130,7 +131,7 @@ def test_unpadded_rows_take_the_fused_path_with_the_general_paths_results(dtype,
     fused = ops.attention_reconstruction(q, k, v, pos, pos, 0.3, 0, 2, 5)
     read = ops._read_prompt_layout
     monkeypatch.setattr(ops, "_read_prompt_layout", lambda *args: (read(*args)[0], False))
-    monkeypatch.setattr(ops, "_LAYOUT_MEMO", None)
+    monkeypatch.setattr(ops, "_MEMO", {})
     general = ops.attention_reconstruction(q, k, v, pos, pos, 0.3, 0, 2, 5)
     tol = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused[0].float(), general[0].float(), **tol)
@@ -446,27 +447,32 @@ def test_the_reconstruction_prefill_scores_with_its_attentions_normalizers():
     assert "entropykv::attention" in window and "entropykv::attention_lse" not in window
 
 
-@pytest.mark.parametrize("policy, padded", [("cache_topk", False), ("cache_topk", True), ("entropy", False)])
-def test_a_reconstruction_prefill_reads_its_layout_from_the_device_once(policy, padded, monkeypatch):
-    """Reading the prompt's layout waits for the device: the ops read it for the first layer and reuse it for the
-    others (one positions tensor for every layer), so a prefill's host waits do not grow with its layers; the
-    default's running top-k bar reads the prompt length once too. A tensor changed in place is read again."""
-    reads = []
-    read = ops._read_prompt_layout
-    monkeypatch.setattr(ops, "_read_prompt_layout", lambda *args: reads.append(args[2]) or read(*args))
-    model = entropykv_fx.optimize(tiny_model("llama"), policy=policy, scorer="reconstruct", budget=0.5,
-                                  reconstruct_chunk=8)
+@pytest.mark.parametrize("policy, scorer, padded", [("cache_topk", "reconstruct", False),
+                                                    ("cache_topk", "reconstruct", True),
+                                                    ("entropy", "reconstruct", False), ("uniform", "window", False)])
+def test_a_prefill_reads_its_positions_layout_from_the_device_once(policy, scorer, padded, monkeypatch):
+    """Reading the positions' layout (unpadded? each row's tokens?) waits for the device: the ops read it for the
+    first layer and reuse it for the others (the graph pass hands every layer one positions tensor), so a
+    prefill's waits do not grow with its layers (a left-padded batch's segments still ask per layer); the default's
+    running top-k bar reads the prompt length once too. A tensor changed in place is read again."""
+    reads = collections.Counter()
+    remembered = ops._remembered
+    monkeypatch.setattr(ops, "_remembered", lambda kind, q_pos, k_pos, question, read: remembered(
+        kind, q_pos, k_pos, question, lambda: reads.update([kind]) or read()))
+    model = entropykv_fx.optimize(tiny_model("llama"), policy=policy, scorer=scorer, budget=0.5, reconstruct_chunk=8)
     assert model.config.num_hidden_layers >= 2
     ids, mask = left_padded([random_prompt(21, seed=2)[0], random_prompt(15, seed=3)[0]]) if padded else \
         (random_prompt(21, seed=2), None)
     with torch.no_grad():
         model(ids, attention_mask=mask, use_cache=True)
-    assert len(reads) == 1, f"{len(reads)} reads of the layout for {model.config.num_hidden_layers} layers"
+    # a left-padded batch's segments go through position-checked attention, which asks about slices of them
+    asked = [reads["prompt_layout"]] if padded else list(reads.values())
+    assert asked and max(asked) == 1, f"{dict(reads)} for {model.config.num_hidden_layers} layers"
     q, k, v, pos = reconstruction_batch([9, 9], 2, chunk=4)
     first = ops.attention_reconstruction(q, k, v, pos, pos, 0.3, 0, 2, 4)
     pos[:, :9] = torch.arange(9).flip(0)  # the same tensor, changed in place: another prompt's layout
     ops.attention_reconstruction(q, k, v, pos, pos, 0.3, 0, 2, 4)
-    assert len(reads) == 3 and first[0].isfinite().all()
+    assert reads["prompt_layout"] == (scorer == "reconstruct") + 2 and first[0].isfinite().all()
 
 
 def test_a_reconstruction_past_the_trained_positions_warns_before_the_forward():

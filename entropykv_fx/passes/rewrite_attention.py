@@ -193,13 +193,13 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
                                       (site.query, keys, values, q_pos, positions, starts, scale, window))
         else:
             keys, values, positions = (_output(graph, cache_op, i) for i in range(3))
-            attend = (site.query, keys, values, q_pos, positions, scale, window)
+            # A prefill appends to an empty cache, so its keys' positions are its queries': every layer then hands
+            # the ops one tensor, whose layout they read from the device once per forward (ops._remembered).
+            key_pos = q_pos if cache_op.target is _APPEND and _is_prefill(cache_op) else positions
+            attend = (site.query, keys, values, q_pos, key_pos, scale, window)
             if reconstructs:  # the scorer reuses the attention's softmax normalizers
-                # A reconstruction prefill's cache starts empty, so its keys' positions are its queries': every
-                # layer passes the same tensor, whose layout the ops read from the device once (ops._prompt_layout).
                 both = graph.call_function(torch.ops.entropykv.attention_reconstruction.default,
-                                           (site.query, keys, values, q_pos, q_pos, scale, window,
-                                            settings.repeat_tokens, settings.reconstruct_chunk))
+                                           (*attend, settings.repeat_tokens, settings.reconstruct_chunk))
                 out, lse = (graph.call_function(operator.getitem, (both, i)) for i in (0, 1))
             else:
                 out = graph.call_function(torch.ops.entropykv.attention.default, attend)
@@ -209,14 +209,14 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
                 q_win = graph.call_function(aten.slice.Tensor, (site.query, 2, -w, _END))
                 pos_win = graph.call_function(aten.slice.Tensor, (q_pos, 1, -w, _END))
                 return graph.call_function(torch.ops.entropykv.score.default,
-                                           (q_win, keys, pos_win, positions, scale, window))
+                                           (q_win, keys, pos_win, key_pos, scale, window))
 
             stat_pos = q_pos
             layout = (settings.repeat_tokens, settings.reconstruct_chunk)
             if reconstructs:
                 scored = ranked = graph.call_function(
                     torch.ops.entropykv.score_reconstruction.default,
-                    (site.query, keys, q_pos, q_pos, scale, window, settings.score_window, *layout, lse))
+                    (site.query, keys, q_pos, key_pos, scale, window, settings.score_window, *layout, lse))
                 stat_pos = graph.call_function(ops.context_queries, (q_pos, *layout))
             else:
                 scored = score_last(settings.score_window)
