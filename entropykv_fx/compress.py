@@ -234,10 +234,11 @@ def compress_layer_now(layer: CompressedLayer, index: int, budget: Callable[[int
     """Compress one just-prefilled, scored layer in place, each row to `budget(its prompt length)` slots chosen as
     `compress_cache` would choose them (`kept_slots`); its statistics are released. Returns (the layer's report,
     each row's), which `compress_cache(..., done=...)` then reports for it instead of compressing it again."""
-    lengths = (layer.positions >= 0).sum(-1).tolist()
+    # one wait for the device: each row's prompt length and mean head entropy
+    tokens, entropies = torch.stack([(layer.positions >= 0).sum(-1).float(), layer.stats.entropy.float().mean(-1)]).tolist()
     before = layer.get_seq_length(), layer.nbytes
-    rows = [layer] if len(lengths) == 1 else [layer.row(b) for b in range(len(lengths))]
-    reports = [_shrink(row, index, budget(n), float(row.stats.entropy.mean()), config) for row, n in zip(rows, lengths)]
+    rows = [layer] if len(tokens) == 1 else [layer.row(b) for b in range(len(tokens))]
+    reports = [_shrink(row, index, budget(int(n)), e, config) for row, n, e in zip(rows, tokens, entropies)]
     if len(rows) > 1 and any(r.slots_after < r.slots_before for r in reports):
         stacked = CompressedLayer.stack_rows(rows)
         layer.replace(stacked.keys, stacked.values, stacked.positions)
