@@ -108,9 +108,13 @@ _MEMO: dict[str, tuple] = {}  # kind -> (weakrefs to q_pos and k_pos, their vers
 
 def _remembered(kind: str, q_pos: Tensor, k_pos: Tensor, question: tuple, read: Callable[[], Any]) -> Any:
     """read(): a fact about positions that the host learns by waiting for the device (a sync, which stalls the
-    queue of launched work). Every layer of a forward passes the same positions tensors (the graph pass sees to
-    it), so the last answer of each kind is kept for as long as both tensors live unmodified (their identity and
-    version counter) and the question (`question`: whatever else the answer depends on) is the same."""
+    queue of launched work). Every layer of a prefill graph passes the same positions tensors (the graph pass sees
+    to it), so the last answer of each kind is kept for as long as both tensors live unmodified (their identity
+    and version counter) and the question (`question`: whatever else the answer depends on) is the same. Writes
+    the version counter cannot see (through `.data`, numpy or DLPack) are not expected of positions; tensors made
+    under `torch.inference_mode` have no version counter and are read every time."""
+    if q_pos.is_inference() or k_pos.is_inference():
+        return read()
     key = (q_pos._version, k_pos._version, question)
     memo = _MEMO.get(kind)
     if memo is not None and memo[0]() is q_pos and memo[1]() is k_pos and memo[2] == key:

@@ -193,8 +193,9 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, cache_op: fx.Node, setti
                                       (site.query, keys, values, q_pos, positions, starts, scale, window))
         else:
             keys, values, positions = (_output(graph, cache_op, i) for i in range(3))
-            # A prefill appends to an empty cache, so its keys' positions are its queries': every layer then hands
-            # the ops one tensor, whose layout they read from the device once per forward (ops._remembered).
+            # A prefill appends to an empty cache, so its keys' positions are its queries': where the model feeds
+            # every layer the same positions (HF decoders do), the ops then read their layout from the device once
+            # per forward instead of once per layer (ops._remembered).
             key_pos = q_pos if cache_op.target is _APPEND and _is_prefill(cache_op) else positions
             attend = (site.query, keys, values, q_pos, key_pos, scale, window)
             if reconstructs:  # the scorer reuses the attention's softmax normalizers
