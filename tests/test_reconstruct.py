@@ -472,12 +472,14 @@ def test_a_prefill_reads_its_positions_layout_from_the_device_once(policy, score
     with torch.no_grad():
         out = model(ids, attention_mask=mask, use_cache=True).logits
     # a left-padded batch's segments go through position-checked attention, which asks about slices of them
+    # (on CUDA a short prompt's attention runs a kernel that masks by position: nothing to read)
     asked = [reads["prompt_layout"]] if padded else list(reads.values())
-    assert asked and max(asked) == 1, f"{dict(reads)} for {model.config.num_hidden_layers} layers"
+    assert max(asked, default=0) <= 1, f"{dict(reads)} for {model.config.num_hidden_layers} layers"
+    assert reads["prompt_layout"] == (scorer == "reconstruct")
     with torch.inference_mode():
         again = model(ids, attention_mask=mask, use_cache=True).logits
     torch.testing.assert_close(again, out)
-    assert max(reads.values()) > 1
+    assert not any(asked) or max(reads.values()) > 1
 
 
 def test_positions_changed_in_place_are_read_again(monkeypatch):
