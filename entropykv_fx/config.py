@@ -180,6 +180,10 @@ class EntropyKVConfig:
     pooling / pool_kernel: smoothing of token scores along the sequence before top-k, so neighbours of an
         important token survive with it.
     min_layer_budget / max_layer_budget: clamp of each layer's budget, as multiples of the mean layer budget.
+    head_share (cache_topk): in [0, 1]; each KV head ranks a token by max(its own score, head_share x the largest
+        score any KV head of the layer gives it), so a token one head needs also counts for its neighbours. 0: every
+        head by its own scores (KVzip); 1: every head of a layer ranks alike (the token sets of cache_topk_layer, in
+        the head-wise layout).
     budget_source: "dynamic" computes layer budgets from each prompt's entropies; "calibrated" uses per-layer
         fractions from `calibration_file` (written by `entropykv_fx.calibrate`), which gives static shapes;
         head-wise policies use per-head fractions and int8 storage from it (`head_calibration`). The file is
@@ -216,6 +220,7 @@ class EntropyKVConfig:
     scorer: str | None = None  # after the older fields: they keep their positions
     repeat_prompt: tuple[int, ...] = ()
     reconstruct_chunk: int = 1024
+    head_share: float = 0.0
     # Set by the config itself from calibration_file (kept across `replace` while the file name is unchanged).
     calibration: Calibration | None = dataclasses.field(default=None, repr=False, compare=False)
     # Set by the config itself: the policy / scorer were not named (None), so `replace` resolves them again (a new
@@ -272,6 +277,8 @@ class EntropyKVConfig:
             _fail("pool_kernel", self.pool_kernel, f"an odd int >= 1 (at most {MAX_TOKENS})")
         if not _is_number(self.min_layer_budget) or not 0.0 <= self.min_layer_budget <= 1.0:
             _fail("min_layer_budget", self.min_layer_budget, "a number in [0, 1] (multiple of the mean layer budget)")
+        if not _is_number(self.head_share) or not 0.0 <= self.head_share <= 1.0:
+            _fail("head_share", self.head_share, "a number in [0, 1] (fraction of the layer's largest score)")
         if not _is_number(self.max_layer_budget) or not 1.0 <= self.max_layer_budget <= MAX_LAYER_BUDGET:
             _fail("max_layer_budget", self.max_layer_budget,
                   f"a finite number >= 1 and <= {MAX_LAYER_BUDGET:g} (multiple of the mean layer budget)")

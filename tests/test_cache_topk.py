@@ -10,9 +10,10 @@ from tiny_models import random_prompt, tiny_model
 
 import entropykv_fx
 from entropykv_fx.bench.fanout import compressed_copy, scored_prefill
+from entropykv_fx.composition import SCORER_TYPES, CacheTopK, Composition
 from entropykv_fx.config import ConfigError, EntropyKVConfig
 from entropykv_fx.headwise import HeadwiseLayer
-from entropykv_fx.policies.cache_topk import cache_budgets
+from entropykv_fx.policies.cache_topk import cache_budgets, shared_scores
 from entropykv_fx.scorers import SCORERS
 from entropykv_fx.static import StaticCacheModel
 
@@ -91,3 +92,54 @@ def test_full_budget_generates_the_unmodified_tokens(policy):
         reference = tiny_model().generate(ids, max_new_tokens=6, do_sample=False)
         model = entropykv_fx.optimize(tiny_model(), policy=policy, scorer="reconstruct", budget=1.0)
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), reference)
+
+
+@pytest.mark.parametrize("scorer", ["window", "reconstruct"])
+def test_a_full_head_share_keeps_one_token_set_per_layer(scorer):
+    """share 1: every KV head of a layer ranks by the layer's largest score, so the heads keep one set; with
+    `reconstruct`, whose layer scores are that max, it is cache_topk_layer's set."""
+    ids = random_prompt(90, seed=8)
+    base = dict(budget=24, window=6, sink_tokens=2)
+    shared = EntropyKVConfig(policy=Composition(CacheTopK(head_share=1.0), SCORER_TYPES[scorer]()), **base)
+    full, _ = scored_prefill(tiny_model(), ids, shared)
+    by_heads, _ = compressed_copy(full, shared)
+    by_layers, _ = compressed_copy(full, EntropyKVConfig(policy="cache_topk_layer", scorer=scorer, **base))
+    budgets = set()
+    for heads, one_set in zip(by_heads.layers, by_layers.layers):
+        kept = [sorted(h.positions[0].tolist()) for h in heads.heads]
+        assert all(k == kept[0] for k in kept)
+        budgets.add(len(kept[0]))
+        if scorer == "reconstruct":
+            assert kept[0] == sorted(one_set.positions[0].tolist())
+    assert len(budgets) > 1, "the layers' budgets differ, so the cache-wide top-k decided them"
+
+
+def test_a_head_share_between_values_each_head_s_own_scores_and_its_layer_s():
+    scores = torch.tensor([[[0.5, 0.1, 0.0, 0.2], [0.0, 0.3, 0.6, 0.1]]])  # [B, Hkv, S]: head 0 and head 1
+    assert torch.equal(shared_scores(scores, 0.0), scores)
+    assert torch.allclose(shared_scores(scores, 0.5), torch.tensor([[[0.5, 0.15, 0.3, 0.2], [0.25, 0.3, 0.6, 0.1]]]))
+    # a budget of 2 per head: alone, head 1 drops token 0 (head 0's best); shared at 0.5 it keeps it over token 3
+    keep = lambda s: [set(h.topk(2).indices.tolist()) for h in s[0]]  # noqa: E731
+    assert keep(scores) == [{0, 3}, {1, 2}]
+    assert keep(shared_scores(scores, 0.5)) == [{0, 2}, {1, 2}]
+    assert keep(shared_scores(scores, 1.0)) == [{0, 2}, {0, 2}]
+
+
+def test_a_head_share_changes_which_tokens_heads_keep_not_how_many_in_all():
+    ids = random_prompt(90, seed=8)
+    base = dict(budget=24, window=6, sink_tokens=2)
+    full, _ = scored_prefill(tiny_model(), ids, EntropyKVConfig(policy="cache_topk", scorer="reconstruct", **base))
+    kept = {}
+    for share in (0.0, 0.99, 1.0):  # the tiny model's attention is near uniform: its heads' scores differ by < 5%
+        cache, report = compressed_copy(full, EntropyKVConfig(policy=Composition(CacheTopK(head_share=share)), **base))
+        kept[share] = [[set(h.positions[0].tolist()) for h in layer.heads] for layer in cache.layers]
+        assert sum(len(h) for layer in kept[share] for h in layer) == 24 * 2 * len(kept[share])
+        assert report.bytes_after == cache.nbytes
+    assert kept[0.0] != kept[0.99] != kept[1.0]
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, float("nan"), "0.5", None])
+def test_a_head_share_outside_0_1_is_refused(share):
+    with pytest.raises(ConfigError, match=r"head_share=.*a number in \[0, 1\]"):
+        EntropyKVConfig(policy="cache_topk", head_share=share)
+    assert Composition.of(EntropyKVConfig(policy="cache_topk", head_share=0.25)).allocator == CacheTopK(head_share=0.25)

@@ -49,9 +49,15 @@ def plan_layers(layers, n_tokens, config) -> list[int]:
     return [int(b.amax()) for b in budgets]  # one sequence at a time (`compress_cache` splits batches)
 
 
+def shared_scores(scores: Tensor, share: float) -> Tensor:
+    """[B, Hkv, S] head scores where each head also values, at `share` of its worth, what any head of the layer
+    values most: max(own, share x max over heads)."""
+    return scores if share == 0 else torch.maximum(scores, share * scores.amax(1, keepdim=True))
+
+
 def plan_heads(layers, n_tokens, config) -> HeadPlan:
     _, mean, _ = budget_bounds(n_tokens, config)
-    scores = [pooled_head_scores(layer, config) for layer in layers]
+    scores = [shared_scores(pooled_head_scores(layer, config), config.head_share) for layer in layers]
     return HeadPlan(cache_budgets(_ranked(scores, layers, config), mean), [[False] * s.shape[1] for s in scores], scores)
 
 
