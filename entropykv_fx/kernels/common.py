@@ -61,14 +61,13 @@ def logits_block(q, qp, k_ptr, kpos_ptr, ks_ptr, start, S, D, window, scale_log2
     """Logits (log2 units) of the rows against keys start..start+BLOCK_N, -inf where not visible; and the mask.
 
     Visibility is `visible`'s. With QUANT, k holds int8 and ks_ptr its per-token scales: the scale multiplies the
-    logit, after the dot; fp16 rows take the keys through `int8_as_fp16`. `scale_log2`: a number, or [rows, 1].
+    logit, after the dot.
     """
     j = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     k = tl.load(k_ptr + j[:, None] * sk_s + d[None, :] * sk_d, mask=(j[:, None] < S) & (d[None, :] < D), other=0)
     kp = tl.load(kpos_ptr + j * skp_s, mask=j < S, other=-1)
-    k = int8_as_fp16(k) if QUANT and q.dtype == tl.float16 else k.to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale_log2
     if QUANT:
         s = s * tl.load(ks_ptr + j * sks_s, mask=j < S, other=0.0)[None, :]
     seen = visible(qp, kp, window)
@@ -80,12 +79,3 @@ def visible(qp, kp, window):
     """[rows, keys] bool, the ops.visibility rule: 0 <= k_pos <= q_pos, and q_pos - k_pos < window when window > 0."""
     seen = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & (qp[:, None] >= 0)
     return seen & ((window <= 0) | (qp[:, None] - kp[None, :] < window))
-
-
-@triton.jit
-def int8_as_fp16(x):
-    """int8 -> fp16 (exact) by integer ops and one fp16 subtraction, not the conversion unit: on Hopper that unit
-    gives 16 results per SM per clock, about the rate at which HBM delivers int8 values, so converting K and V
-    that way capped the int8 decode below the bandwidth. The bits 0x6400 | (x + 128) are the fp16 1024 + x + 128."""
-    biased = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400
-    return biased.to(tl.float16, bitcast=True) - 1152.0

@@ -6,9 +6,7 @@ rows over one chunk (K and V read once for all G heads) and writes an unnormalis
 merges the chunks. Visibility comes from positions, so pads and per-layer lengths need no extra metadata. A packed head-wise layer
 (`ops.attention_packed`: every KV head's slots one after another on one axis) is cut into chunks that each lie
 inside one head's segment, so work is spread by slots held, not by the longest head.
-int8 storage: K and V are dequantized in registers (per-token scales applied to the logits and to p); with
-fp16/bf16 queries both products take fp16 operands, which int8 converts to without the conversion unit
-(`common.int8_as_fp16`).
+int8 storage: K and V are dequantized in registers (per-token scales applied to the logits and to p).
 The kernel is for few query rows per group (decode, small chunks); longer prefills use the reference (SDPA).
 """
 
@@ -19,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from .common import INTERPRET, LOG2E, block, dot_precision, int8_as_fp16, load_rows, logits_block, splits_for
+from .common import INTERPRET, LOG2E, block, dot_precision, load_rows, logits_block, splits_for
 
 MAX_ROWS = 64  # query rows (G * L) per program; more goes to the reference
 # Launch settings for a bf16/fp16/fp32 cache and for an int8 one: the fastest of `benchmarks/kernels.py --sweep`
@@ -33,8 +31,8 @@ def _decode_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, qpos_ptr, kpos_ptr, start
                   window, G, L, S, D, DV, HKV, SPLITS, chunk, sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_s, sk_d,
                   sv_b, sv_h, sv_s, sv_d, ss_b, ss_h, ss_s, sqp_b, sqp_l, skp_b, skp_s,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_H: tl.constexpr, QUANT: tl.constexpr, FP16_INT8: tl.constexpr, UPCAST: tl.constexpr,
-                  PRECISION: tl.constexpr, PACKED: tl.constexpr):
+                  BLOCK_H: tl.constexpr, QUANT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  PACKED: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     if PACKED:  # program (b, c): chunk c of the packed slot axis, inside one head's segment (`packed_chunks`)
         b = bh.to(tl.int64)
@@ -46,12 +44,6 @@ def _decode_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, qpos_ptr, kpos_ptr, start
     rows = tl.arange(0, BLOCK_M)
     q, qp = load_rows(q_ptr + b * sq_b + h * G * sq_h, qpos_ptr + b * sqp_b, rows, G, L, D, sq_h, sq_l, sq_d,
                       sqp_l, BLOCK_D, UPCAST)
-    if FP16_INT8:  # int8 cache: fp16 operands (`int8_as_fp16`); rows divided by their absmax, so any q fits fp16
-        q32 = q.to(tl.float32)
-        q_max = tl.max(tl.abs(q32), 1)
-        q_max = tl.where(q_max > 0, q_max, 1.0)
-        q = (q32 / q_max[:, None]).to(tl.float16)
-        scale_log2 = scale_log2 * q_max[:, None]
     if not PACKED:  # packed heads share the slot axis (no head stride)
         k_ptr += h * sk_h
         v_ptr += h * sv_h
@@ -75,16 +67,9 @@ def _decode_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, qpos_ptr, kpos_ptr, start
         j = start + tl.arange(0, BLOCK_N)
         v = tl.load(v_ptr + j[:, None] * sv_s + dv[None, :] * sv_d, mask=(j[:, None] < end) & (dv[None, :] < DV),
                     other=0)
-        if FP16_INT8:  # p x scale in [0, 1] for fp16: the block's largest scale multiplies the product instead
-            vs = tl.load(vs_ptr + j * ss_s, mask=j < end, other=0.0)
-            top = tl.max(vs, 0)
-            top = tl.where(top > 0, top, 1.0)
-            pv = tl.dot((p * (vs / top)[None, :]).to(tl.float16), int8_as_fp16(v), input_precision=PRECISION) * top
-        else:
-            if QUANT:
-                p = p * tl.load(vs_ptr + j * ss_s, mask=j < end, other=0.0)[None, :]
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        acc = acc * alpha[:, None] + pv
+        if QUANT:
+            p = p * tl.load(vs_ptr + j * ss_s, mask=j < end, other=0.0)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m = m_new
     # partials: acc [programs(0), SPLITS, BLOCK_M, BLOCK_DV], ml [2, programs(0), SPLITS, BLOCK_M]; only real rows
     part = (bh * SPLITS + split) * BLOCK_M + rows
@@ -189,8 +174,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
         q, k, v, scales[0], scales[1], q_pos, k_pos, table, acc, ml, scale * LOG2E, sliding_window, g, length, s, d,
         dv, hkv, n, chunk, *q.stride(), *k_strides, *v_strides, *scales[2:], *q_pos.stride(), *k_pos.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block(d), BLOCK_DV=block(dv), BLOCK_H=block(hkv, 2), QUANT=quant,
-        FP16_INT8=quant and q.dtype != torch.float32, UPCAST=INTERPRET, PRECISION=dot_precision(q.dtype),
-        PACKED=packed, num_warps=cfg["num_warps"],
+        UPCAST=INTERPRET, PRECISION=dot_precision(q.dtype), PACKED=packed, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     _decode_merge[(b * hkv, g * length)](
         acc, ml, table, out, g, length, dv, hkv, n, chunk, programs * n * block_m, *out.stride(), BLOCK_M=block_m,
