@@ -143,3 +143,18 @@ def test_a_head_share_outside_0_1_is_refused(share):
     with pytest.raises(ConfigError, match=r"head_share=.*a number in \[0, 1\]"):
         EntropyKVConfig(policy="cache_topk", head_share=share)
     assert Composition.of(EntropyKVConfig(policy="cache_topk", head_share=0.25)).allocator == CacheTopK(head_share=0.25)
+
+
+def test_a_full_head_share_keeps_one_token_set_per_layer_through_optimize():
+    """The prefill's running bar (`CacheTopKBound`) trims layers by the heads' own scores; a shared score never
+    exceeds the best own one, so the bar drops nothing the shared ranking keeps."""
+    model = entropykv_fx.optimize(tiny_model(), policy=Composition(CacheTopK(head_share=1.0)), budget=24, window=6,
+                                  sink_tokens=2)
+    with torch.no_grad():
+        cache = model(random_prompt(90, seed=8), use_cache=True).past_key_values
+    full, _ = scored_prefill(tiny_model(), random_prompt(90, seed=8),
+                             EntropyKVConfig(policy="cache_topk_layer", budget=24, window=6, sink_tokens=2))
+    by_layers, _ = compressed_copy(full, EntropyKVConfig(policy="cache_topk_layer", budget=24, window=6, sink_tokens=2))
+    for heads, one_set in zip(cache.layers, by_layers.layers):
+        for head in heads.heads:
+            assert sorted(head.positions[0].tolist()) == sorted(one_set.positions[0].tolist())
