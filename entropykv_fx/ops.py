@@ -530,6 +530,50 @@ def _(k, v, idx):
     return k.new_empty(*k.shape[:2], kk, k.shape[-1]), v.new_empty(*v.shape[:2], kk, v.shape[-1])
 
 
+# ------------------------------------------------------------------------------------- gated MLP in token chunks
+GATED_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _check_gated_mlp(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_weight: Tensor, activation: str,
+                     chunk: int) -> None:
+    _check(activation in GATED_ACTIVATIONS, f"entropykv.gated_mlp: activation {activation!r} is not one of "
+           f"{sorted(GATED_ACTIVATIONS)}")
+    _check(chunk >= 1, f"entropykv.gated_mlp: chunk must be >= 1 token, got {chunk}")
+    hidden = x.shape[-1]
+    _check(gate_weight.dim() == up_weight.dim() == down_weight.dim() == 2
+           and gate_weight.shape == up_weight.shape and gate_weight.shape[1] == hidden
+           and down_weight.shape[1] == gate_weight.shape[0],
+           f"entropykv.gated_mlp: weights gate {tuple(gate_weight.shape)}, up {tuple(up_weight.shape)}, down "
+           f"{tuple(down_weight.shape)} must be [I, {hidden}], [I, {hidden}], [H_out, I] for x {tuple(x.shape)}")
+
+
+@torch.library.custom_op("entropykv::gated_mlp", mutates_args=())
+def gated_mlp(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_weight: Tensor, activation: str,
+              chunk: int) -> Tensor:
+    """The gated MLP of Llama-family layers, down(act(gate(x)) * up(x)), `chunk` tokens at a time.
+
+    x [..., H]; gate_weight and up_weight [I, H]; down_weight [H_out, I]; activation "silu" or "gelu_tanh"; chunk in
+    tokens (rows of x flattened). Result [..., H_out], each row what the unchunked MLP gives it. A prefill of n
+    tokens then holds its three [n, I] intermediates (I is 3.5x H in Llama-3-8B) for `chunk` tokens at a time
+    instead of all n: at 128k tokens that is most of a prefill's activation memory.
+    """
+    _check_gated_mlp(x, gate_weight, up_weight, down_weight, activation, chunk)
+    act = GATED_ACTIVATIONS[activation]
+    rows = x.reshape(-1, x.shape[-1])
+    out = rows.new_empty(rows.shape[0], down_weight.shape[0])
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start:start + chunk]
+        out[start:start + chunk] = F.linear(act(F.linear(part, gate_weight)) * F.linear(part, up_weight), down_weight)
+    return out.view(*x.shape[:-1], down_weight.shape[0])
+
+
+@gated_mlp.register_fake
+def _(x, gate_weight, up_weight, down_weight, activation, chunk):
+    _check_gated_mlp(x, gate_weight, up_weight, down_weight, activation, chunk)
+    return x.new_empty(*x.shape[:-1], down_weight.shape[0])
+
+
 # --------------------------------------------------------------------------------------------- cache append
 def _check_append(keys: Tensor, values: Tensor, positions: Tensor, k_new: Tensor, v_new: Tensor, new_pos: Tensor) -> None:
     _check(keys.dim() == 4 and k_new.dim() == 4, f"entropykv.append: keys {tuple(keys.shape)} and k_new "

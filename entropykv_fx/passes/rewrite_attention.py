@@ -99,6 +99,7 @@ class RewriteResult:
     scored_layers: list[int] = field(default_factory=list)  # in the order of the scores handed to `use_scores`
     stats_per_layer: int = 3  # entropy, kv_scores, layer_scores (+ the prefill statistic)
     prefill: bool = False
+    chunked_mlps: int = 0  # gated MLPs computed a chunk of tokens at a time (`passes.chunk_mlp`, run after this pass)
 
     @property
     def rewritten(self) -> int:
