@@ -180,10 +180,10 @@ class EntropyKVConfig:
     pooling / pool_kernel: smoothing of token scores along the sequence before top-k, so neighbours of an
         important token survive with it.
     min_layer_budget / max_layer_budget: clamp of each layer's budget, as multiples of the mean layer budget.
-    head_share (cache_topk): in [0, 1]; each KV head ranks a token by max(its own score, head_share x the largest
-        score any KV head of the layer gives it), so a token one head needs also counts for its neighbours. 0: every
-        head by its own scores (KVzip); 1: every head of a layer ranks alike (the token sets of cache_topk_layer, in
-        the head-wise layout).
+    head_share (cache_topk): in [0, 1]; the cache-wide top-k sets each KV head's budget by the heads' own scores,
+        then each head fills it with the tokens it ranks highest by max(its own score, head_share x the largest
+        score any KV head of its layer gives the token), so a token one head needs also counts for its neighbours.
+        0: every head by its own scores (KVzip); 1: every head by its layer's ranking.
     budget_source: "dynamic" computes layer budgets from each prompt's entropies; "calibrated" uses per-layer
         fractions from `calibration_file` (written by `entropykv_fx.calibrate`), which gives static shapes;
         head-wise policies use per-head fractions and int8 storage from it (`head_calibration`). The file is
@@ -279,6 +279,9 @@ class EntropyKVConfig:
             _fail("min_layer_budget", self.min_layer_budget, "a number in [0, 1] (multiple of the mean layer budget)")
         if not _is_number(self.head_share) or not 0.0 <= self.head_share <= 1.0:
             _fail("head_share", self.head_share, "a number in [0, 1] (fraction of the layer's largest score)")
+        if self.head_share and self.policy != "cache_topk":
+            _fail("head_share", self.head_share, f"0 with policy {self.policy!r}: only 'cache_topk' shares rankings "
+                  "across a layer's heads")
         if not _is_number(self.max_layer_budget) or not 1.0 <= self.max_layer_budget <= MAX_LAYER_BUDGET:
             _fail("max_layer_budget", self.max_layer_budget,
                   f"a finite number >= 1 and <= {MAX_LAYER_BUDGET:g} (multiple of the mean layer budget)")

@@ -162,11 +162,15 @@ def layer_tensors(layer) -> list[torch.Tensor]:
     return [t for part in parts for t in (part.positions, part.keys, part.values)]
 
 
-@pytest.mark.parametrize("policy, budget", [("cache_topk", 0.1), ("cache_topk", 0.3), ("cache_topk_layer", 0.1)])
-def test_a_cache_wide_top_k_drops_during_the_prefill_only_what_it_would_never_keep(policy, budget, monkeypatch):
+@pytest.mark.parametrize("policy, budget, head_share", [("cache_topk", 0.1, 0.0), ("cache_topk", 0.3, 0.0),
+                                                        ("cache_topk_layer", 0.1, 0.0), ("cache_topk", 0.1, 1.0),
+                                                        ("cache_topk", 0.3, 0.5)])
+def test_a_cache_wide_top_k_drops_during_the_prefill_only_what_it_would_never_keep(policy, budget, head_share,
+                                                                                  monkeypatch):
     """KVzip's allocation (reconstruction scores, one top-k over the whole cache): each layer is trimmed as soon as
     it has run to the tokens that can still be among the cache's best entries (`compress.CacheTopKBound`), and the
-    cache then keeps exactly the slots, payloads and report that compressing an untrimmed prefill keeps."""
+    cache then keeps exactly the slots, payloads and report that compressing an untrimmed prefill keeps. With a
+    `head_share` too: a token the bar drops is below every head's kept tokens by their own and shared scores."""
     from entropykv_fx import hf
     from entropykv_fx.compress import trim_layer_now
 
@@ -179,7 +183,7 @@ def test_a_cache_wide_top_k_drops_during_the_prefill_only_what_it_would_never_ke
     monkeypatch.setattr(hf, "trim_layer_now", trim)
     model = tiny_model("llama")
     ids = random_prompt(400)
-    config = EntropyKVConfig(policy=policy, scorer="reconstruct", budget=budget)
+    config = EntropyKVConfig(policy=policy, scorer="reconstruct", budget=budget, head_share=head_share)
     full, _ = scored_prefill(model, ids, config)
     expected, expected_report = compressed_copy(full, config)
     entropykv_fx.optimize(model, config)

@@ -51,14 +51,18 @@ def plan_layers(layers, n_tokens, config) -> list[int]:
 
 def shared_scores(scores: Tensor, share: float) -> Tensor:
     """[B, Hkv, S] head scores where each head also values, at `share` of its worth, what any head of the layer
-    values most: max(own, share x max over heads)."""
+    values most: max(own, share x max over heads). Only the choice of tokens inside a head's budget uses them:
+    allocating budgets by them too (tried first) gave every head of a layer the layer's budget at share 1, and at
+    10% kept that lost most questions (`benchmarks/results/sweep_cpu_share.md`)."""
     return scores if share == 0 else torch.maximum(scores, share * scores.amax(1, keepdim=True))
 
 
 def plan_heads(layers, n_tokens, config) -> HeadPlan:
+    """Budgets from the heads' own scores (KVzip); each head fills its budget by the `head_share`d scores."""
     _, mean, _ = budget_bounds(n_tokens, config)
-    scores = [shared_scores(pooled_head_scores(layer, config), config.head_share) for layer in layers]
-    return HeadPlan(cache_budgets(_ranked(scores, layers, config), mean), [[False] * s.shape[1] for s in scores], scores)
+    own = [pooled_head_scores(layer, config) for layer in layers]
+    shared = [shared_scores(s, config.head_share) for s in own]
+    return HeadPlan(cache_budgets(_ranked(own, layers, config), mean), [[False] * s.shape[1] for s in own], shared)
 
 
 ATTENTION_SCORERS = ("window", "last_query", "reconstruct")  # attention probabilities: comparable everywhere
