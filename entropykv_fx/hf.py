@@ -71,8 +71,8 @@ SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", 
 # Keywords of the decoder's forward that select an output or a code path, hence a graph of their own.
 _GRAPH_FLAGS = ("output_hidden_states",)
 # optimize()'s options on a first call (a later call keeps the model's current ones unless given)
-# A prefill's gated MLPs run this many tokens at a time (`passes.chunk_mlp`): at 128k tokens their intermediates
-# would otherwise be most of its peak memory; GEMMs of 16k rows still run at full speed.
+# A prefill's gated MLPs run this many tokens at a time (`passes.chunk_mlp`; not on tensor-parallel shards, whose
+# sharded weights the op does not take): their intermediates then stop growing with the prompt.
 MLP_CHUNK_TOKENS = 16384
 _OPTION_DEFAULTS = {"inductor": False, "verify_ranks": False, "cuda_graphs": True, "fuse_projections": True}
 # Keywords that the rewritten decoder ignores: positions come from the cache (`begin_step`).
@@ -429,7 +429,8 @@ class Optimized:
         if compiled is None:
             backend = EntropyKVBackend(settings, self.inductor, self.mode, results=self.graphs,
                                        on_stats=self._receive_stats if prefill else None, on_run=self._count_sites,
-                                       projections=self.projections, mlp_chunk=MLP_CHUNK_TOKENS)
+                                       projections=self.projections,
+                                       mlp_chunk=MLP_CHUNK_TOKENS if self.tp_group is None else None)
             compiled = torch.compile(own_code(self._eager_forward), backend=backend, dynamic=True)
             self._compiled[key] = compiled
             logger.info("entropykv_fx: new graph kind #%d: %s, %s, batch %s%s", len(self._compiled),

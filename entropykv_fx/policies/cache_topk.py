@@ -8,6 +8,10 @@ probabilities do (the `window`, `last_query` and `reconstruct` scorers); key nor
 refused. KVzip pairs it with context-reconstruction scores (`scorer="reconstruct"`); here it composes with any
 attention scorer. Budgets are per sequence of a batch.
 
+`head_share` (ours, not KVzip's) keeps those budgets but lets each head fill its own with the tokens its layer's
+other heads value too (`shared_scores`): the head that scored a token while the model re-read the prompt is not
+always the one that retrieves it when a question comes.
+
 `cache_topk_layer` is the same allocation at layer granularity: each layer ranks tokens by its layer scores (the
 heads' scores combined as the scorer says: summed, or max for `reconstruct`), one top-k over all layers sets each
 layer's budget, and every KV head of a layer keeps the same tokens (the layer-wise layout, so decode keeps one
