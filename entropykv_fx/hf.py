@@ -70,10 +70,10 @@ ATTN_NAME = "entropykv"
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 # Keywords of the decoder's forward that select an output or a code path, hence a graph of their own.
 _GRAPH_FLAGS = ("output_hidden_states",)
-# optimize()'s options on a first call (a later call keeps the model's current ones unless given)
 # A prefill's gated MLPs run this many tokens at a time (`passes.chunk_mlp`; not on tensor-parallel shards, whose
 # sharded weights the op does not take): their intermediates then stop growing with the prompt.
 MLP_CHUNK_TOKENS = 16384
+# optimize()'s options on a first call (a later call keeps the model's current ones unless given)
 _OPTION_DEFAULTS = {"inductor": False, "verify_ranks": False, "cuda_graphs": True, "fuse_projections": True}
 # Keywords that the rewritten decoder ignores: positions come from the cache (`begin_step`).
 _IGNORED = ("cache_position", "return_dict")

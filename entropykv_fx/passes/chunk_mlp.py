@@ -1,6 +1,6 @@
 """Compute a prefill's gated MLPs a chunk of tokens at a time (`entropykv::gated_mlp`).
 
-Pattern, in a Dynamo graph (Llama, Mistral, Qwen2/3 and Gemma MLPs, no biases):
+Pattern, in a Dynamo graph (the MLPs of Llama, Mistral and Qwen2/3, and tanh-gelu ones; no biases):
     g = linear(x, w_gate); u = linear(x, w_up); out = linear(act(g) * u, w_down)      (either order of the product)
 where act is silu or tanh-approximated gelu and nothing else reads g, act(g), u or the product, becomes
     out = entropykv::gated_mlp(x, w_gate, w_up, w_down, act, chunk)
