@@ -130,7 +130,7 @@ class CacheTopK(_Part):
     Kim et al. 2025, https://arxiv.org/abs/2505.23416, section 3.3). Needs attention scores (not `KeyNorm`).
     `head_share` in [0, 1] (head granularity): budgets stay KVzip's, but a KV head fills its budget ranking a
     token by max(its own score, head_share x the layer's largest score for it); 0 is KVzip's head-wise ranking, 1
-    gives every head of a layer its layer's ranking. Ours, not a paper's."""
+    ranks in every head of a layer by the largest score any of its heads gives. Ours, not a paper's."""
 
     head_share: float = 0.0
     policies: ClassVar[dict[str, str]] = {"head": "cache_topk", "layer": "cache_topk_layer"}

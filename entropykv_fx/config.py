@@ -183,7 +183,7 @@ class EntropyKVConfig:
     head_share (cache_topk): in [0, 1]; the cache-wide top-k sets each KV head's budget by the heads' own scores,
         then each head fills it with the tokens it ranks highest by max(its own score, head_share x the largest
         score any KV head of its layer gives the token), so a token one head needs also counts for its neighbours.
-        0: every head by its own scores (KVzip); 1: every head by its layer's ranking.
+        0: every head by its own scores (KVzip); 1: every head by the largest score any head of its layer gives.
     budget_source: "dynamic" computes layer budgets from each prompt's entropies; "calibrated" uses per-layer
         fractions from `calibration_file` (written by `entropykv_fx.calibrate`), which gives static shapes;
         head-wise policies use per-head fractions and int8 storage from it (`head_calibration`). The file is
@@ -337,6 +337,8 @@ class EntropyKVConfig:
 
         if isinstance(overrides.get("policy"), Composition):  # it owns its fields: none carries over from before
             again.update({name: _DEFAULTS[name] for name in PART_FIELDS if name not in overrides})
+        elif overrides.get("policy") not in (None, "cache_topk") and "head_share" not in overrides:
+            again["head_share"] = _DEFAULTS["head_share"]  # cache_topk's alone, refused with another policy
         return dataclasses.replace(self, **again, **overrides)
 
     def _take_composition(self, composition) -> None:

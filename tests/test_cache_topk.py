@@ -148,7 +148,13 @@ def test_a_head_share_outside_0_1_is_refused(share):
 
 
 @pytest.mark.parametrize("policy", ["cache_topk_layer", "snapkv", "uniform"])
-def test_a_head_share_with_another_policy_is_refused(policy):
+def test_a_head_share_with_another_policy_is_refused_and_dropped_when_the_policy_changes(policy):
     with pytest.raises(ConfigError, match=rf"head_share=0.5.*0 with policy '{policy}': only 'cache_topk'"):
         EntropyKVConfig(policy=policy, head_share=0.5)
+    shared = EntropyKVConfig(policy="cache_topk", head_share=0.5)
+    assert shared.replace(policy=policy).head_share == 0.0 and shared.replace(budget=0.1).head_share == 0.5
+    with pytest.raises(ConfigError, match="head_share=0.5"):
+        shared.replace(policy=policy, head_share=0.5)
+    model = entropykv_fx.optimize(tiny_model(), shared)
+    assert entropykv_fx.optimize(model, policy=policy).entropykv.config.head_share == 0.0
 

@@ -54,22 +54,26 @@ def test_gated_mlp_refuses_bad_arguments(change, match):
 class GatedMLP(nn.Module):
     """A Llama MLP as Dynamo's graphs hold it (functional linears), or a variation the pass must leave alone."""
 
-    def __init__(self, swapped=False, bias=False, reuse_gate=False, act=F.silu):
+    def __init__(self, swapped=False, bias=False, reuse_gate=False, act=F.silu, keyword_mul=False):
         super().__init__()
         self.w_gate, self.w_up, self.w_down = (nn.Parameter(torch.randn(*s)) for s in ((12, 8), (12, 8), (8, 12)))
         self.b_gate = nn.Parameter(torch.randn(12)) if bias else None
-        self.swapped, self.reuse_gate, self.act = swapped, reuse_gate, act
+        self.swapped, self.reuse_gate, self.act, self.keyword_mul = swapped, reuse_gate, act, keyword_mul
 
     def forward(self, x):
         g, u = F.linear(x, self.w_gate, self.b_gate), F.linear(x, self.w_up)
-        product = u * self.act(g) if self.swapped else self.act(g) * u
+        if self.keyword_mul:
+            product = torch.mul(self.act(g), other=u)
+        else:
+            product = u * self.act(g) if self.swapped else self.act(g) * u
         out = F.linear(product, self.w_down)
         return out + g.sum() if self.reuse_gate else out
 
 
 @pytest.mark.parametrize(("module", "expected"), [
     (GatedMLP(), 1), (GatedMLP(swapped=True), 1), (GatedMLP(act=lambda g: F.gelu(g, approximate="tanh")), 1),
-    (GatedMLP(bias=True), 0), (GatedMLP(reuse_gate=True), 0), (GatedMLP(act=F.relu), 0)])
+    (GatedMLP(bias=True), 0), (GatedMLP(reuse_gate=True), 0), (GatedMLP(act=F.relu), 0),
+    (GatedMLP(keyword_mul=True), 0)])
 def test_the_pass_rewrites_gated_mlps_only(module, expected):
     gm = fx.symbolic_trace(module)
     x = torch.randn(3, 10, 8)

@@ -48,6 +48,8 @@ def chunk_mlp(gm: fx.GraphModule, chunk: int) -> int:
                                                                                                    torch.mul):
             continue
         product = down_call[0]
+        if len(product.args) != 2 or product.kwargs:
+            continue
         for act_node, up in (product.args, product.args[::-1]):
             if not isinstance(act_node, fx.Node) or not isinstance(up, fx.Node):
                 continue
