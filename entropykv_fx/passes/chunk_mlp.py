@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-_LINEAR = (torch._C._nn.linear, F.linear)
+from .fuse_projections import LINEAR_CALLS
 
 
 def _activation(node: fx.Node) -> str | None:
@@ -32,7 +32,7 @@ def _activation(node: fx.Node) -> str | None:
 
 def _linear_weight(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """(input, weight) of a bias-free linear call, or None."""
-    if node.op != "call_function" or node.target not in _LINEAR or node.kwargs or len(node.args) not in (2, 3):
+    if node.op != "call_function" or node.target not in LINEAR_CALLS or node.kwargs or len(node.args) not in (2, 3):
         return None
     if len(node.args) == 3 and node.args[2] is not None:
         return None

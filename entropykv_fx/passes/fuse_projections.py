@@ -17,7 +17,7 @@ from torch import Tensor, fx
 
 from ..projections import FusedGroup, FusedProjections
 
-_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+LINEAR_CALLS = (torch._C._nn.linear, torch.nn.functional.linear)  # how a Dynamo graph calls a linear layer
 
 
 def fuse_projections(gm: fx.GraphModule, example_inputs: list, fused: FusedProjections) -> fx.GraphModule:
@@ -28,7 +28,7 @@ def fuse_projections(gm: fx.GraphModule, example_inputs: list, fused: FusedProje
     calls: dict[tuple[fx.Node, int], dict[int, fx.Node]] = defaultdict(dict)
     groups: dict[int, FusedGroup] = {}
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in _LINEAR or node.kwargs or len(node.args) < 2:
+        if node.op != "call_function" or node.target not in LINEAR_CALLS or node.kwargs or len(node.args) < 2:
             continue
         weight = real.get(node.args[1])
         hit = members.get((weight.data_ptr(), tuple(weight.shape))) if isinstance(weight, Tensor) else None
