@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from entropykv_fx.bench.cases import make_cases
+from entropykv_fx.bench.cases import make_case
 from entropykv_fx.bench.fanout import compressed_copy, layer_kinds, prefill_config, prefill_of, scored_prefill, stacked
 from entropykv_fx.bench.quality import DTYPES, continuation_nll, continuation_nlls, environment
 from entropykv_fx.bench.scoring import answer_recall, rouge_l
@@ -399,24 +399,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--continuation-tokens {args.continuation_tokens}: expected a count >= 0")
     start = time.perf_counter()
     model, tokenizer = load_default_model(dtype=DTYPES[args.dtype], device=args.device)
-    cases = make_cases(tokenizer, args.tasks, args.lengths, args.cases, args.seed)
-    cases.sort(key=lambda c: (c.index, c.task, c.length))  # interleaved: a cut-short run still covers every cell
-    cases = cases[shard::shards]
+    # Interleaved, so that a cut-short run still covers every cell; each case is built when its turn comes (its
+    # seed is its own), since building all of them up front took each process about a minute.
+    keys = sorted((i, task, length) for task in args.tasks for length in args.lengths for i in range(args.cases))
+    keys = keys[shard::shards]
     variants = {name: {k: repeat_prompt_ids(tokenizer, v) if k == "repeat_prompt" else v
                        for k, v in VARIANTS[name].items()} for name in args.variants}
     meta = dict(environment=environment(args.device), model="SmolLM2-135M-Instruct", dtype=args.dtype,
                 tasks=args.tasks, lengths=args.lengths, budgets=args.budgets, variants=variants, seed=args.seed,
-                cases_total=len(cases))
+                cases_total=len(keys))
     stem = Path(args.out) / (f"sweep_{args.tag}" if shards == 1 else f"sweep_{args.tag}_{shard}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     targets_path = stem.with_suffix(".targets.jsonl")
     if args.save_targets:
         targets_path.write_text("")
-    for i, case in enumerate(cases):
+    for i, (index, task, length) in enumerate(keys):
         if time.perf_counter() - start > args.time_limit:
             print(f"time limit: stopping after {i} cases", file=sys.stderr)
             break
+        case = make_case(tokenizer, task, length, index, args.seed)
         got, targets = run_case(model, tokenizer, case, variants, args.budgets, args.settings, args.batch_rows,
                                 args.continuation_tokens)
         records += got
@@ -424,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             with targets_path.open("a") as f:
                 f.writelines(json.dumps(t) + "\n" for t in targets)
         write(records, dict(meta, cases_done=i + 1, seconds=time.perf_counter() - start), stem)
-        print(f"case {i + 1}/{len(cases)} {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+        print(f"case {i + 1}/{len(keys)} {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     print(stem.with_suffix(".md").read_text())
     return 0
 
