@@ -51,7 +51,7 @@ def kernel_table(model, ids, rows: int) -> str:
 
 def peak_allocations(model, ids, rows: int) -> str:
     """The `rows` largest blocks alive at the peak of one prefill's allocations, with where they were allocated."""
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")  # C++ frames say nothing here
     try:
         with torch.no_grad():
             model(ids, use_cache=True, logits_to_keep=1)

@@ -70,9 +70,10 @@ ATTN_NAME = "entropykv"
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 # Keywords of the decoder's forward that select an output or a code path, hence a graph of their own.
 _GRAPH_FLAGS = ("output_hidden_states",)
-# A prefill's gated MLPs run this many tokens at a time (`passes.chunk_mlp`; not on tensor-parallel shards, whose
-# sharded weights the op does not take): their intermediates then stop growing with the prompt.
-MLP_CHUNK_TOKENS = 16384
+# A prefill's gated MLPs and RMSNorms run this many tokens at a time (`passes.chunk_mlp`, `passes.chunk_norm`; not
+# on tensor-parallel shards, whose sharded weights the MLP op does not take): their intermediates then stop growing
+# with the prompt.
+PREFILL_CHUNK_TOKENS = 16384
 # optimize()'s options on a first call (a later call keeps the model's current ones unless given)
 _OPTION_DEFAULTS = {"inductor": False, "verify_ranks": False, "cuda_graphs": True, "fuse_projections": True}
 # Keywords that the rewritten decoder ignores: positions come from the cache (`begin_step`).
@@ -430,7 +431,7 @@ class Optimized:
             backend = EntropyKVBackend(settings, self.inductor, self.mode, results=self.graphs,
                                        on_stats=self._receive_stats if prefill else None, on_run=self._count_sites,
                                        projections=self.projections,
-                                       mlp_chunk=MLP_CHUNK_TOKENS if self.tp_group is None else None)
+                                       token_chunk=PREFILL_CHUNK_TOKENS if self.tp_group is None else None)
             compiled = torch.compile(own_code(self._eager_forward), backend=backend, dynamic=True)
             self._compiled[key] = compiled
             logger.info("entropykv_fx: new graph kind #%d: %s, %s, batch %s%s", len(self._compiled),

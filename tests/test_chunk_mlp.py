@@ -86,19 +86,21 @@ def test_the_pass_rewrites_gated_mlps_only(module, expected):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 7 tokens, so that the tiny prompts are cut into several."""
-    monkeypatch.setattr(hf, "MLP_CHUNK_TOKENS", 7)
+    """Chunks of 7 tokens (MLPs and norms), so that the tiny prompts are cut into several."""
+    monkeypatch.setattr(hf, "PREFILL_CHUNK_TOKENS", 7)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_a_prefill_in_mlp_chunks_generates_the_unmodified_tokens(arch, small_chunks):
+def test_a_prefill_in_token_chunks_generates_the_unmodified_tokens(arch, small_chunks):
     ids = random_prompt(40, seed=3)
     with torch.no_grad():
         reference = tiny_model(arch).generate(ids, max_new_tokens=6, do_sample=False)
         model = entropykv_fx.optimize(tiny_model(arch), policy="full")
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), reference)
     layers = model.config.num_hidden_layers
-    assert [(g.prefill, g.chunked_mlps) for g in model.entropykv.graphs] == [(True, layers), (False, 0)]
+    norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())  # q/k norms of Qwen3 too
+    assert [(g.prefill, g.chunked_mlps, g.chunked_norms) for g in model.entropykv.graphs] == [(True, layers, norms),
+                                                                                              (False, 0, 0)]
 
 
 def test_a_padded_batch_in_mlp_chunks_gives_each_row_its_own_tokens(small_chunks):
@@ -112,8 +114,9 @@ def test_a_padded_batch_in_mlp_chunks_gives_each_row_its_own_tokens(small_chunks
     assert model.entropykv.graphs[0].chunked_mlps == model.config.num_hidden_layers
 
 
-def test_a_prefill_run_with_gradients_enabled_keeps_the_model_s_mlps():
-    """The op has no backward formula, so a graph compiled while gradients are recorded is left as it was."""
+def test_a_prefill_run_with_gradients_enabled_keeps_the_model_s_mlps_and_norms():
+    """The ops have no backward formula, so a graph compiled while gradients are recorded is left as it was."""
     model = entropykv_fx.optimize(tiny_model(), policy="full")
     model(random_prompt(20), use_cache=True)
-    assert model.entropykv.graphs[0].prefill and model.entropykv.graphs[0].chunked_mlps == 0
+    assert model.entropykv.graphs[0].prefill
+    assert (model.entropykv.graphs[0].chunked_mlps, model.entropykv.graphs[0].chunked_norms) == (0, 0)

@@ -18,6 +18,7 @@ from torch import Tensor, fx
 from ..errors import EntropyKVError
 from ..projections import FusedProjections
 from .chunk_mlp import chunk_mlp
+from .chunk_norm import chunk_norm
 from .fuse_projections import fuse_projections
 from .rewrite_attention import RewriteResult, RewriteSettings, rewrite_attention
 from .static_cache import STATE_PREFIX
@@ -45,8 +46,8 @@ class EntropyKVBackend:
     on_run: called with the number of rewritten sites after every run of a compiled graph.
     projections: the model's fused projections; decode graphs run without gradients compute each group with one
         matmul (`passes.fuse_projections`).
-    mlp_chunk: prefill graphs run without gradients compute their gated MLPs this many tokens at a time
-        (`passes.chunk_mlp`); None: as the model wrote them.
+    token_chunk: prefill graphs run without gradients compute their gated MLPs and RMSNorms this many tokens at
+        a time (`passes.chunk_mlp`, `passes.chunk_norm`); None: as the model wrote them.
     """
 
     settings: RewriteSettings = field(default_factory=RewriteSettings)
@@ -56,7 +57,7 @@ class EntropyKVBackend:
     on_stats: StatsCallback | None = None
     on_run: Callable[[int], None] | None = None
     projections: FusedProjections | None = None
-    mlp_chunk: int | None = None
+    token_chunk: int | None = None
     results: list[RewriteResult] = field(default_factory=list)
 
     def __repr__(self) -> str:  # short: Dynamo quotes the backend in its error messages
@@ -73,8 +74,9 @@ class EntropyKVBackend:
         # since the fused view reaches past the first weight, where its gradient cannot go.
         if self.projections is not None and not result.prefill and not torch.is_grad_enabled():
             fuse_projections(gm, example_inputs, self.projections)
-        if self.mlp_chunk is not None and result.prefill and not torch.is_grad_enabled():  # the op has no backward
-            result.chunked_mlps = chunk_mlp(gm, self.mlp_chunk)
+        if self.token_chunk is not None and result.prefill and not torch.is_grad_enabled():  # the ops have no backward
+            result.chunked_mlps = chunk_mlp(gm, self.token_chunk)
+            result.chunked_norms = chunk_norm(gm, self.token_chunk)
         run = self._compile(gm, example_inputs)
         n_stats, sites = result.stats_per_layer * len(result.scored_layers), result.rewritten
         if not n_stats and self.on_run is None:

@@ -100,6 +100,7 @@ class RewriteResult:
     stats_per_layer: int = 3  # entropy, kv_scores, layer_scores (+ the prefill statistic)
     prefill: bool = False
     chunked_mlps: int = 0  # gated MLPs computed a chunk of tokens at a time (`passes.chunk_mlp`, run after this pass)
+    chunked_norms: int = 0  # RMSNorms computed a chunk of tokens at a time (`passes.chunk_norm`, after this pass)
 
     @property
     def rewritten(self) -> int:
