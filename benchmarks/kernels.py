@@ -19,6 +19,7 @@ import shlex
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +233,32 @@ def sweep_decode(storage: list[str]) -> list[dict]:
     return results
 
 
+def bench_continuation() -> list[dict]:
+    """`entropykv::attention` for a continuation of L new tokens over a cache (a question after a compressed
+    document, a batch of teacher-forced answers): the ops' CUDA entry point (Triton kernel calls over blocks of
+    query rows, `decode.query_blocks`) against the reference it replaced (SDPA with a position mask, which with
+    grouped heads runs in SDPA's math backend). Also checks the two agree."""
+    rows = []
+    for model, b, s in [("smollm2-135m", 12, 8000), ("llama3-8b", 1, 26214), ("llama3-8b", 1, 131072)]:
+        hq, hkv, d = MODELS[model]
+        k, v = (torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k_pos = torch.arange(s, device="cuda").expand(b, s).clone()
+        k_pos[1:, -s // 10:] = -1  # the shorter rows of a stacked batch end in empty slots
+        for length in (8, 40, 128, 256):
+            q = torch.randn(b, hq, length, d, device="cuda", dtype=torch.bfloat16)
+            q_pos = s + torch.arange(length, device="cuda").expand(b, length)
+            args = (q, k, v, q_pos, k_pos, d ** -0.5, 0)
+            ours, ref = ops.attention(*args), ops.attention._init_fn(*args)
+            err = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+            row = dict(model=model, batch=b, cache=s, new_tokens=length, kernel_calls=decode.query_blocks(hq // hkv, length),
+                       ours_us=us(lambda args=args: ops.attention(*args)),
+                       sdpa_masked_us=us(lambda args=args: ops.attention._init_fn(*args)), rel_err=err)
+            rows.append(row)
+            print(row, flush=True)
+        del k, v
+    return rows
+
+
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     def cell(r, key, fmt):
         return "-" if r.get(key) is None else format(r[key], fmt)
@@ -311,6 +338,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="h100")
+    parser.add_argument("--continuation", action="store_true",
+                        help="time only multi-token continuations (`bench_continuation`) into kernels_<tag>.json/md")
     parser.add_argument("--sweep", nargs="*", choices=["bf16", "int8"], default=None,
                         help="pick the decode launch settings of these caches (none named: both) by timing them first")
     args = parser.parse_args()
@@ -321,6 +350,17 @@ def main() -> None:
     print(res, flush=True)
     res["copy_GBps"] = copy_bandwidth()
     print(f"copy {res['copy_GBps']:.0f} GB/s", flush=True)
+    if args.continuation:
+        res["continuation"] = bench_continuation()
+        cols = [(k, k, "") for k in ("model", "batch", "cache", "new_tokens", "kernel_calls")]
+        md = (f"# Multi-token continuations on {res['device']}\n\ntorch {res['torch']}, triton {res['triton']}; "
+              f"command: `{res['command']}`; times in µs (do_bench median, eager launches)\n\n" +
+              table(res["continuation"], [*cols, ("ours_us", "ours µs", ".0f"), ("sdpa_masked_us", "SDPA masked µs", ".0f"),
+                                          ("rel_err", "rel. error", ".1e")]))
+        Path(args.out, f"kernels_{args.tag}.json").write_text(json.dumps(res, indent=1))
+        Path(args.out, f"kernels_{args.tag}.md").write_text(md + "\n")
+        print(md)
+        return
     res["sweep"] = sweep_decode(args.sweep or ["bf16", "int8"]) if args.sweep is not None else None
     res["decode_config"] = {("int8" if q else "bf16"): c for q, c in decode.CONFIG.items()}
     res["host_us"] = host_overhead()

@@ -7,7 +7,8 @@ merges the chunks. Visibility comes from positions, so pads and per-layer length
 (`ops.attention_packed`: every KV head's slots one after another on one axis) is cut into chunks that each lie
 inside one head's segment, so work is spread by slots held, not by the longest head.
 int8 storage: K and V are dequantized in registers (per-token scales applied to the logits and to p).
-The kernel is for few query rows per group (decode, small chunks); longer prefills use the reference (SDPA).
+The kernel is for few query rows per group (decode; continuations of a few dozen tokens run as several calls);
+prefills use the reference (SDPA).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import triton.language as tl
 from .. import ops
 from .common import INTERPRET, LOG2E, block, dot_precision, load_rows, logits_block, splits_for
 
-MAX_ROWS = 64  # query rows (G * L) per program; more goes to the reference
+MAX_ROWS = 64  # query rows (G * L) per program; more run as several calls (`query_blocks`)
+MAX_QUERY_BLOCKS = 16  # continuations of more tokens than this many calls hold go to the reference (SDPA)
 # Launch settings for a bf16/fp16/fp32 cache and for an int8 one: the fastest of `benchmarks/kernels.py --sweep`
 # on an H100 (benchmarks/results/kernels_h100.md); int8 needs twice the tokens per block for the same bytes.
 CONFIG = {False: dict(BLOCK_N=64, num_warps=4, num_stages=3, waves=2),
@@ -183,22 +185,49 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     return out
 
 
+def query_blocks(groups: int, length: int) -> int | None:
+    """Kernel calls that `length` new tokens take, MAX_ROWS // groups tokens a call; None when the reference (SDPA)
+    serves them better: a prefill's thousands of tokens, or more query heads per KV head than a call holds.
+
+    A continuation of a few dozen tokens over a cache (a question after a compressed document, a chat turn, the
+    benchmarks' teacher-forced answers) needs a mask that SDPA with grouped heads can only apply in its math
+    backend, which materializes float32 [B, Hq, L, S] scores: on an H100 that was 46 ms per layer call in the
+    policy sweep (`benchmarks/results/sweep_h100_s37_shard0_profile.txt`). Each query row's output depends on its
+    row alone, so blocks of rows give what one call would."""
+    per_call = MAX_ROWS // groups
+    if per_call == 0:
+        return None
+    calls = triton.cdiv(length, per_call)
+    return calls if calls <= MAX_QUERY_BLOCKS else None
+
+
+def _in_query_blocks(q: torch.Tensor, q_pos: torch.Tensor, groups: int, call) -> torch.Tensor:
+    """call(q block [B, Hq, l, D], its positions [B, l]) over the blocks of `query_blocks`, joined along L."""
+    step = MAX_ROWS // groups
+    return torch.cat([call(q[:, :, i:i + step], q_pos[:, i:i + step]) for i in range(0, q.shape[2], step)], 2)
+
+
 def _attention_cuda(q, k, v, q_pos, k_pos, scale, sliding_window):
     ops._check_qkv("entropykv.attention", q, k, v, q_pos, k_pos)
-    if q.shape[1] // k.shape[1] * q.shape[2] > MAX_ROWS:
+    groups = q.shape[1] // k.shape[1]
+    if query_blocks(groups, q.shape[2]) is None:
         return ops.attention._init_fn(q, k, v, q_pos, k_pos, scale, sliding_window)  # prefill: SDPA reference
-    return attention(q, k, v, q_pos, k_pos, scale, sliding_window)
+    return _in_query_blocks(q, q_pos, groups, lambda qb, pb: attention(qb, k, v, pb, k_pos, scale, sliding_window))
 
 
 def _attention_int8_cuda(q, k_q, k_scale, v_q, v_scale, q_pos, k_pos, scale, sliding_window):
     ops._check_int8_cache("entropykv.attention_int8", q, k_q, k_scale, v_q, v_scale, q_pos, k_pos)
-    if q.shape[1] // k_q.shape[1] * q.shape[2] > MAX_ROWS:
+    groups = q.shape[1] // k_q.shape[1]
+    if query_blocks(groups, q.shape[2]) is None:
         return ops.attention_int8._init_fn(q, k_q, k_scale, v_q, v_scale, q_pos, k_pos, scale, sliding_window)
-    return attention(q, k_q, v_q, q_pos, k_pos, scale, sliding_window, k_scale, v_scale)
+    return _in_query_blocks(q, q_pos, groups, lambda qb, pb: attention(qb, k_q, v_q, pb, k_pos, scale, sliding_window,
+                                                                       k_scale, v_scale))
 
 
 def _attention_packed_cuda(q, keys, values, q_pos, positions, starts, scale, sliding_window):
     ops._check_packed("entropykv.attention_packed", q, keys, values, q_pos, positions, starts)
-    if q.shape[1] // (starts.numel() - 1) * q.shape[2] > MAX_ROWS:
+    groups = q.shape[1] // (starts.numel() - 1)
+    if query_blocks(groups, q.shape[2]) is None:
         return ops.attention_packed._init_fn(q, keys, values, q_pos, positions, starts, scale, sliding_window)
-    return attention(q, keys, values, q_pos, positions, scale, sliding_window, starts=starts)
+    return _in_query_blocks(q, q_pos, groups, lambda qb, pb: attention(qb, keys, values, pb, positions, scale,
+                                                                       sliding_window, starts=starts))

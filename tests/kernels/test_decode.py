@@ -5,6 +5,7 @@ import torch
 from kernel_testing import DEVICE, DTYPES, GPU, OUT_TOL, compressed_positions, randn, rel_err, seed
 
 from entropykv_fx import kernels, ops
+from entropykv_fx.kernels import decode
 
 SHAPES = [  # B, Hq, Hkv, L, S, D, splits (None: the heuristic)
     (1, 1, 1, 1, 1, 16, None),  # one slot
@@ -69,6 +70,45 @@ def test_decode_rows_that_see_nothing_are_zero():
     assert torch.equal(out.cpu(), torch.zeros_like(out.cpu()))
 
 
+@pytest.mark.parametrize(("groups", "length", "calls"), [
+    (4, 1, 1), (4, 16, 1), (4, 17, 2), (3, 22, 2), (1, 64, 1), (1, 65, 2), (4, 256, 16), (4, 257, None),
+    (65, 1, None)])
+def test_query_blocks_split_a_continuation_into_kernel_calls(groups, length, calls):
+    assert decode.query_blocks(groups, length) == calls
+
+
+@pytest.mark.parametrize("layout", ["plain", "int8", "packed"])
+def test_a_continuation_of_many_tokens_runs_in_query_blocks(layout, monkeypatch):
+    """The ops' CUDA entry points: 70 new tokens of 3 query heads per KV head take 4 kernel calls, which together
+    give every query row the reference's output (pads, a position hole and a later query seeing the new slots)."""
+    seed("query blocks", layout)
+    b, hq, hkv, length, s, d = 2, 6, 2, 70, 150, 32
+    calls, kernel = [], decode.attention
+    monkeypatch.setattr(decode, "attention", lambda q, *args, **kw: calls.append(q.shape[2]) or kernel(q, *args, **kw))
+    q, k, v, q_pos, k_pos = decode_inputs((b, hq, hkv, length, s, d, None), torch.float32)
+    k_pos[:, -length:] = q_pos  # the new tokens' own slots: each query sees those up to its position
+    q_pos[1, :5] = -1  # pad rows give zeros
+    scale = d ** -0.5
+    if layout == "plain":
+        out = decode._attention_cuda(q, k, v, q_pos, k_pos, scale, 40)
+        ref = ops.attention(*cpu(q, k, v, q_pos, k_pos), scale, 40)
+    elif layout == "int8":
+        everything = torch.arange(s, device=DEVICE)[None].expand(b, -1)
+        cache = ops.gather_int8(k, v, everything)
+        out = decode._attention_int8_cuda(q, *cache, q_pos, k_pos, scale, 40)
+        ref = ops.attention_int8(*cpu(q, *cache, q_pos, k_pos), scale, 40)
+    else:  # the two KV heads' slots one after the other, the second head holding the first 90 of its slots
+        keys, values = torch.cat([k[:, 0], k[:, 1, :90]], 1), torch.cat([v[:, 0], v[:, 1, :90]], 1)
+        positions = torch.cat([k_pos, k_pos[:, :90]], 1)
+        starts = torch.tensor([0, s, s + 90], device=DEVICE)
+        out = decode._attention_packed_cuda(q, keys, values, q_pos, positions, starts, scale, 40)
+        ref = ops.attention_packed(*cpu(q, keys, values, q_pos, positions, starts), scale, 40)
+    assert calls == [21, 21, 21, 7]  # MAX_ROWS // 3 tokens a call
+    assert out.shape == ref.shape == (b, hq, length, d) and out.is_contiguous()
+    assert rel_err(out, ref) < OUT_TOL[torch.float32]
+    assert not out[1, :, :5].any()
+
+
 def test_attention_int8_opcheck():
     seed("opcheck")
     q, k, v, q_pos, k_pos = decode_inputs((2, 4, 2, 1, 24, 16, None), torch.float32)
@@ -85,6 +125,6 @@ def test_ops_dispatch_decode_to_triton_and_prefill_to_sdpa():
     cache = ops.gather_int8(k, v, torch.arange(3000, device=DEVICE)[None].expand(2, -1))
     assert torch.equal(ops.attention_int8(q, *cache, q_pos, k_pos, 0.1, 0),
                        kernels.attention(q, cache[0], cache[2], q_pos, k_pos, 0.1, 0, cache[1], cache[3]))
-    q, k, v, q_pos, k_pos = decode_inputs((1, 8, 8, 100, 100, 64, None), torch.bfloat16)  # prefill: reference
+    q, k, v, q_pos, k_pos = decode_inputs((1, 8, 8, 1100, 1100, 64, None), torch.bfloat16)  # prefill: reference
     assert rel_err(ops.attention(q, k, v, q_pos, k_pos, 0.1, 0),
                    ops.attention(*cpu(q, k, v, q_pos, k_pos), 0.1, 0)) < OUT_TOL[torch.bfloat16]
