@@ -121,6 +121,8 @@ def test_inductor_full_budget_reproduces_tokens_across_prompt_lengths_without_re
     graphs = len(model.entropykv.graphs)
     model.generate(random_prompt(100, seed=3), max_new_tokens=8, do_sample=False)
     assert len(model.entropykv.graphs) == graphs, "a new prompt length must not recompile"
+    prefill = model.entropykv.graphs[0]  # Inductor fuses the norms itself; the MLPs still run in token chunks
+    assert prefill.prefill and (prefill.chunked_mlps, prefill.chunked_norms) == (model.config.num_hidden_layers, 0)
 
 
 def test_mode_without_inductor_is_refused():

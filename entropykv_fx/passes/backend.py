@@ -46,8 +46,9 @@ class EntropyKVBackend:
     on_run: called with the number of rewritten sites after every run of a compiled graph.
     projections: the model's fused projections; decode graphs run without gradients compute each group with one
         matmul (`passes.fuse_projections`).
-    token_chunk: prefill graphs run without gradients compute their gated MLPs and RMSNorms this many tokens at
-        a time (`passes.chunk_mlp`, `passes.chunk_norm`); None: as the model wrote them.
+    token_chunk: prefill graphs run without gradients compute their gated MLPs and (unless Inductor compiles
+        them) RMSNorms this many tokens at a time (`passes.chunk_mlp`, `passes.chunk_norm`); None: as the model
+        wrote them.
     """
 
     settings: RewriteSettings = field(default_factory=RewriteSettings)
@@ -76,7 +77,8 @@ class EntropyKVBackend:
             fuse_projections(gm, example_inputs, self.projections)
         if self.token_chunk is not None and result.prefill and not torch.is_grad_enabled():  # the ops have no backward
             result.chunked_mlps = chunk_mlp(gm, self.token_chunk)
-            result.chunked_norms = chunk_norm(gm, self.token_chunk)
+            if not self.inductor:  # Inductor fuses a norm into one kernel that holds no float32 copy of its input
+                result.chunked_norms = chunk_norm(gm, self.token_chunk)
         run = self._compile(gm, example_inputs)
         n_stats, sites = result.stats_per_layer * len(result.scored_layers), result.rewritten
         if not n_stats and self.on_run is None:
