@@ -54,10 +54,13 @@ def test_rms_norm_refuses_bad_arguments(change, match):
 class RMSNorm(nn.Module):
     """LlamaRMSNorm as Dynamo's graphs hold it, or a variation the pass must leave alone."""
 
-    def __init__(self, swapped=False, gemma=False, reuse=False, keepdim=True, scale_shape=(8,)):
+    def __init__(self, swapped=False, gemma=False, reuse=False, keepdim=True, scale_shape=(8,), eps_tensor=False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(*scale_shape))
-        self.eps = 1e-6
+        if eps_tensor:  # a tensor the op's float argument cannot take
+            self.register_buffer("eps", torch.tensor(1e-6))
+        else:
+            self.eps = 1e-6
         self.swapped, self.gemma, self.reuse, self.keepdim = swapped, gemma, reuse, keepdim
 
     def forward(self, x):
@@ -74,7 +77,7 @@ class RMSNorm(nn.Module):
 
 @pytest.mark.parametrize(("module", "expected"), [
     (RMSNorm(), 1), (RMSNorm(swapped=True), 1), (RMSNorm(gemma=True), 0), (RMSNorm(reuse=True), 0),
-    (RMSNorm(keepdim=False), 0), (RMSNorm(scale_shape=(1, 8)), 0)])
+    (RMSNorm(keepdim=False), 0), (RMSNorm(scale_shape=(1, 8)), 0), (RMSNorm(eps_tensor=True), 0)])
 def test_the_pass_rewrites_llama_rms_norms_only(module, expected):
     gm = fx.symbolic_trace(module)
     x = torch.randn(3, 10, 8)

@@ -62,10 +62,10 @@ def _norm_at(mean: fx.Node) -> tuple[fx.Node, tuple, list[fx.Node]] | None:
     shifted = next(iter(mean.users))
     if not (_call(shifted, "add", _ADD) and len(shifted.args) == 2 and not shifted.kwargs and len(shifted.users) == 1):
         return None
-    eps = _other(shifted, mean)
+    eps = _other(shifted, mean)  # a number: a float, or a node whose value is one (Dynamo's `.item()`), no tensor
     root = next(iter(shifted.users))
-    if not (isinstance(eps, (float, fx.Node)) and _call(root, "rsqrt", (torch.rsqrt,)) and len(root.args) == 1
-            and len(root.users) == 1):
+    if not (isinstance(eps, (float, fx.Node)) and _shape(eps) is None and _call(root, "rsqrt", (torch.rsqrt,))
+            and len(root.args) == 1 and len(root.users) == 1):
         return None
     scaled = next(iter(root.users))
     if not (_call(scaled, "mul", _MUL) and len(scaled.args) == 2 and not scaled.kwargs
