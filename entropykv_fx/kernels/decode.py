@@ -201,33 +201,35 @@ def query_blocks(groups: int, length: int) -> int | None:
     return calls if calls <= MAX_QUERY_BLOCKS else None
 
 
-def _in_query_blocks(q: torch.Tensor, q_pos: torch.Tensor, groups: int, call) -> torch.Tensor:
-    """call(q block [B, Hq, l, D], its positions [B, l]) over the blocks of `query_blocks`, joined along L."""
+def _kernel_or_reference(q: torch.Tensor, q_pos: torch.Tensor, groups: int, kernel, reference) -> torch.Tensor:
+    """kernel(q block [B, Hq, l, D], its positions [B, l]) over the blocks of `query_blocks`, joined along L (one
+    call, no copy, for a decode step), or reference() when `query_blocks` leaves the tokens to SDPA."""
+    if query_blocks(groups, q.shape[2]) is None:
+        return reference()
     step = MAX_ROWS // groups
-    return torch.cat([call(q[:, :, i:i + step], q_pos[:, i:i + step]) for i in range(0, q.shape[2], step)], 2)
+    if q.shape[2] <= step:
+        return kernel(q, q_pos)
+    return torch.cat([kernel(q[:, :, i:i + step], q_pos[:, i:i + step]) for i in range(0, q.shape[2], step)], 2)
 
 
 def _attention_cuda(q, k, v, q_pos, k_pos, scale, sliding_window):
     ops._check_qkv("entropykv.attention", q, k, v, q_pos, k_pos)
-    groups = q.shape[1] // k.shape[1]
-    if query_blocks(groups, q.shape[2]) is None:
-        return ops.attention._init_fn(q, k, v, q_pos, k_pos, scale, sliding_window)  # prefill: SDPA reference
-    return _in_query_blocks(q, q_pos, groups, lambda qb, pb: attention(qb, k, v, pb, k_pos, scale, sliding_window))
+    return _kernel_or_reference(q, q_pos, q.shape[1] // k.shape[1],
+                                lambda qb, pb: attention(qb, k, v, pb, k_pos, scale, sliding_window),
+                                lambda: ops.attention._init_fn(q, k, v, q_pos, k_pos, scale, sliding_window))
 
 
 def _attention_int8_cuda(q, k_q, k_scale, v_q, v_scale, q_pos, k_pos, scale, sliding_window):
     ops._check_int8_cache("entropykv.attention_int8", q, k_q, k_scale, v_q, v_scale, q_pos, k_pos)
-    groups = q.shape[1] // k_q.shape[1]
-    if query_blocks(groups, q.shape[2]) is None:
-        return ops.attention_int8._init_fn(q, k_q, k_scale, v_q, v_scale, q_pos, k_pos, scale, sliding_window)
-    return _in_query_blocks(q, q_pos, groups, lambda qb, pb: attention(qb, k_q, v_q, pb, k_pos, scale, sliding_window,
-                                                                       k_scale, v_scale))
+    return _kernel_or_reference(
+        q, q_pos, q.shape[1] // k_q.shape[1],
+        lambda qb, pb: attention(qb, k_q, v_q, pb, k_pos, scale, sliding_window, k_scale, v_scale),
+        lambda: ops.attention_int8._init_fn(q, k_q, k_scale, v_q, v_scale, q_pos, k_pos, scale, sliding_window))
 
 
 def _attention_packed_cuda(q, keys, values, q_pos, positions, starts, scale, sliding_window):
     ops._check_packed("entropykv.attention_packed", q, keys, values, q_pos, positions, starts)
-    groups = q.shape[1] // (starts.numel() - 1)
-    if query_blocks(groups, q.shape[2]) is None:
-        return ops.attention_packed._init_fn(q, keys, values, q_pos, positions, starts, scale, sliding_window)
-    return _in_query_blocks(q, q_pos, groups, lambda qb, pb: attention(qb, keys, values, pb, positions, scale,
-                                                                       sliding_window, starts=starts))
+    return _kernel_or_reference(
+        q, q_pos, q.shape[1] // (starts.numel() - 1),
+        lambda qb, pb: attention(qb, keys, values, pb, positions, scale, sliding_window, starts=starts),
+        lambda: ops.attention_packed._init_fn(q, keys, values, q_pos, positions, starts, scale, sliding_window))
