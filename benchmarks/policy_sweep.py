@@ -90,6 +90,8 @@ VARIANTS = {
     "cache_topk/reconstruct/chunk512": dict(policy="cache_topk", scorer="reconstruct", reconstruct_chunk=512),
     "cache_topk/reconstruct/chunk2048": dict(policy="cache_topk", scorer="reconstruct", reconstruct_chunk=2048),
     "cache_topk/reconstruct/unchunked": dict(policy="cache_topk", scorer="reconstruct", reconstruct_chunk=2**20),
+    "cache_topk/reconstruct/window64": dict(policy="cache_topk", scorer="reconstruct", window=64),
+    "cache_topk/reconstruct/window128": dict(policy="cache_topk", scorer="reconstruct", window=128),
     "cache_topk/reconstruct/share25": dict(policy="cache_topk", scorer="reconstruct", head_share=0.25),
     "cache_topk/reconstruct/share50": dict(policy="cache_topk", scorer="reconstruct", head_share=0.5),
     "cache_topk/reconstruct/share100": dict(policy="cache_topk", scorer="reconstruct", head_share=1.0),

