@@ -20,7 +20,9 @@ wrong, the target is the expected value's own tokens (and the full cache scores 
 question are compressed together; query-agnostic: the context alone is compressed, then the question is fed.
 
 Writes `sweep_<tag>.json` (every record) and `sweep_<tag>.md` (device, versions, commit, command, Wilson 95%
-intervals, report split) to --out, and re-writes both after every case, so a run cut short keeps its results.
+intervals, report split) to --out, and re-writes both after every case, so a run cut short keeps its results;
+at the end, `sweep_<tag>.png` plots the report split (accuracy with its intervals and ΔNLL against the kept
+fraction).
 The model is small, so one GPU serves several processes: `--shard K/N` runs every N-th case from the K-th (tag
 `<tag>_K`), and `--merge A.json B.json ... --tag T` writes the tables of their records together.
 """
@@ -236,6 +238,32 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
     return records, targets
 
 
+def nll_deltas(rows: list[dict]) -> dict[str, dict[float, list[float]]]:
+    """method -> budget -> each context's NLL minus its own library's full cache's on the same case ('full' for
+    ours, 'kvpress full' for kvpress's), from perplexity records."""
+    full = {(r["method"], r["task"], r["length"], r["case"]): r["nll"] for r in rows
+            if r["method"] in ("full", "kvpress full")}
+    out: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        if r["method"] in ("full", "kvpress full"):
+            continue
+        key = ("kvpress full" if r["method"].startswith("kvpress ") else "full", r["task"], r["length"], r["case"])
+        if key in full:
+            out.setdefault(r["method"], {}).setdefault(r["budget"], []).append(r["nll"] - full[key])
+    return out
+
+
+def accuracies(rows: list[dict]) -> dict[str, dict[float, tuple[int, int, float]]]:
+    """method -> budget -> (questions answered right, questions, mean kept byte fraction) of answer records."""
+    out: dict[str, dict[float, list]] = {}
+    for r in rows:
+        cell = out.setdefault(r["method"], {}).setdefault(r["budget"], [0, 0, 0.0])
+        cell[0] += bool(r["correct"])
+        cell[1] += 1
+        cell[2] += r["kept"]
+    return {m: {b: (right, n, kept / n) for b, (right, n, kept) in cells.items()} for m, cells in out.items()}
+
+
 def budget_table(title: str, methods: list[str], budgets: list[float], cell) -> list[str]:
     """A markdown table: one row per method, one column per budget, `cell(method, budget)` in each (none without
     budgets: a split the run did not reach)."""
@@ -253,16 +281,13 @@ def nll_table(records: list[dict], split: str) -> list[str]:
     rows = [r for r in records if r["setting"] == "perplexity" and r["split"] == split]
     if not rows:
         return []
-    full = {(r["method"], r["task"], r["length"], r["case"]): r["nll"] for r in rows
-            if r["method"] in ("full", "kvpress full")}
-    methods = sorted({r["method"] for r in rows} - {"full", "kvpress full"})
-    budgets = sorted({r["budget"] for r in rows if r["method"] in methods}, reverse=True)
+    deltas = nll_deltas(rows)
+    methods = sorted(deltas)
+    budgets = sorted({b for by_budget in deltas.values() for b in by_budget}, reverse=True)
 
     def delta(m: str, b: float) -> str:
-        reference = "kvpress full" if m.startswith("kvpress ") else "full"
-        deltas = [r["nll"] - full[(reference, r["task"], r["length"], r["case"])] for r in rows
-                  if r["method"] == m and r["budget"] == b and (reference, r["task"], r["length"], r["case"]) in full]
-        return f"{sum(deltas) / len(deltas):.4f} n={len(deltas)}" if deltas else ""
+        got = deltas[m].get(b, [])
+        return f"{sum(got) / len(got):.4f} n={len(got)}" if got else ""
 
     def rouge(m: str, b: float) -> str:
         got = [r["rouge_l"] for r in rows if r["method"] == m and r["budget"] == b and "rouge_l" in r]
@@ -286,13 +311,12 @@ def tables(records: list[dict], split: str) -> list[str]:
         whole = {m for m in methods if all(r["budget"] == 1.0 for r in rows if r["method"] == m)}  # full caches
         budgets = sorted({r["budget"] for r in rows if r["method"] not in whole}, reverse=True)
 
-        def accuracy(m: str, b: float, rows: list[dict] = rows, whole: set[str] = whole) -> str:
-            b = 1.0 if m in whole else b
-            got = [r["correct"] for r in rows if r["method"] == m and r["budget"] == b]
-            lo, hi = wilson(sum(got), len(got))
-            kept = [r["kept"] for r in rows if r["method"] == m and r["budget"] == b]
-            return (f"{100 * sum(got) / max(len(got), 1):.1f} [{100 * lo:.0f}, {100 * hi:.0f}] n={len(got)}"
-                    f" ({100 * sum(kept) / max(len(kept), 1):.1f}% bytes)")
+        cells = accuracies(rows)
+
+        def accuracy(m: str, b: float, cells: dict = cells, whole: set[str] = whole) -> str:
+            right, n, kept = cells.get(m, {}).get(1.0 if m in whole else b, (0, 0, 0.0))
+            lo, hi = wilson(right, n)
+            return f"{100 * right / max(n, 1):.1f} [{100 * lo:.0f}, {100 * hi:.0f}] n={n} ({100 * kept:.1f}% bytes)"
 
         lines += budget_table(f"{setting}, {split} split (accuracy %, Wilson 95% interval, n questions)", methods,
                               budgets, accuracy)
@@ -340,6 +364,58 @@ def write(records: list[dict], meta: dict, stem: Path) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def plot(records: list[dict], path: Path, split: str = "report") -> None:
+    """`path` (PNG): on `split`, accuracy % against the kept fraction for each answer setting, with Wilson 95%
+    intervals and the full cache as a dashed line, and the mean ΔNLL of perplexity contexts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r["split"] == split]
+    settings = sorted({r["setting"] for r in rows} - {"perplexity"})
+    deltas = nll_deltas([r for r in rows if r["setting"] == "perplexity"])
+    panels = len(settings) + bool(deltas)
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)
+    palette = (plt.cm.tab10.colors + plt.cm.Dark2.colors) * 3
+    colors = dict(zip(sorted({r["method"] for r in rows} - {"full", "kvpress full"}), palette))
+    for ax, setting in zip(axes[0], settings):
+        cells = accuracies([r for r in rows if r["setting"] == setting])
+        for m, by_budget in sorted(cells.items()):
+            points = sorted((b, *c) for b, c in by_budget.items())
+            if m == "full":
+                right, n, _ = by_budget[1.0]
+                ax.axhline(100 * right / n, color="black", ls="--", lw=1, label=f"full cache (n={n})")
+                continue
+            xs = [b for b, *_ in points]
+            ys = [100 * right / n for _, right, n, _ in points]
+            bounds = [wilson(right, n) for _, right, n, _ in points]
+            err = [[y - 100 * lo for y, (lo, _) in zip(ys, bounds)], [100 * hi - y for y, (_, hi) in zip(ys, bounds)]]
+            ax.errorbar(xs, ys, yerr=err, fmt="-o", ms=4, capsize=3, color=colors[m], label=m)
+        n_max = max(n for by_budget in cells.values() for _, n, _ in by_budget.values())
+        ax.set(xscale="log", xlabel="kept fraction", ylabel="accuracy %", ylim=(-2, 102),
+               title=f"{setting}, {split} split (up to {n_max} questions a point)")
+    if deltas:
+        ax = axes[0][-1]
+        for m, by_budget in sorted(deltas.items()):
+            points = sorted((b, sum(d) / len(d)) for b, d in by_budget.items())
+            ax.plot(*zip(*points), "-o", ms=4, color=colors[m], label=m)
+        n_max = max(len(d) for by_budget in deltas.values() for d in by_budget.values())
+        ax.set(xscale="log", xlabel="kept fraction", ylabel="mean ΔNLL (nats/token)",
+               title=f"perplexity, {split} split ({n_max} contexts)")
+    for ax in axes[0]:
+        budgets = sorted({r["budget"] for r in rows if r["budget"] < 1.0})
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def merge(paths: list[Path], stem: Path) -> int:
     """Tabulate the records of several shards' JSONs (same model, variants and budgets) as one sweep, with those of
     kvpress runs on their targets (`kvpress_runner.py --forced`)."""
@@ -358,7 +434,9 @@ def merge(paths: list[Path], stem: Path) -> int:
                                full_cache_reproduces_target=sum(r["full_cache_reproduces_target"] * r["full_correct"]
                                                                 for r in peers) / max(right, 1))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    write([rec for _, r in loaded for rec in r["records"]], meta, stem)
+    records = [rec for _, r in loaded for rec in r["records"]]
+    write(records, meta, stem)
+    plot(records, stem.with_suffix(".png"))
     print(stem.with_suffix(".md").read_text())
     return 0
 
@@ -429,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.writelines(json.dumps(t) + "\n" for t in targets)
         write(records, dict(meta, cases_done=i + 1, seconds=time.perf_counter() - start), stem)
         print(f"case {i + 1}/{len(keys)} {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    plot(records, stem.with_suffix(".png"))
     print(stem.with_suffix(".md").read_text())
     return 0
 

@@ -70,6 +70,7 @@ def test_merge_puts_kvpress_rows_beside_ours(tmp_path):
     assert "| kvpress tova | 100.0 [" in table and "n=2" in table
     assert "| uniform/window | 50.0 [" in table
     assert "'kvpress': '0.5.5'" in table and "'full_cache_reproduces_target': 1.0" in table
+    assert (tmp_path / "sweep_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the report split's plot
     with pytest.raises(SystemExit, match="at least one policy_sweep.py JSON"):
         policy_sweep.merge([theirs], tmp_path / "only_kvpress")
 
@@ -197,3 +198,15 @@ def test_perplexity_case_scores_each_greedy_continuation_by_rouge_l_against_the_
     records, _ = policy_sweep.run_case(tiny_model("llama"), DigitTokenizer(), case, variants, [0.3], ["question_aware"],
                                        greedy_tokens=0)
     assert not any("rouge_l" in r for r in records) and "ROUGE" not in "\n".join(policy_sweep.nll_table(records, "report"))
+
+
+def test_accuracies_and_nll_deltas_count_each_cell_against_its_own_full_cache():
+    rows = [record("full", 1.0, True), record("uniform/window", 0.5, True), record("uniform/window", 0.5, False, 3),
+            dict(record("uniform/window", 0.25, False), kept=0.3)]
+    assert policy_sweep.accuracies(rows) == {"full": {1.0: (1, 1, 1.0)},
+                                             "uniform/window": {0.5: (1, 2, 0.5), 0.25: (0, 1, 0.3)}}
+    nll = [dict(record(m, b, True, case), setting="perplexity", nll=v) for m, b, case, v in
+           [("full", 1.0, 1, 2.0), ("full", 1.0, 3, 3.0), ("kvpress full", 1.0, 1, 2.5), ("uniform/window", 0.5, 1, 2.25),
+            ("uniform/window", 0.5, 3, 3.5), ("kvpress tova", 0.5, 1, 3.0), ("kvpress tova", 0.5, 3, 9.0)]]
+    # kvpress's rows are measured against kvpress's own full cache; a case it has no full cache for is left out
+    assert policy_sweep.nll_deltas(nll) == {"uniform/window": {0.5: [0.25, 0.5]}, "kvpress tova": {0.5: [0.5]}}
