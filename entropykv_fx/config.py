@@ -175,7 +175,8 @@ class EntropyKVConfig:
         prompt up to its own end (chunked as KVzip does long contexts; `entropykv_fx.reconstruct` says how it differs), so the repetition reaches at most prompt + chunk +
         repeat_prompt positions and copies from chunk + repeat_prompt positions back (`entropykv_fx.reconstruct`).
     window: the last `window` prompt queries measure attention entropy (and score tokens, for the "window"
-        scorer); those `window` tokens are always kept.
+        scorer); those `window` tokens are always kept. A question at the end of the prompt that is longer than
+        the window competes with the context for the budget (README, "The question inside the compressed prompt").
     sink_tokens: the first tokens of each sequence, always kept (attention sinks).
     pooling / pool_kernel: smoothing of token scores along the sequence before top-k, so neighbours of an
         important token survive with it.
