@@ -23,15 +23,20 @@ from entropykv_fx.config import EntropyKVConfig
 from entropykv_fx.models import load_default_model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def diagnostic_parser(description: str, seed: int) -> argparse.ArgumentParser:
+    """The options of the single-model diagnostics of the default's allocation (this one, question_kept.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--length", type=int, default=2048, help="prompt tokens")
-    parser.add_argument("--seed", type=int, default=9, help="case seed")
+    parser.add_argument("--seed", type=int, default=seed, help="case seed")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1], help="kept fractions")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = diagnostic_parser(__doc__.split("\n")[0], seed=9).parse_args()
     model, tokenizer = load_default_model(dtype=DTYPES[args.dtype], device=args.device)
     case = make_case(tokenizer, "single_needle", args.length, 0, args.seed)
     full, _ = scored_prefill(model, torch.tensor([case.context_ids]), EntropyKVConfig(scorer="reconstruct"),

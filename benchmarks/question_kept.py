@@ -12,10 +12,10 @@ Writes `question_kept.md` to --out.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
+from layer_allocation import diagnostic_parser
 
 from entropykv_fx.bench.cases import make_case
 from entropykv_fx.bench.fanout import compressed_copy, scored_prefill
@@ -35,15 +35,9 @@ def kept_share(cache, first: int, last: int) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--length", type=int, default=2048, help="prompt tokens")
+    parser = diagnostic_parser(__doc__.split("\n")[0], seed=23)
     parser.add_argument("--cases", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=23, help="case seed")
     parser.add_argument("--windows", type=int, nargs="+", default=[32, 64], help="always-kept last prompt tokens")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1], help="kept fractions")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     model, tokenizer = load_default_model(dtype=DTYPES[args.dtype], device=args.device)
     lines = [f"# Question tokens kept by the default ({args.length}-token single-needle prompts, question-aware)\n",
