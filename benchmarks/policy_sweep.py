@@ -385,9 +385,10 @@ def plot(records: list[dict], path: Path, split: str = "report") -> None:
         cells = accuracies([r for r in rows if r["setting"] == setting])
         for m, by_budget in sorted(cells.items()):
             points = sorted((b, *c) for b, c in by_budget.items())
-            if m == "full":
+            if m in ("full", "kvpress full"):  # each library's full cache: one value
                 right, n, _ = by_budget[1.0]
-                ax.axhline(100 * right / n, color="black", ls="--", lw=1, label=f"full cache (n={n})")
+                ax.axhline(100 * right / n, color="black" if m == "full" else "grey", ls="--", lw=1,
+                           label=f"{m} cache (n={n})")
                 continue
             xs = [b for b, *_ in points]
             ys = [100 * right / n for _, right, n, _ in points]

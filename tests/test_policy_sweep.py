@@ -64,7 +64,8 @@ def test_merge_puts_kvpress_rows_beside_ours(tmp_path):
     theirs = tmp_path / "kvpress_t_0.json"
     theirs.write_text(json.dumps(dict(kvpress_environment={"kvpress": "0.5.5"}, cases_done=2, cases_total=2,
                                       seconds=3.0, full_cache_reproduces_target=1.0, full_correct=2,
-                                      records=[record("kvpress tova", 0.5, True), record("kvpress tova", 0.5, True, 3)])))
+                                      records=[record("kvpress tova", 0.5, True), record("kvpress tova", 0.5, True, 3),
+                                               record("kvpress full", 1.0, True)])))
     policy_sweep.merge([ours, theirs], tmp_path / "sweep_t")
     table = (tmp_path / "sweep_t.md").read_text()
     assert "| kvpress tova | 100.0 [" in table and "n=2" in table
