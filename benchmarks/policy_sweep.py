@@ -238,14 +238,17 @@ def run_case(model, tokenizer, case, variants: dict, budgets: list[float], setti
     return records, targets
 
 
+FULL_CACHES = ("full", "kvpress full")  # each library's own full-cache rows, the references
+
+
 def nll_deltas(rows: list[dict]) -> dict[str, dict[float, list[float]]]:
     """method -> budget -> each context's NLL minus its own library's full cache's on the same case ('full' for
     ours, 'kvpress full' for kvpress's), from perplexity records."""
     full = {(r["method"], r["task"], r["length"], r["case"]): r["nll"] for r in rows
-            if r["method"] in ("full", "kvpress full")}
+            if r["method"] in FULL_CACHES}
     out: dict[str, dict[float, list[float]]] = {}
     for r in rows:
-        if r["method"] in ("full", "kvpress full"):
+        if r["method"] in FULL_CACHES:
             continue
         key = ("kvpress full" if r["method"].startswith("kvpress ") else "full", r["task"], r["length"], r["case"])
         if key in full:
@@ -380,12 +383,12 @@ def plot(records: list[dict], path: Path, split: str = "report") -> None:
         return
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)
     palette = (plt.cm.tab10.colors + plt.cm.Dark2.colors) * 3
-    colors = dict(zip(sorted({r["method"] for r in rows} - {"full", "kvpress full"}), palette))
+    colors = dict(zip(sorted({r["method"] for r in rows} - set(FULL_CACHES)), palette))
     for ax, setting in zip(axes[0], settings):
         cells = accuracies([r for r in rows if r["setting"] == setting])
         for m, by_budget in sorted(cells.items()):
             points = sorted((b, *c) for b, c in by_budget.items())
-            if m in ("full", "kvpress full"):  # each library's full cache: one value
+            if m in FULL_CACHES:  # one value each
                 right, n, _ = by_budget[1.0]
                 ax.axhline(100 * right / n, color="black" if m == "full" else "grey", ls="--", lw=1,
                            label=f"{m} cache (n={n})")
@@ -406,8 +409,8 @@ def plot(records: list[dict], path: Path, split: str = "report") -> None:
         n_max = max(len(d) for by_budget in deltas.values() for d in by_budget.values())
         ax.set(xscale="log", xlabel="kept fraction", ylabel="mean ΔNLL (nats/token)",
                title=f"perplexity, {split} split ({n_max} contexts)")
+    budgets = sorted({r["budget"] for r in rows if r["budget"] < 1.0})
     for ax in axes[0]:
-        budgets = sorted({r["budget"] for r in rows if r["budget"] < 1.0})
         ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
